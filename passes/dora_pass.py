@@ -1,0 +1,112 @@
+"""The DoRA rewrite pass: find every supported form in a Dynamo graph and rewrite it.
+
+The pass is transactional: if anything inside it raises, the graph is restored
+to the copy taken before it ran, and the error is returned, never raised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch.fx import Graph, GraphModule, Node
+
+from dora_fused.report import ModuleRecord
+
+from .graph_view import example_value, op_of
+from .matching import NotDora, Unsupported
+from .naming import module_path
+from .patterns import FORMS, Form
+from .snapshot import restore, snapshot
+
+__all__ = ["DoraRewritePass", "PassOutcome"]
+
+_MAGNITUDE = ".lora_magnitude_vector."
+
+
+@dataclass
+class PassOutcome:
+    records: list[ModuleRecord] = field(default_factory=list)
+    error: str | None = None  # the pass raised; the graph is the original
+
+    @property
+    def changed(self) -> bool:
+        return self.error is None and any(r.status == "rewritten" for r in self.records)
+
+
+def _layer_and_adapter(anchor: Node) -> tuple[str, str | None]:
+    """PEFT puts the norm inside ``<layer>.lora_magnitude_vector.<adapter>``."""
+    path = module_path(anchor)
+    if _MAGNITUDE in path:
+        layer, adapter = path.rsplit(_MAGNITUDE, 1)
+        return layer, adapter
+    return path or anchor.name, None
+
+
+def _dtype(node: object) -> str | None:
+    value = example_value(node)
+    return str(value.dtype).removeprefix("torch.") if value is not None else None
+
+
+class DoraRewritePass:
+    """Rewrites every DoRA subgraph the listed forms recognize; leaves the rest as it was."""
+
+    def __init__(self, forms: tuple[Form, ...] = FORMS) -> None:
+        self.forms = forms
+
+    @staticmethod
+    def uuid() -> str:
+        """Stable cache key: a hash of the passes' source."""
+        digest = hashlib.sha256()
+        for path in sorted(Path(__file__).parent.glob("*.py")):
+            digest.update(path.read_bytes())
+        return digest.hexdigest()
+
+    def __call__(self, gm: GraphModule) -> PassOutcome:
+        original = snapshot(gm.graph)
+        outcome = PassOutcome()
+        try:
+            outcome.records = self._rewrite_all(gm.graph)
+            gm.graph.lint()
+            gm.recompile()
+        except Exception as error:  # noqa: BLE001 - the pass must never break the user's compile
+            restore(gm, original)
+            outcome.error = f"{type(error).__name__}: {error}"
+        return outcome
+
+    def _rewrite_all(self, graph: Graph) -> list[ModuleRecord]:
+        records = []
+        anchors = [n for n in graph.nodes if op_of(n) == "linalg_norm"]
+        for anchor in anchors:
+            record = self._rewrite_one(graph, anchor)
+            if record is not None:
+                records.append(record)
+        return records
+
+    def _rewrite_one(self, graph: Graph, anchor: Node) -> ModuleRecord | None:
+        name, adapter = _layer_and_adapter(anchor)
+        for form in self.forms:
+            try:
+                match = form.match(anchor)
+            except NotDora:
+                continue
+            except Unsupported as why:
+                return ModuleRecord(name, adapter, form.name, "skipped", reason=str(why))
+            low_rank = match.norm
+            w, a = example_value(low_rank.weight), example_value(low_rank.lora_A)
+            ops = form.rewrite(graph, match)
+            return ModuleRecord(
+                name,
+                adapter,
+                form.name,
+                "rewritten",
+                d_out=int(w.shape[0]),
+                d_in=int(w.shape[1]),
+                rank=int(a.shape[0]),
+                weight_dtype=_dtype(low_rank.weight),
+                adapter_dtype=_dtype(low_rank.lora_A),
+                magnitude_dtype=_dtype(match.magnitude),
+                ops=ops,
+            )
+        return None

@@ -1,0 +1,132 @@
+"""Shared pieces of the DoRA matchers: the row-norm anchor and the low-rank product.
+
+A matcher raises :class:`NotDora` when the anchor is not DoRA at all (nothing
+is recorded) and :class:`Unsupported` when it is DoRA-like but some part is not
+fully recognized (the subgraph is left as it was and the reason recorded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch.fx import Node
+
+from .graph_view import arg, example_value, is_scalar, op_of, single_user, strip
+
+__all__ = ["NotDora", "Unsupported", "LowRankSum", "match_row_norm", "match_low_rank_sum", "commuted"]
+
+CASTS = ("to", "float")
+
+
+class NotDora(Exception):
+    """The anchor is not a DoRA norm: record nothing."""
+
+
+class Unsupported(Exception):
+    """DoRA-like, but a part is not fully recognized: leave the graph, record the reason."""
+
+
+@dataclass
+class LowRankSum:
+    """``W + s·(B·A)`` feeding a row norm, as found in the graph."""
+
+    weight: Node  # W before any cast
+    lora_A: Node  # [r, d_in]
+    lora_B: Node  # [d_out, r]
+    scaling: float
+    nodes: list[Node] = field(default_factory=list)  # the dense path, for removal
+
+
+def commuted(node: Node, want_first) -> tuple[object, object] | None:
+    """``(a, b)`` of a binary op with ``want_first(a)`` true, trying both orders."""
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    if want_first(a):
+        return a, b
+    if want_first(b):
+        return b, a
+    return None
+
+
+def match_row_norm(norm: Node) -> Node:
+    """The 2-D input of a row L2 norm ``linalg.norm(X, dim=1)``; raises NotDora otherwise."""
+    if op_of(norm) != "linalg_norm":
+        raise NotDora("not a norm")
+    x = arg(norm, 0, "input")
+    ord_ = arg(norm, 1, "ord")
+    dim = arg(norm, 2, "dim")
+    keepdim = arg(norm, 3, "keepdim", False)
+    dtype = norm.kwargs.get("dtype")
+    value = example_value(x)
+    if value is None or value.dim() != 2:
+        raise NotDora("norm of a tensor that is not 2-D")
+    if dim not in (1, -1, (1,), (-1,), [1], [-1]) or ord_ not in (None, 2, 2.0):
+        raise NotDora("not a row L2 norm")
+    if keepdim or dtype is not None:
+        raise Unsupported("row norm with keepdim/dtype arguments is not a supported form yet")
+    return x
+
+
+def _low_rank_product(node: object, nodes: list[Node]) -> tuple[Node, Node]:
+    """``B·A`` spelled as PEFT's identity trick ``linear(linear(eye(d_in), A), B).T``."""
+    if op_of(node) != "t":
+        raise Unsupported("the low-rank update is not a recognized B·A product")
+    nodes.append(node)
+    outer = node.args[0]
+    if op_of(outer) != "linear" or arg(outer, 2, "bias") is not None:
+        raise Unsupported("the low-rank update is not a recognized B·A product")
+    nodes.append(outer)
+    inner = outer.args[0]
+    if op_of(inner) != "linear" or arg(inner, 2, "bias") is not None:
+        raise Unsupported("the low-rank update is not a recognized B·A product")
+    nodes.append(inner)
+    eye = inner.args[0]
+    lora_A, lora_B = inner.args[1], outer.args[1]
+    a, b = example_value(lora_A), example_value(lora_B)
+    if op_of(eye) != "eye" or a is None or b is None or a.dim() != 2 or b.dim() != 2:
+        raise Unsupported("the low-rank update is not a recognized B·A product")
+    size = eye.args[0] if eye.args else eye.kwargs.get("n")
+    cols = eye.args[1] if len(eye.args) > 1 else eye.kwargs.get("m", size)
+    if len(eye.args) > 2 or size != cols or size != a.shape[1] or b.shape[1] != a.shape[0]:
+        raise Unsupported("identity-trick product with an identity that is not eye(d_in)")
+    nodes.append(eye)
+    return lora_A, lora_B
+
+
+def match_low_rank_sum(x: object) -> LowRankSum:
+    """``X = cast(W) + s·cast(detach(B·A))``, in either operand order."""
+    nodes: list[Node] = []
+    x = strip(x, CASTS, nodes)
+    if op_of(x) != "add":
+        raise NotDora("norm input is not a sum")
+    nodes.append(x)
+
+    def is_scaled(n: object) -> bool:
+        return op_of(n) == "mul" and any(is_scalar(a) for a in n.args)
+
+    pair = commuted(x, lambda n: not is_scaled(n))
+    if pair is None or not is_scaled(pair[1]):
+        raise NotDora("norm input is not W + s·ΔW")
+    weight_side, scaled = pair
+    nodes.append(scaled)
+    scaling_pair = commuted(scaled, is_scalar)
+    if scaling_pair is None:
+        raise NotDora("norm input is not W + s·ΔW")
+    scaling, delta = scaling_pair
+    lora_A, lora_B = _low_rank_product(strip(delta, (*CASTS, "detach"), nodes), nodes)
+
+    weight_nodes: list[Node] = []
+    weight = strip(weight_side, CASTS, weight_nodes)
+    nodes.extend(weight_nodes)
+    w, a, b = example_value(weight), example_value(lora_A), example_value(lora_B)
+    if w is None or w.dim() != 2 or tuple(w.shape) != (b.shape[0], a.shape[1]):
+        raise Unsupported("W + s·B·A with shapes that do not line up")
+    if not (w.dtype.is_floating_point and a.dtype.is_floating_point and b.dtype.is_floating_point):
+        raise Unsupported("non-floating weight or adapter (quantized base?)")
+    if len({w.device, a.device, b.device}) != 1:
+        raise Unsupported("weight and adapters on different devices")
+    for n in nodes:
+        if not single_user(n):
+            raise Unsupported(f"intermediate {n.name} of the dense norm path is used elsewhere")
+    return LowRankSum(weight=weight, lora_A=lora_A, lora_B=lora_B, scaling=float(scaling), nodes=nodes)

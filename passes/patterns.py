@@ -1,0 +1,38 @@
+"""Every DoRA form the pass rewrites, in one place.
+
+Each form is a matcher (search form, documented in its module) that starts
+from a row-norm anchor and a rewrite (its replacement). Add a form by adding a
+``Form`` here; ``docs/patterns.md`` lists them for users.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch.fx import Graph, Node
+
+from .peft_linear import FORM as PEFT_LINEAR
+from .peft_linear import match_peft_linear
+from .rewrite import rewrite_peft_linear
+
+__all__ = ["Form", "FORMS"]
+
+
+@dataclass(frozen=True)
+class Form:
+    name: str
+    description: str
+    match: Callable[[Node], object]  # anchor -> match object; raises NotDora / Unsupported
+    rewrite: Callable[[Graph, object], tuple[str, ...]]  # (graph, match) -> names of the ops inserted
+
+
+FORMS: tuple[Form, ...] = (
+    Form(
+        PEFT_LINEAR,
+        "peft 0.21 lora.Linear with DoRA: identity-trick B·A, detached linalg.norm(dim=1), "
+        "result + (g-1)·base + g·lora·s",
+        match_peft_linear,
+        rewrite_peft_linear,
+    ),
+)

@@ -1,0 +1,88 @@
+"""Replace a matched DoRA subgraph with the factored norm and the fused compose.
+
+Invariants (see passes/README.md): the replacement computes the same value as
+the root it replaces (to equal or better precision); it introduces no aliasing
+and no mutation; every inserted node gets ``example_value`` meta computed by
+the ops' fake implementations; only nodes of the match left without users are
+erased.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import Graph, Node
+
+from dora_fused import kernels  # noqa: F401  (registers torch.ops.dora_fused.*)
+
+from .graph_view import example_value
+from .peft_linear import PeftLinearMatch, output_dtype
+
+__all__ = ["rewrite_peft_linear", "INSERTED_OPS"]
+
+FACTORED_NORM = "dora_fused.factored_row_norm"
+COMPOSE = "dora_fused.compose"
+INSERTED_OPS = (FACTORED_NORM, COMPOSE)
+
+
+def _fake_value(node: Node) -> None:
+    """Fill ``example_value`` by running the node's target on its inputs' fake values."""
+
+    def fake(a: object) -> object:
+        return example_value(a) if isinstance(a, Node) else a
+
+    args = tuple(fake(a) for a in node.args)
+    kwargs = {k: fake(v) for k, v in node.kwargs.items()}
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    mode = getattr(tensors[0], "fake_mode", None) if tensors else None
+    if mode is None:
+        return
+    with mode:
+        if node.op == "call_method":
+            value = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        else:
+            value = node.target(*args, **kwargs)
+    node.meta["example_value"] = value
+
+
+def _insert(graph: Graph, op: str, target: object, args: tuple, like: Node) -> Node:
+    node = graph.create_node(op, target, args, {})
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    _fake_value(node)
+    return node
+
+
+def _erase_dead(graph: Graph, nodes: list[Node]) -> None:
+    """Erase matched nodes left without users, consumers first."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in sorted(set(nodes), key=order.__getitem__, reverse=True):
+        if not node.users and node.op not in ("placeholder", "output"):
+            graph.erase_node(node)
+
+
+def rewrite_peft_linear(graph: Graph, match: PeftLinearMatch) -> tuple[str, ...]:
+    """Insert ``factored_row_norm`` + ``compose`` before the root and retarget its users."""
+    low_rank, root = match.norm, match.root
+    with graph.inserting_before(root):
+        detached = [
+            _insert(graph, "call_method", "detach", (n,), root)
+            for n in (low_rank.weight, low_rank.lora_A, low_rank.lora_B)
+        ]
+        norm = _insert(
+            graph,
+            "call_function",
+            torch.ops.dora_fused.factored_row_norm.default,
+            (*detached, low_rank.scaling),
+            root,
+        )
+        composed = _insert(
+            graph,
+            "call_function",
+            torch.ops.dora_fused.compose.default,
+            (match.result, match.lora, match.magnitude, norm, match.bias, match.scaling, output_dtype(root)),
+            root,
+        )
+    root.replace_all_uses_with(composed)
+    _erase_dead(graph, match.nodes)
+    return INSERTED_OPS

@@ -1,0 +1,30 @@
+"""Copy of an FX graph to restore when a rewrite (or compiling it) fails.
+
+Dynamo attaches attributes to nodes (``_dynamo_source`` on placeholders) that
+AOTAutograd reads; ``Graph.graph_copy`` does not carry them, so they are copied
+here too. ``meta`` dicts are shallow-copied, as ``graph_copy`` does.
+"""
+
+from __future__ import annotations
+
+from torch.fx import Graph, GraphModule, Node
+
+__all__ = ["snapshot", "restore"]
+
+
+def snapshot(graph: Graph) -> Graph:
+    copy = Graph(owning_module=graph.owning_module, tracer_cls=graph._tracer_cls)
+    value_map: dict[Node, Node] = {}
+    out = copy.graph_copy(graph, value_map)
+    copy.output(out)
+    copy._codegen = graph._codegen
+    for old, new in value_map.items():
+        for key, value in vars(old).items():
+            if key not in vars(new):
+                setattr(new, key, value)
+    return copy
+
+
+def restore(gm: GraphModule, graph: Graph) -> None:
+    gm.graph = graph
+    gm.recompile()

@@ -1,0 +1,140 @@
+"""The ``dora_fused`` torch.compile backend.
+
+``torch.compile(model, backend="dora_fused")`` (found through the
+``torch_dynamo_backends`` entry point) or ``backend=dora_fused.backend(...)``:
+Dynamo hands each graph to the backend, the DoRA pass rewrites it, and the
+result goes to Inductor with the ``mode``/``options`` torch.compile forwarded.
+
+Never broken: if the pass raises, or the inner compiler fails on the rewritten
+graph, the original graph is compiled instead and the error is recorded in the
+report (and logged), never raised.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from dora_fused.passes import DoraRewritePass
+from dora_fused.passes.snapshot import restore, snapshot
+
+from .report import RewriteReport, _record
+
+__all__ = ["DoraFusedBackend", "backend", "dora_fused"]
+
+log = logging.getLogger("dora_fused")
+
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+
+
+class DoraFusedBackend:
+    """A configured backend: ``torch.compile(model, backend=DoraFusedBackend(...))``.
+
+    Args:
+        inner: what compiles the rewritten graph: ``"inductor"`` (default),
+            ``"aot_eager"`` (AOTAutograd without Inductor, for debugging
+            numerics) or ``"eager"``.
+        rewrite: set False to compile without the DoRA pass (for A/B runs).
+    """
+
+    def __init__(self, *, inner: str = "inductor", rewrite: bool = True) -> None:
+        if inner not in INNER_COMPILERS:
+            raise ValueError(f"inner must be one of {INNER_COMPILERS}, got {inner!r}")
+        self.inner = inner
+        self.rewrite = rewrite
+        self.rewrite_pass = DoraRewritePass()
+
+    def __repr__(self) -> str:
+        return f"DoraFusedBackend(inner={self.inner!r}, rewrite={self.rewrite})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DoraFusedBackend) and (self.inner, self.rewrite) == (other.inner, other.rewrite)
+
+    def __hash__(self) -> int:
+        return hash((self.inner, self.rewrite))
+
+    def __call__(
+        self,
+        gm: GraphModule,
+        example_inputs: Sequence[Any],
+        *,
+        mode: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> Callable[..., Any]:
+        report = RewriteReport()
+        original = snapshot(gm.graph)
+        if self.rewrite:
+            outcome = self.rewrite_pass(gm)
+            report.modules = outcome.records
+            report.error = outcome.error
+            changed = outcome.changed
+        else:
+            changed = False
+        try:
+            compiled = self._compile_inner(gm, example_inputs, mode, options)
+        except Exception as error:
+            if not changed:
+                raise
+            report.error = f"inner compiler failed on the rewritten graph: {type(error).__name__}: {error}"
+            report.modules = [
+                type(m)(**{**m.__dict__, "status": "skipped", "reason": "inner compile failed; original kept"})
+                if m.status == "rewritten"
+                else m
+                for m in report.modules
+            ]
+            restore(gm, original)
+            compiled = self._compile_inner(gm, example_inputs, mode, options)
+        _record(report)
+        if report.error:
+            log.warning("dora_fused: %s", report.error)
+        log.info(
+            "dora_fused graph %d: %d DoRA modules rewritten, %d skipped",
+            report.graph_index,
+            len(report.rewritten),
+            len(report.skipped),
+        )
+        for name, reason in report.skipped:
+            log.debug("dora_fused skipped %s: %s", name, reason)
+        return compiled
+
+    def _compile_inner(
+        self,
+        gm: GraphModule,
+        example_inputs: Sequence[Any],
+        mode: str | None,
+        options: dict[str, Any] | None,
+    ) -> Callable[..., Any]:
+        if self.inner == "inductor":
+            # The same wrapper torch.compile builds for backend="inductor": it turns
+            # mode/options into Inductor config patches (and validates them).
+            return torch._TorchCompileInductorWrapper(mode, options, None)(gm, example_inputs)
+        if mode not in (None, "default") or options:
+            raise ValueError(f"mode/options apply to Inductor only, not inner={self.inner!r}")
+        if self.inner == "aot_eager":
+            from torch._dynamo.backends.registry import lookup_backend
+
+            return lookup_backend("aot_eager")(gm, example_inputs)
+        return gm.forward
+
+
+_default = DoraFusedBackend()
+
+
+def backend(*, inner: str = "inductor", rewrite: bool = True) -> DoraFusedBackend:
+    """A configured backend: ``torch.compile(model, backend=dora_fused.backend(inner="aot_eager"))``."""
+    return DoraFusedBackend(inner=inner, rewrite=rewrite)
+
+
+def dora_fused(
+    gm: GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> Callable[..., Any]:
+    """The backend registered as ``"dora_fused"`` (default configuration)."""
+    return _default(gm, example_inputs, mode=mode, options=options)

@@ -1,0 +1,64 @@
+"""Let Dynamo trace PEFT's DoRA layers as one graph, for unquantized weights.
+
+peft 0.21's ``dequantize_module_weight`` evaluates
+``type(module.weight).__module__.startswith("torchao.")``, which Dynamo cannot
+trace: every DoRA layer then splits into three graphs and the dense ``B·A``
+never meets its norm in one graph (GUIDE §4). We register a Dynamo polyfill
+(``torch._dynamo.substitute_in_graph``) that Dynamo inlines instead of the
+original. Eager calls still run PEFT's own function; nothing in PEFT is edited.
+
+The polyfill returns ``module.weight`` only when it is a plain ``Parameter`` or
+``Tensor`` and the module is not HQQ-quantized; for anything else (bnb, HQQ,
+torchao) it runs a copy of PEFT's own function, so quantized bases keep PEFT's
+path (and its graph break) exactly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import types
+
+import torch
+
+__all__ = ["enable_peft_tracing", "peft_tracing_enabled"]
+
+_enabled = False
+
+
+def _copy_function(fn: types.FunctionType) -> types.FunctionType:
+    """A distinct function object with ``fn``'s code: Dynamo traces it as the original."""
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
+
+
+def peft_tracing_enabled() -> bool:
+    return _enabled
+
+
+def enable_peft_tracing() -> bool:
+    """Register the polyfill once per process; True if PEFT is installed and it is active."""
+    global _enabled
+    if _enabled:
+        return True
+    if importlib.util.find_spec("peft") is None:
+        return False
+    from peft.utils import integrations
+
+    original = integrations.dequantize_module_weight
+    from torch._dynamo.trace_rules import _polyfilled_function_ids
+
+    if id(original) in _polyfilled_function_ids:  # registered by an earlier import of this module
+        _enabled = True
+        return True
+    peft_path = _copy_function(original)
+
+    @torch._dynamo.substitute_in_graph(original)
+    def dequantize_module_weight(module: torch.nn.Module) -> torch.Tensor:
+        weight = module.weight
+        if not hasattr(module, "W_q") and type(weight) in (torch.nn.Parameter, torch.Tensor):
+            return weight
+        return peft_path(module)
+
+    _enabled = True
+    return True
