@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["compose", "compose_reference", "compose_backward_reference", "compute_dtype"]
+__all__ = ["compose", "compose_backward_reference", "compose_reference", "compute_dtype"]
 
 
 def compute_dtype(*tensors: Tensor | None) -> torch.dtype:

@@ -25,9 +25,9 @@ from torch import Tensor
 
 __all__ = [
     "accumulation_dtype",
+    "dense_row_norm_reference",
     "factored_row_norm",
     "factored_row_norm_reference",
-    "dense_row_norm_reference",
 ]
 
 # Rows of W promoted at a time by the chunked implementation: bounds the
@@ -72,9 +72,7 @@ def _factored_row_norm_chunked(weight: Tensor, lora_A: Tensor, lora_B: Tensor, s
         w = weight[start:stop].to(acc)
         b = lora_B[start:stop].to(acc)
         squared = (
-            (w * w).sum(1)
-            + (2.0 * scaling) * (b * (w @ a_t)).sum(1)
-            + (scaling * scaling) * ((b @ gram) * b).sum(1)
+            (w * w).sum(1) + (2.0 * scaling) * (b * (w @ a_t)).sum(1) + (scaling * scaling) * ((b @ gram) * b).sum(1)
         )
         out[start:stop] = squared.clamp_min(0.0).sqrt()
     return out

@@ -6,4 +6,4 @@ See README.md in this folder for the invariants every pass keeps.
 from .dora_pass import DoraRewritePass, PassOutcome
 from .patterns import FORMS, Form
 
-__all__ = ["DoraRewritePass", "PassOutcome", "FORMS", "Form"]
+__all__ = ["FORMS", "DoraRewritePass", "Form", "PassOutcome"]

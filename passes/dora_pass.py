@@ -70,7 +70,7 @@ class DoraRewritePass:
             outcome.records = self._rewrite_all(gm.graph)
             gm.graph.lint()
             gm.recompile()
-        except Exception as error:  # noqa: BLE001 - the pass must never break the user's compile
+        except Exception as error:
             restore(gm, original)
             outcome.error = f"{type(error).__name__}: {error}"
         return outcome

@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from torch.fx import Node
 
 __all__ = [
-    "op_of",
     "arg",
     "example_value",
-    "is_scalar",
-    "strip",
-    "single_user",
     "is_dtype_cast",
+    "is_scalar",
+    "op_of",
+    "single_user",
+    "strip",
 ]
 
 _FUNCTIONS: dict[object, str] = {

@@ -13,7 +13,7 @@ from torch.fx import Node
 
 from .graph_view import arg, example_value, is_scalar, op_of, single_user, strip
 
-__all__ = ["NotDora", "Unsupported", "LowRankSum", "match_row_norm", "match_low_rank_sum", "commuted"]
+__all__ = ["LowRankSum", "NotDora", "Unsupported", "commuted", "match_low_rank_sum", "match_row_norm"]
 
 CASTS = ("to", "float")
 

@@ -14,7 +14,7 @@ from torch.fx import Node
 
 __all__ = ["dotted", "module_path"]
 
-_TOKEN = re.compile(r"""\.([A-Za-z_]\w*)|\[\s*(?:'([^']*)'|"([^"]*)"|(-?\d+))\s*\]""")
+_TOKEN = re.compile(r"""\.(\w+)|\[\s*(?:'([^']*)'|"([^"]*)"|(-?\d+))\s*\]""")
 _CONTAINERS = {"__dict__", "_modules", "_parameters", "_buffers"}
 _ROOT = re.compile(r"^\s*(?:L|G)\[\s*['\"]([^'\"]+)['\"]\s*\]")
 

@@ -16,7 +16,7 @@ from .peft_linear import FORM as PEFT_LINEAR
 from .peft_linear import match_peft_linear
 from .rewrite import rewrite_peft_linear
 
-__all__ = ["Form", "FORMS"]
+__all__ = ["FORMS", "Form"]
 
 
 @dataclass(frozen=True)

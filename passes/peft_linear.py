@@ -25,7 +25,7 @@ import torch
 from torch.fx import Node
 
 from .graph_view import arg, example_value, is_scalar, op_of, single_user, strip
-from .matching import CASTS, LowRankSum, NotDora, Unsupported, commuted, match_low_rank_sum, match_row_norm
+from .matching import CASTS, LowRankSum, Unsupported, commuted, match_low_rank_sum, match_row_norm
 
 __all__ = ["PeftLinearMatch", "match_peft_linear"]
 

@@ -17,7 +17,7 @@ from dora_fused import kernels  # noqa: F401  (registers torch.ops.dora_fused.*)
 from .graph_view import example_value
 from .peft_linear import PeftLinearMatch, output_dtype
 
-__all__ = ["rewrite_peft_linear", "INSERTED_OPS"]
+__all__ = ["INSERTED_OPS", "rewrite_peft_linear"]
 
 FACTORED_NORM = "dora_fused.factored_row_norm"
 COMPOSE = "dora_fused.compose"

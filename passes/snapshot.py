@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch.fx import Graph, GraphModule, Node
 
-__all__ = ["snapshot", "restore"]
+__all__ = ["restore", "snapshot"]
 
 
 def snapshot(graph: Graph) -> Graph:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-__all__ = ["ModuleRecord", "RewriteReport", "last_report", "reports", "clear_reports"]
+__all__ = ["ModuleRecord", "RewriteReport", "clear_reports", "last_report", "reports"]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny PEFT DoRA models, an fp64 reference, and a comparison helper."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+# Keep CPU Inductor compiles predictable on the 2-core CI machine.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def clone_as(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A deep copy with every floating parameter and buffer in ``dtype`` (for the fp64 reference)."""
+    return copy.deepcopy(model).to(dtype)

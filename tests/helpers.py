@@ -1,0 +1,101 @@
+"""Test helpers: model builders and an error metric that says where and how much."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+# Odd sizes on purpose: no dimension is a multiple of another, so a [d_out, d_in]
+# check on node meta cannot collide with an activation's shape.
+TINY_LLAMA = dict(
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=88,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=12,
+    max_position_embeddings=64,
+)
+
+
+def is_dora_layer(module: torch.nn.Module) -> bool:
+    """A PEFT LoRA layer carrying at least one DoRA magnitude."""
+    magnitudes = getattr(module, "lora_magnitude_vector", None)
+    return isinstance(magnitudes, torch.nn.ModuleDict) and len(magnitudes) > 0
+
+
+def dora_module_names(model: torch.nn.Module) -> set[str]:
+    return {name for name, module in model.named_modules() if is_dora_layer(module)}
+
+
+def perturb_magnitudes(model: torch.nn.Module, spread: float, seed: int = 0) -> None:
+    """Move each magnitude off ||W||: m ← m·(1 + spread·u), u ~ U(-1, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                noise = torch.rand(param.shape, generator=gen, dtype=torch.float64) * 2 - 1
+                param.copy_((param.double() * (1 + spread * noise)).to(param.dtype))
+
+
+def tiny_llama_dora(
+    base_dtype: torch.dtype = torch.float32,
+    adapter_dtype: torch.dtype | None = None,
+    *,
+    r: int = 8,
+    seed: int = 0,
+    spread: float = 0.5,
+    **lora_kwargs,
+) -> torch.nn.Module:
+    """Random-init tiny Llama, PEFT DoRA on all linear layers, adapters not at their identity init.
+
+    ``adapter_dtype=None`` keeps PEFT's default (fp32 adapters on a bf16/fp16 base).
+    """
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).to(base_dtype)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        target_modules="all-linear",
+        use_dora=True,
+        init_lora_weights=False,
+        lora_dropout=0.0,
+        **lora_kwargs,
+    )
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=adapter_dtype is None)
+    if adapter_dtype is not None:
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(adapter_dtype)
+    perturb_magnitudes(peft_model, spread, seed)
+    return peft_model
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| (Frobenius), in fp64."""
+    diff = torch.linalg.vector_norm(actual.double() - expected.double()).item()
+    scale = torch.linalg.vector_norm(expected.double()).item()
+    return diff / scale if scale > 0 else diff
+
+
+def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|, in fp64."""
+    diff = (actual.double() - expected.double()).abs().max().item()
+    scale = expected.double().abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, atol: float, what: str = "") -> None:
+    """allclose that reports the worst element: where, and how far off."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.double(), expected.double()
+    excess = (a - e).abs() - (atol + rtol * e.abs())
+    if (excess > 0).any():
+        index = tuple(int(i) for i in torch.unravel_index(excess.argmax(), excess.shape))
+        raise AssertionError(
+            f"{what}: {(excess > 0).sum().item()} of {excess.numel()} elements off; worst at {index}: "
+            f"actual {a[index].item():.8g}, expected {e[index].item():.8g}, "
+            f"|diff| {(a - e).abs()[index].item():.3g} > atol {atol:g} + rtol {rtol:g}·|expected|"
+        )

@@ -1,0 +1,157 @@
+"""The ops against fp64 references of the same math, at odd shapes and every dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close
+
+from dora_fused.kernels import compose, compose_reference, factored_norm, factored_row_norm
+from dora_fused.kernels.factored_norm import dense_row_norm_reference, factored_row_norm_reference
+
+SHAPES = [(1, 1, 1), (7, 5, 1), (33, 17, 3), (64, 40, 24), (40, 64, 63)]  # (d_out, d_in, r)
+
+# Max relative error of the factored norm against the fp64 dense norm, per accumulation dtype.
+NORM_RTOL = {torch.float32: 2e-6, torch.float64: 1e-12}
+
+
+def _adapter(d_out: int, d_in: int, r: int, dtype: torch.dtype, adapter_dtype: torch.dtype, gen: torch.Generator):
+    w = (torch.randn(d_out, d_in, generator=gen) / d_in**0.5).to(dtype)
+    a = (torch.randn(r, d_in, generator=gen) / d_in**0.5).to(adapter_dtype)
+    b = (torch.randn(d_out, r, generator=gen) / r**0.5).to(adapter_dtype)
+    return w, a, b
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(
+    "dtype,adapter_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.float32),
+        (torch.float64, torch.float64),
+    ],
+)
+def test_factored_norm_matches_fp64_dense(shape, dtype, adapter_dtype):
+    gen = torch.Generator().manual_seed(hash((shape, str(dtype), str(adapter_dtype))) % 2**31)
+    w, a, b = _adapter(*shape, dtype, adapter_dtype, gen)
+    scaling = 1.7
+    got = factored_row_norm(w, a, b, scaling)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert got.dtype == acc and got.shape == (shape[0],)
+    # the exact norm of the same (already rounded) inputs
+    expected = dense_row_norm_reference(w.double(), a.double(), b.double(), scaling)
+    assert_close(got, expected, rtol=NORM_RTOL[acc], atol=0, what="factored norm")
+
+
+def test_factored_norm_is_at_least_as_precise_as_the_dense_bf16_path():
+    gen = torch.Generator().manual_seed(1)
+    w, a, b = _adapter(96, 80, 16, torch.bfloat16, torch.bfloat16, gen)
+    exact = dense_row_norm_reference(w.double(), a.double(), b.double(), 2.0)
+    dense_bf16 = torch.linalg.norm(w + 2.0 * (b @ a), dim=1)  # what PEFT computes in bf16
+    ours = factored_row_norm(w, a, b, 2.0)
+    assert (ours.double() - exact).abs().max() <= (dense_bf16.double() - exact).abs().max()
+
+
+def test_chunked_rows_match_the_unchunked_reference(monkeypatch):
+    gen = torch.Generator().manual_seed(2)
+    w, a, b = _adapter(37, 29, 5, torch.float32, torch.float32, gen)
+    monkeypatch.setattr(factored_norm, "CHUNK_BYTES", 29 * 4 * 3)  # three rows at a time, ragged last chunk
+    got = factored_row_norm(w, a, b, 0.5)
+    assert_close(got, factored_row_norm_reference(w, a, b, 0.5), rtol=1e-6, atol=0, what="chunked")
+
+
+def test_factored_norm_clamps_cancellation_at_zero():
+    # W = -s·B·A exactly: the true norm is 0 and rounding may make the sum negative.
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(4, 9, generator=gen, dtype=torch.float64).float()
+    b = torch.randn(6, 4, generator=gen, dtype=torch.float64).float()
+    w = (-(b.double() @ a.double())).float()
+    got = factored_row_norm(w, a, b, 1.0)
+    assert torch.isfinite(got).all() and (got >= 0).all()
+    assert got.max() < 1e-2
+
+
+def test_ops_pass_opcheck():
+    gen = torch.Generator().manual_seed(4)
+    w, a, b = _adapter(11, 7, 3, torch.float32, torch.float32, gen)
+    torch.library.opcheck(torch.ops.dora_fused.factored_row_norm.default, (w, a, b, 0.5))
+    result = torch.randn(2, 3, 11, generator=gen, requires_grad=True)
+    lora = torch.randn(2, 3, 11, generator=gen, requires_grad=True)
+    m = torch.rand(11, generator=gen).add(0.5).requires_grad_()
+    n = torch.rand(11, generator=gen).add(0.5)
+    bias = torch.randn(11, generator=gen)
+    for args in [
+        (result, lora, m, n, bias, 0.5, torch.float32),
+        (result, lora, m, n, None, 2.0, torch.float32),
+        (result, lora, m, n.clone().requires_grad_(), bias.clone().requires_grad_(), 2.0, torch.float32),
+    ]:
+        torch.library.opcheck(torch.ops.dora_fused.compose.default, args)
+
+
+def _peft_compose_fp64(result, lora, m, n, bias, s):
+    """PEFT's compose expression, evaluated in fp64 (the reference the op must meet)."""
+    g = (m.double() / n.double()).view(1, -1)
+    base = result.double() - bias.double() if bias is not None else result.double()
+    return result.double() + (g - 1) * base + g * lora.double() * s
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_compose_forward_and_backward_match_fp64(dtype, with_bias):
+    gen = torch.Generator().manual_seed(5)
+    d_out, s = 13, 1.25
+    result = torch.randn(3, 5, d_out, generator=gen).to(dtype).requires_grad_()
+    lora = torch.randn(3, 5, d_out, generator=gen).to(dtype).requires_grad_()
+    m = (torch.rand(d_out, generator=gen) + 0.5).to(dtype).requires_grad_()
+    n = (torch.rand(d_out, generator=gen) + 0.5).to(dtype).requires_grad_()
+    bias = torch.randn(d_out, generator=gen).to(dtype).requires_grad_() if with_bias else None
+    out = compose(result, lora, m, n, bias, s)
+    assert out.dtype == dtype
+
+    inputs = [t for t in (result, lora, m, n, bias) if t is not None]
+    leaves = [t.detach().double().requires_grad_() for t in inputs]
+    ref = _peft_compose_fp64(*leaves[:4], leaves[4] if with_bias else None, s)
+    eps = torch.finfo(dtype).eps
+    assert_close(out, ref, rtol=eps, atol=eps * ref.abs().max().item(), what="compose forward")
+
+    grad = torch.randn(out.shape, generator=gen).to(dtype)
+    got = torch.autograd.grad(out, inputs, grad)
+    want = torch.autograd.grad(ref, leaves, grad.double())
+    for name, g_got, g_want in zip(("result", "lora", "magnitude", "norm", "bias"), got, want, strict=False):
+        assert g_got.dtype == dtype
+        # token sums (magnitude, norm, bias) round once at the end; 15 terms of fp32 accumulation is exact enough
+        assert_close(g_got, g_want, rtol=2 * eps, atol=2 * eps * g_want.abs().max().item(), what=f"d_{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compose_is_stable_near_unity(dtype):
+    """With g = 1 ± 1%, the fused op rounds correctly (≤ ½ ulp) everywhere; PEFT's form in dtype does not."""
+    gen = torch.Generator().manual_seed(6)
+    d_out, s = 256, 2.0
+    bias = (torch.randn(d_out, generator=gen) * 8).to(dtype)
+    result = (torch.randn(64, d_out, generator=gen) * 8 + bias.float()).to(dtype)
+    lora = (torch.randn(64, d_out, generator=gen) * 0.1).to(dtype)
+    n = (torch.rand(d_out, generator=gen) + 1).to(dtype)
+    m = (n.double() * (1 + 1e-2 * torch.randn(d_out, generator=gen, dtype=torch.float64))).to(dtype)
+    exact = _peft_compose_fp64(result, lora, m, n, bias, s)
+
+    fused = compose(result, lora, m, n, bias, s)
+    g = (m / n).view(1, -1)
+    naive = result + (g - 1) * (result - bias) + g * lora * s  # PEFT's expression in dtype
+    # error in units of the dtype's relative spacing at the exact value; elements that are
+    # near zero relative to the output (where fp32 intermediates dominate) are left out
+    visible = exact.abs() > 1e-3 * exact.abs().max()
+    ulp = torch.finfo(dtype).eps * exact.abs()
+    fused_ulps = ((fused.double() - exact).abs() / ulp)[visible]
+    naive_ulps = ((naive.double() - exact).abs() / ulp)[visible]
+    assert fused_ulps.max() <= 0.5 + 1e-2, f"fused op off by {fused_ulps.max():.3f} ulp"
+    assert (naive_ulps > 0.5 + 1e-2).float().mean() > 0.05, "the naive form was expected to lose bits here"
+
+
+def test_compose_reference_is_the_op():
+    gen = torch.Generator().manual_seed(7)
+    args = (torch.randn(4, 9, generator=gen), torch.randn(4, 9, generator=gen), torch.rand(9, generator=gen) + 1)
+    n, bias = torch.rand(9, generator=gen) + 1, torch.randn(9, generator=gen)
+    assert torch.equal(compose(*args, n, bias, 0.3), compose_reference(*args, n, bias, 0.3, torch.float32))
