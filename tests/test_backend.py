@@ -1,0 +1,279 @@
+"""The backend around the pass: registration, graph properties, fallbacks, options, records."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+from helpers import TINY_LLAMA, assert_close, dora_module_names, tiny_llama_dora
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import dora_fused
+from dora_fused.passes import DoraRewritePass, Form
+from dora_fused.passes.graph_view import example_value, op_of
+from dora_fused.passes.peft_linear import match_peft_linear
+from dora_fused.passes.rewrite import rewrite_peft_linear
+
+
+def _embeds(dtype=torch.float32, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 5, TINY_LLAMA["hidden_size"], generator=gen).to(dtype)
+
+
+def _capture(model, *args, **kwargs):
+    """Run Dynamo with a backend that applies the pass and keeps (original code, graph module, outcome)."""
+    graphs = []
+
+    def keep(gm, example_inputs):
+        before = gm.code
+        outcome = DoraRewritePass()(gm)
+        graphs.append((before, gm, outcome))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=keep)(*args, **kwargs)
+    return graphs
+
+
+# --- registration -------------------------------------------------------------------------------
+
+
+def test_backend_is_found_by_name_without_importing_dora_fused():
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        assert "dora_fused" not in sys.modules
+        f = torch.compile(lambda x: torch.sin(x) * 2, backend="dora_fused")
+        x = torch.randn(5)
+        assert torch.allclose(f(x), torch.sin(x) * 2)
+        import dora_fused  # already imported by the entry point
+        assert dora_fused.last_report() is not None and dora_fused.last_report().rewritten == []
+        print("OK")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("OK")
+
+
+def test_peft_tracing_registration_is_idempotent():
+    import importlib
+
+    from dora_fused import peft_tracing
+
+    assert peft_tracing.enable_peft_tracing()
+    assert peft_tracing.enable_peft_tracing()
+    reloaded = importlib.reload(peft_tracing)  # a re-import must not register twice (Dynamo would raise)
+    assert reloaded.enable_peft_tracing()
+
+
+def test_quantized_bases_keep_peft_path():
+    """A module PEFT treats as quantized (HQQ's W_q) still goes through PEFT's own dequantize under Dynamo."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    class HQQLike(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W_q = nn.Parameter(torch.randn(3, 4), requires_grad=False)
+            self.weight = nn.Parameter(torch.zeros(3, 4), requires_grad=False)
+
+        def dequantize(self):
+            return self.W_q * 2
+
+    module = HQQLike()
+    compiled = torch.compile(lambda: dequantize_module_weight(module) + 0, backend="eager", fullgraph=False)
+    assert torch.equal(compiled(), module.W_q * 2)
+    plain = nn.Linear(4, 3)
+    assert torch.equal(torch.compile(lambda: dequantize_module_weight(plain) + 0, fullgraph=True)(), plain.weight)
+
+
+# --- what the rewritten graph holds ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_rewritten_graph_has_no_dense_product_and_no_eye(train):
+    model = tiny_llama_dora(torch.bfloat16, None).train(train)
+    [(before, gm, outcome)] = _capture(model, inputs_embeds=_embeds(torch.bfloat16))
+    assert outcome.error is None
+    records = [r for r in outcome.records if r.status == "rewritten"]
+    assert {r.name for r in records} == dora_module_names(model)
+    dense_shapes = {(r.d_out, r.d_in) for r in records}
+    assert "eye" in before and "linalg_norm" in before  # the original had them
+    for node in gm.graph.nodes:
+        assert op_of(node) not in ("eye", "linalg_norm"), node.format_node()
+        value = example_value(node)
+        is_weight = node.op == "placeholder" or (op_of(node) == "detach" and node.args[0].op == "placeholder")
+        if not is_weight and value is not None and value.dim() == 2:  # a detach is an alias of the weight
+            assert tuple(value.shape) not in dense_shapes, f"{node.format_node()} yields a dense {tuple(value.shape)}"
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.dora_fused.factored_row_norm.default) == len(records)
+    assert targets.count(torch.ops.dora_fused.compose.default) == len(records)
+
+
+def _plain_llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
+
+
+def _lora_llama():
+    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    return get_peft_model(_plain_llama(), config)
+
+
+@pytest.mark.parametrize("build", [_plain_llama, _lora_llama], ids=["no-adapter", "plain-lora"])
+def test_models_without_dora_compile_as_inductor_alone_would(build):
+    model = build().eval()
+    embeds = _embeds()
+    [(before, gm, outcome)] = _capture(model, inputs_embeds=embeds)
+    assert outcome.records == [] and outcome.error is None
+    assert gm.code == before  # the graph handed on is exactly Dynamo's
+
+    torch._dynamo.reset()
+    ours = torch.compile(model, backend="dora_fused")(inputs_embeds=embeds).logits
+    assert dora_fused.last_report().rewritten == [] and dora_fused.last_report().skipped == []
+    torch._dynamo.reset()
+    inductor = torch.compile(model)(inputs_embeds=embeds).logits
+    assert torch.equal(ours, inductor)
+
+
+# --- never broken ----------------------------------------------------------------------------------
+
+
+def _raising_rewrite(graph, match):
+    rewrite_peft_linear(graph, match)  # mutate the graph half-way, then fail
+    raise RuntimeError("injected failure")
+
+
+def _uncompilable_rewrite(graph, match):
+    def broken(*args):
+        raise RuntimeError("cannot be traced")
+
+    ops = rewrite_peft_linear(graph, match)
+    node = next(n for n in graph.nodes if n.target is torch.ops.dora_fused.compose.default)
+    with graph.inserting_after(node):
+        bad = graph.call_function(broken, (node,))
+    node.replace_all_uses_with(bad)
+    bad.args = (node,)
+    return ops
+
+
+@pytest.mark.parametrize("rewrite", [_raising_rewrite, _uncompilable_rewrite], ids=["pass-raises", "inner-fails"])
+def test_failures_fall_back_to_the_original_graph(rewrite):
+    model = tiny_llama_dora(torch.float32, torch.float32).eval()
+    embeds = _embeds()
+    expected = model(inputs_embeds=embeds).logits
+    backend = dora_fused.backend(inner="aot_eager")
+    backend.rewrite_pass = DoraRewritePass(forms=(Form("faulty", "test form", match_peft_linear, rewrite),))
+    out = torch.compile(model, backend=backend)(inputs_embeds=embeds).logits
+    report = dora_fused.last_report()
+    assert report.error is not None and ("injected failure" in report.error or "cannot be traced" in report.error)
+    assert report.rewritten == []
+    assert_close(out, expected, rtol=1e-5, atol=1e-6, what="fallback logits")
+
+
+def test_unrecognized_dora_like_subgraph_is_left_alone_with_a_reason():
+    class HandWritten(nn.Module):  # B @ A instead of PEFT's identity trick: not a supported form (yet)
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(6, 5))
+            self.A = nn.Parameter(torch.randn(2, 5))
+            self.B = nn.Parameter(torch.randn(6, 2))
+            self.m = nn.Parameter(torch.rand(6) + 1)
+
+        def forward(self, x):
+            w = self.weight + 0.5 * (self.B @ self.A)
+            n = torch.linalg.norm(w, dim=1).detach()
+            return nn.functional.linear(x, (self.m / n).view(-1, 1) * w)
+
+    module = HandWritten()
+    x = torch.randn(3, 5)
+    [(before, gm, outcome)] = _capture(module, x)
+    assert gm.code == before
+    [record] = outcome.records
+    assert record.status == "skipped" and "B·A" in record.reason
+    torch._dynamo.reset()
+    out = torch.compile(module, backend="dora_fused")(x)
+    assert dora_fused.last_report().skipped == [(record.name, record.reason)]
+    assert_close(out, module(x), rtol=1e-5, atol=1e-6, what="hand-written")
+
+
+# --- options and records ---------------------------------------------------------------------------
+
+
+def test_inductor_options_are_honoured():
+    model = tiny_llama_dora(torch.float32, torch.float32).eval()
+    embeds = _embeds()
+    out = torch.compile(model, backend="dora_fused", options={"epilogue_fusion": False})(inputs_embeds=embeds)
+    assert_close(out.logits, model(inputs_embeds=embeds).logits, rtol=2e-5, atol=2e-6, what="logits")
+    assert dora_fused.last_report().rewritten
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="not_an_inductor_option"):
+        torch.compile(model, backend="dora_fused", options={"not_an_inductor_option": 1})(inputs_embeds=embeds)
+
+
+def test_record_gives_names_shapes_rank_and_dtypes():
+    model = tiny_llama_dora(torch.bfloat16, None, r=5).eval()
+    torch.compile(model, backend="dora_fused")(inputs_embeds=_embeds(torch.bfloat16))
+    report = dora_fused.last_report()
+    modules = dict(model.named_modules())
+    assert set(report.rewritten) == dora_module_names(model)
+    for record in report.modules:
+        layer = modules[record.name]
+        assert record.adapter == "default" and record.form == "peft_linear"
+        assert (record.d_out, record.d_in) == tuple(layer.base_layer.weight.shape)
+        assert record.rank == 5
+        assert (record.weight_dtype, record.adapter_dtype, record.magnitude_dtype) == ("bfloat16", "float32", "float32")
+        assert record.ops == ("dora_fused.factored_row_norm", "dora_fused.compose")
+    assert "rewritten" in str(report) and "base_model.model.model.layers.0.self_attn.q_proj" in str(report)
+
+
+class _TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(12, 20)
+        self.down = nn.Linear(20, 9, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_several_active_adapters_compose_in_peft_order(train):
+    torch.manual_seed(0)
+    config = dict(target_modules=["up", "down"], use_dora=True, init_lora_weights=False)
+    model = get_peft_model(_TwoLayers(), LoraConfig(r=3, lora_alpha=6, **config), adapter_name="first")
+    model.add_adapter("second", LoraConfig(r=2, lora_alpha=8, use_rslora=True, **config))
+    model.base_model.set_adapter(["first", "second"])
+    from helpers import perturb_magnitudes
+
+    perturb_magnitudes(model, 0.5)
+    model.train(train)
+    x = torch.randn(4, 12, requires_grad=train)
+    reference = copy.deepcopy(model)
+
+    expected = reference(x)
+    out = torch.compile(model, backend="dora_fused")(x)
+    report = dora_fused.last_report()
+    assert sorted((m.name.rsplit(".", 1)[-1], m.adapter) for m in report.modules if m.status == "rewritten") == [
+        ("down", "first"),
+        ("down", "second"),
+        ("up", "first"),
+        ("up", "second"),
+    ]
+    assert_close(out, expected, rtol=2e-5, atol=2e-6, what="output")
+    if train:
+        out.square().sum().backward()
+        expected.square().sum().backward()
+        got = dict(model.named_parameters())
+        for name, param in reference.named_parameters():
+            if param.grad is not None:
+                scale = param.grad.abs().max().item()  # fp32 sums that cancel: tolerance relative to the tensor
+                assert_close(got[name].grad, param.grad, rtol=2e-5, atol=2e-6 * scale, what=name)
