@@ -84,7 +84,6 @@ def main() -> None:
                 "dora_fused": torch.compile(model, backend="dora_fused"),
             }
             for name, fn in contenders.items():
-
                 xg = x.detach().clone().requires_grad_()
 
                 def forward(fn=fn, x=x):

@@ -15,6 +15,7 @@ from torch.fx import Graph, GraphModule, Node
 from dora_fused.report import ModuleRecord
 
 from .graph_view import example_value, op_of
+from .heuristics import ComposeImpl, choose_compose
 from .matching import NotDora, Unsupported
 from .naming import module_path
 from .patterns import FORMS, Form
@@ -52,8 +53,9 @@ def _dtype(node: object) -> str | None:
 class DoraRewritePass:
     """Rewrites every DoRA subgraph the listed forms recognize; leaves the rest as it was."""
 
-    def __init__(self, forms: tuple[Form, ...] = FORMS) -> None:
+    def __init__(self, forms: tuple[Form, ...] = FORMS, compose: ComposeImpl = "auto") -> None:
         self.forms = forms
+        self.compose = compose
 
     @staticmethod
     def uuid() -> str:
@@ -95,7 +97,8 @@ class DoraRewritePass:
                 return ModuleRecord(name, adapter, form.name, "skipped", reason=str(why))
             low_rank = match.norm
             w, a = example_value(low_rank.weight), example_value(low_rank.lora_A)
-            ops = form.rewrite(graph, match)
+            compose, why = choose_compose(self.compose)
+            ops = form.rewrite(graph, match, compose)
             return ModuleRecord(
                 name,
                 adapter,
@@ -108,5 +111,6 @@ class DoraRewritePass:
                 adapter_dtype=_dtype(low_rank.lora_A),
                 magnitude_dtype=_dtype(match.magnitude),
                 ops=ops,
+                ops_reason=why,
             )
         return None

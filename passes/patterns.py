@@ -24,7 +24,7 @@ class Form:
     name: str
     description: str
     match: Callable[[Node], object]  # anchor -> match object; raises NotDora / Unsupported
-    rewrite: Callable[[Graph, object], tuple[str, ...]]  # (graph, match) -> names of the ops inserted
+    rewrite: Callable[[Graph, object, str], tuple[str, ...]]  # (graph, match, compose impl) -> names inserted
 
 
 FORMS: tuple[Form, ...] = (

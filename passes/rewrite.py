@@ -12,16 +12,18 @@ from __future__ import annotations
 import torch
 from torch.fx import Graph, Node
 
-from dora_fused import kernels  # noqa: F401  (registers torch.ops.dora_fused.*)
+from dora_fused import kernels  # registers torch.ops.dora_fused.*
 
 from .graph_view import example_value
 from .peft_linear import PeftLinearMatch, output_dtype
 
-__all__ = ["INSERTED_OPS", "rewrite_peft_linear"]
+__all__ = ["COMPOSE_TARGETS", "rewrite_peft_linear"]
 
 FACTORED_NORM = "dora_fused.factored_row_norm"
-COMPOSE = "dora_fused.compose"
-INSERTED_OPS = (FACTORED_NORM, COMPOSE)
+COMPOSE_TARGETS = {
+    "op": (torch.ops.dora_fused.compose.default, "dora_fused.compose"),
+    "torch": (kernels.compose_reference, "torch:compose_reference"),
+}
 
 
 def _fake_value(node: Node) -> None:
@@ -61,8 +63,12 @@ def _erase_dead(graph: Graph, nodes: list[Node]) -> None:
             graph.erase_node(node)
 
 
-def rewrite_peft_linear(graph: Graph, match: PeftLinearMatch) -> tuple[str, ...]:
-    """Insert ``factored_row_norm`` + ``compose`` before the root and retarget its users."""
+def rewrite_peft_linear(graph: Graph, match: PeftLinearMatch, compose: str = "op") -> tuple[str, ...]:
+    """Insert ``factored_row_norm`` + a compose (see ``COMPOSE_TARGETS``) before the root and retarget its users.
+
+    Returns the names of what was inserted, for the record.
+    """
+    compose_target, compose_name = COMPOSE_TARGETS[compose]
     low_rank, root = match.norm, match.root
     with graph.inserting_before(root):
         detached = [
@@ -79,10 +85,10 @@ def rewrite_peft_linear(graph: Graph, match: PeftLinearMatch) -> tuple[str, ...]
         composed = _insert(
             graph,
             "call_function",
-            torch.ops.dora_fused.compose.default,
+            compose_target,
             (match.result, match.lora, match.magnitude, norm, match.bias, match.scaling, output_dtype(root)),
             root,
         )
     root.replace_all_uses_with(composed)
     _erase_dead(graph, match.nodes)
-    return INSERTED_OPS
+    return FACTORED_NORM, compose_name

@@ -20,6 +20,7 @@ import torch
 from torch.fx import GraphModule
 
 from dora_fused.passes import DoraRewritePass
+from dora_fused.passes.heuristics import ComposeImpl
 from dora_fused.passes.snapshot import restore, snapshot
 
 from .report import RewriteReport, _record
@@ -39,23 +40,33 @@ class DoraFusedBackend:
             ``"aot_eager"`` (AOTAutograd without Inductor, for debugging
             numerics) or ``"eager"``.
         rewrite: set False to compile without the DoRA pass (for A/B runs).
+        compose: which compose implementation the rewrite inserts: ``"auto"``
+            (default), ``"op"`` (the ``dora_fused.compose`` custom op) or
+            ``"torch"`` (plain torch ops that Inductor fuses); see
+            ``dora_fused.passes.heuristics``.
     """
 
-    def __init__(self, *, inner: str = "inductor", rewrite: bool = True) -> None:
+    def __init__(self, *, inner: str = "inductor", rewrite: bool = True, compose: ComposeImpl = "auto") -> None:
         if inner not in INNER_COMPILERS:
             raise ValueError(f"inner must be one of {INNER_COMPILERS}, got {inner!r}")
+        if compose not in ("auto", "op", "torch"):
+            raise ValueError(f"compose must be 'auto', 'op' or 'torch', got {compose!r}")
         self.inner = inner
         self.rewrite = rewrite
-        self.rewrite_pass = DoraRewritePass()
+        self.compose = compose
+        self.rewrite_pass = DoraRewritePass(compose=compose)
+
+    def _key(self) -> tuple[str, bool, str]:
+        return self.inner, self.rewrite, self.compose
 
     def __repr__(self) -> str:
-        return f"DoraFusedBackend(inner={self.inner!r}, rewrite={self.rewrite})"
+        return f"DoraFusedBackend(inner={self.inner!r}, rewrite={self.rewrite}, compose={self.compose!r})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, DoraFusedBackend) and (self.inner, self.rewrite) == (other.inner, other.rewrite)
+        return isinstance(other, DoraFusedBackend) and self._key() == other._key()
 
     def __hash__(self) -> int:
-        return hash((self.inner, self.rewrite))
+        return hash(self._key())
 
     def __call__(
         self,
@@ -124,9 +135,9 @@ class DoraFusedBackend:
 _default = DoraFusedBackend()
 
 
-def backend(*, inner: str = "inductor", rewrite: bool = True) -> DoraFusedBackend:
+def backend(*, inner: str = "inductor", rewrite: bool = True, compose: ComposeImpl = "auto") -> DoraFusedBackend:
     """A configured backend: ``torch.compile(model, backend=dora_fused.backend(inner="aot_eager"))``."""
-    return DoraFusedBackend(inner=inner, rewrite=rewrite)
+    return DoraFusedBackend(inner=inner, rewrite=rewrite, compose=compose)
 
 
 def dora_fused(

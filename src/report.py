@@ -30,6 +30,7 @@ class ModuleRecord:
     adapter_dtype: str | None = None
     magnitude_dtype: str | None = None
     ops: tuple[str, ...] = ()  # ops inserted by the rewrite
+    ops_reason: str = ""  # why these implementations were chosen
 
 
 @dataclass
