@@ -82,6 +82,7 @@ def main() -> None:
                 "peft_eager": model,
                 "inductor": torch.compile(model),
                 "dora_fused": torch.compile(model, backend="dora_fused"),
+                "dora_fused_op": torch.compile(model, backend=dora_fused.backend(compose="op")),
             }
             for name, fn in contenders.items():
                 xg = x.detach().clone().requires_grad_()
@@ -109,7 +110,7 @@ def main() -> None:
                         fwd_bwd_q10=fwd_bwd[1],
                         fwd_bwd_q90=fwd_bwd[2],
                         fwd_bwd_mb=fwd_bwd[3],
-                        rewritten=len(dora_fused.last_report().rewritten) if name == "dora_fused" else None,
+                        rewritten=len(dora_fused.last_report().rewritten) if name.startswith("dora_fused") else None,
                     )
                 )
                 print(rows[-1], flush=True)

@@ -13,8 +13,18 @@ Accumulation is in fp32, or fp64 when any input is fp64: never below the
 precision of the dense path it replaces (PEFT computes the dense product in the
 adapter dtype, adds in the input dtype and takes the norm there).
 
-Layout: pure-torch reference → chunked implementation → ``torch.library`` op
-with a fake implementation. The op has no autograd: DoRA detaches the norm
+Two pure-torch implementations behind one op:
+
+- tensor cores (CUDA, bf16/fp16 ``W``): ``U = W·Aᵀ`` as low-precision products
+  with fp32 accumulation and fp32 output (``torch.mm(..., out_dtype=float32)``),
+  reading ``W`` in its own dtype, never an fp32 copy of it. An fp32 ``A`` is split
+  exactly into three bf16 terms ``A_hi + A_mid + A_lo`` (8 significand bits
+  each, bf16 has fp32's exponent range), so ``U`` is as precise as an fp32 product;
+- chunked (everything else): rows of ``W`` promoted to the accumulation dtype,
+  at most ``CHUNK_BYTES`` at a time.
+
+Layout: pure-torch reference → implementations → ``torch.library`` op with a
+fake implementation. The op has no autograd: DoRA detaches the norm
 (paper §4.3), and the rewrite detaches its inputs exactly where PEFT does.
 """
 
@@ -28,6 +38,7 @@ __all__ = [
     "dense_row_norm_reference",
     "factored_row_norm",
     "factored_row_norm_reference",
+    "split_terms",
 ]
 
 # Rows of W promoted at a time by the chunked implementation: bounds the
@@ -78,8 +89,52 @@ def _factored_row_norm_chunked(weight: Tensor, lora_A: Tensor, lora_B: Tensor, s
     return out
 
 
+def split_terms(t: Tensor, dtype: torch.dtype, terms: int) -> list[Tensor]:
+    """``t = Σ parts`` (up to the last part's rounding), each part exactly representable in ``dtype``.
+
+    Each part is the ``dtype`` rounding of what the previous parts left over,
+    computed in fp32: three bf16 parts carry all 24 significand bits of an fp32 ``t``.
+    """
+    parts, rest = [], t.float()
+    for _ in range(terms):
+        part = rest.to(dtype)
+        parts.append(part)
+        rest = rest - part.float()
+    return parts
+
+
+def _tensor_core_terms(weight: Tensor, lora_A: Tensor) -> int:
+    """How many ``weight.dtype`` terms carry ``lora_A`` exactly; 0 if the tensor-core path does not apply."""
+    if weight.device.type != "cuda" or weight.dtype not in (torch.bfloat16, torch.float16):
+        return 0
+    if lora_A.dtype == weight.dtype:
+        return 1
+    if weight.dtype == torch.bfloat16 and lora_A.dtype == torch.float32:
+        return 3
+    return 0  # fp16 splits of fp32 can underflow: use the chunked path
+
+
+def _factored_row_norm_tensor_cores(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """``U = W·Aᵀ`` on tensor cores with fp32 accumulation; ``W`` read in its own dtype."""
+    terms = split_terms(lora_A, weight.dtype, _tensor_core_terms(weight, lora_A))
+    u = torch.mm(weight, terms[0].T, out_dtype=torch.float32)
+    for term in terms[1:]:
+        u = u + torch.mm(weight, term.T, out_dtype=torch.float32)
+    a, b = lora_A.float(), lora_B.float()
+    gram = a @ a.T
+    base = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()
+    squared = base + (2.0 * scaling) * (b * u).sum(1) + (scaling * scaling) * ((b @ gram) * b).sum(1)
+    return squared.clamp_min(0.0).sqrt()
+
+
+def _has_mm_out_dtype() -> bool:
+    return hasattr(torch.ops.aten.mm, "dtype")
+
+
 @torch.library.custom_op("dora_fused::factored_row_norm", mutates_args=())
 def _factored_row_norm_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    if _tensor_core_terms(weight, lora_A) and _has_mm_out_dtype():
+        return _factored_row_norm_tensor_cores(weight, lora_A, lora_B, scaling)
     return _factored_row_norm_chunked(weight, lora_A, lora_B, scaling)
 
 

@@ -9,17 +9,27 @@ import torch
 from helpers import TINY_LLAMA, assert_close, dora_module_names, relative_error, tiny_llama_dora
 
 import dora_fused
-from dora_fused.kernels import compose, factored_row_norm
+from dora_fused.kernels import compose, factored_norm, factored_row_norm
 from dora_fused.kernels.factored_norm import dense_row_norm_reference
 
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32-adapters"])
+@pytest.mark.parametrize(
+    "dtype,adapter_dtype",
+    [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float16, torch.float16)],
+    ids=["bf16", "fp32-adapters", "fp16"],
+)
 @pytest.mark.parametrize("d_in,d_out", [(4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096)])
-def test_factored_norm_full_size(d_in, d_out, adapter_dtype):
+def test_factored_norm_full_size(d_in, d_out, dtype, adapter_dtype):
+    assert (
+        factored_norm._tensor_core_terms(
+            torch.empty(1, device="cuda", dtype=dtype), torch.empty(1, dtype=adapter_dtype)
+        )
+        > 0
+    )
     gen = torch.Generator(device="cuda").manual_seed(0)
-    w = (torch.randn(d_out, d_in, device="cuda", generator=gen) / d_in**0.5).bfloat16()
+    w = (torch.randn(d_out, d_in, device="cuda", generator=gen) / d_in**0.5).to(dtype)
     a = (torch.randn(384, d_in, device="cuda", generator=gen) / d_in**0.5).to(adapter_dtype)
     b = (torch.randn(d_out, 384, device="cuda", generator=gen) / 384**0.5).to(adapter_dtype)
     got = factored_row_norm(w, a, b, 1.0)

@@ -54,6 +54,26 @@ def test_factored_norm_is_at_least_as_precise_as_the_dense_bf16_path():
     assert (ours.double() - exact).abs().max() <= (dense_bf16.double() - exact).abs().max()
 
 
+def test_split_terms_reconstruct_fp32_exactly():
+    gen = torch.Generator().manual_seed(8)
+    a = torch.randn(64, 200, generator=gen) * torch.logspace(-20, 20, 200)
+    parts = factored_norm.split_terms(a, torch.bfloat16, 3)
+    assert all(p.dtype == torch.bfloat16 for p in parts)
+    rebuilt = sum(p.double() for p in parts)
+    # three 8-bit slices hold the 24-bit significand (the last one rounds at most half an fp32 ulp)
+    assert ((rebuilt - a.double()).abs() <= a.double().abs() * 2**-24).all()
+    # bf16 W times the parts, accumulated in fp32, is the fp32 product: what the tensor-core path computes
+    w = torch.randn(5, 200, generator=gen).bfloat16()
+    split = sum(w.float() @ p.float().T for p in parts)
+    assert_close(
+        split,
+        w.double() @ a.double().T,
+        rtol=1e-5,
+        atol=1e-6 * (w.double().abs() @ a.double().abs().T).max().item(),
+        what="W·Aᵀ",
+    )
+
+
 def test_chunked_rows_match_the_unchunked_reference(monkeypatch):
     gen = torch.Generator().manual_seed(2)
     w, a, b = _adapter(37, 29, 5, torch.float32, torch.float32, gen)
