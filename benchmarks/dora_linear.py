@@ -82,7 +82,7 @@ def main() -> None:
                 "peft_eager": model,
                 "inductor": torch.compile(model),
                 "dora_fused": torch.compile(model, backend="dora_fused"),
-                "dora_fused_op": torch.compile(model, backend=dora_fused.backend(compose="op")),
+                "dora_fused_op": torch.compile(model, backend=dora_fused.backend(ops="op")),
             }
             for name, fn in contenders.items():
                 xg = x.detach().clone().requires_grad_()

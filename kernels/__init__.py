@@ -6,7 +6,12 @@ any device; each module also exports its reference math.
 """
 
 from .compose import compose, compose_backward_reference, compose_reference
-from .factored_norm import dense_row_norm_reference, factored_row_norm, factored_row_norm_reference
+from .factored_norm import (
+    dense_row_norm_reference,
+    factored_row_norm,
+    factored_row_norm_reference,
+    factored_row_norm_torch,
+)
 
 __all__ = [
     "compose",
@@ -15,4 +20,5 @@ __all__ = [
     "dense_row_norm_reference",
     "factored_row_norm",
     "factored_row_norm_reference",
+    "factored_row_norm_torch",
 ]

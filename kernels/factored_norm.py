@@ -38,6 +38,7 @@ __all__ = [
     "dense_row_norm_reference",
     "factored_row_norm",
     "factored_row_norm_reference",
+    "factored_row_norm_torch",
     "split_terms",
 ]
 
@@ -75,18 +76,17 @@ def _factored_row_norm_chunked(weight: Tensor, lora_A: Tensor, lora_B: Tensor, s
     a = lora_A.to(acc)
     a_t = a.T
     gram = a @ a_t
-    out = torch.empty(d_out, dtype=acc, device=weight.device)
     itemsize = torch.finfo(acc).bits // 8
     rows = max(1, CHUNK_BYTES // max(1, d_in * itemsize))
+    chunks = []
     for start in range(0, d_out, rows):
-        stop = min(start + rows, d_out)
-        w = weight[start:stop].to(acc)
-        b = lora_B[start:stop].to(acc)
+        w = weight[start : start + rows].to(acc)
+        b = lora_B[start : start + rows].to(acc)
         squared = (
             (w * w).sum(1) + (2.0 * scaling) * (b * (w @ a_t)).sum(1) + (scaling * scaling) * ((b @ gram) * b).sum(1)
         )
-        out[start:stop] = squared.clamp_min(0.0).sqrt()
-    return out
+        chunks.append(squared.clamp_min(0.0).sqrt())
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 
 def split_terms(t: Tensor, dtype: torch.dtype, terms: int) -> list[Tensor]:
@@ -131,11 +131,20 @@ def _has_mm_out_dtype() -> bool:
     return hasattr(torch.ops.aten.mm, "dtype")
 
 
-@torch.library.custom_op("dora_fused::factored_row_norm", mutates_args=())
-def _factored_row_norm_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+def factored_row_norm_torch(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """The factored norm in plain torch ops: the tensor-core path where it applies, else chunked.
+
+    Traceable: the rewrite inserts it directly (Inductor then compiles it with the
+    rest of the graph, with no per-call Python cost); the op below wraps it.
+    """
     if _tensor_core_terms(weight, lora_A) and _has_mm_out_dtype():
         return _factored_row_norm_tensor_cores(weight, lora_A, lora_B, scaling)
     return _factored_row_norm_chunked(weight, lora_A, lora_B, scaling)
+
+
+@torch.library.custom_op("dora_fused::factored_row_norm", mutates_args=())
+def _factored_row_norm_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    return factored_row_norm_torch(weight, lora_A, lora_B, scaling)
 
 
 @_factored_row_norm_op.register_fake

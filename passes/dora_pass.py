@@ -15,7 +15,7 @@ from torch.fx import Graph, GraphModule, Node
 from dora_fused.report import ModuleRecord
 
 from .graph_view import example_value, op_of
-from .heuristics import ComposeImpl, choose_compose
+from .heuristics import OpsImpl, choose_ops
 from .matching import NotDora, Unsupported
 from .naming import module_path
 from .patterns import FORMS, Form
@@ -53,9 +53,9 @@ def _dtype(node: object) -> str | None:
 class DoraRewritePass:
     """Rewrites every DoRA subgraph the listed forms recognize; leaves the rest as it was."""
 
-    def __init__(self, forms: tuple[Form, ...] = FORMS, compose: ComposeImpl = "auto") -> None:
+    def __init__(self, forms: tuple[Form, ...] = FORMS, ops: OpsImpl = "auto") -> None:
         self.forms = forms
-        self.compose = compose
+        self.ops = ops
 
     @staticmethod
     def uuid() -> str:
@@ -97,8 +97,8 @@ class DoraRewritePass:
                 return ModuleRecord(name, adapter, form.name, "skipped", reason=str(why))
             low_rank = match.norm
             w, a = example_value(low_rank.weight), example_value(low_rank.lora_A)
-            compose, why = choose_compose(self.compose)
-            ops = form.rewrite(graph, match, compose)
+            impl, why = choose_ops(self.ops)
+            ops = form.rewrite(graph, match, impl)
             return ModuleRecord(
                 name,
                 adapter,

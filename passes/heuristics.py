@@ -1,32 +1,33 @@
 """'Should' decisions, kept apart from the 'can' decisions of the matchers.
 
-A match says a rewrite is *safe*; this module says which implementation of the
-compose to insert. Two implementations compute the same math:
+A match says a rewrite is *safe*. This module says which implementation of
+the two ops to insert. Both compute the same math:
 
-- ``"op"``: the ``torch.ops.dora_fused.compose`` custom op, opaque to Inductor,
-  with its own backward. This is the slot where device kernels plug in.
-- ``"torch"``: ``dora_fused.kernels.compose_reference``, plain torch ops that
-  AOTAutograd differentiates and Inductor fuses into one pointwise kernel forward
-  (and a fused kernel plus token reduction backward).
+- ``"op"``: the ``torch.ops.dora_fused.*`` custom ops. They are opaque to
+  Inductor and the compose has its own backward. This is the slot where
+  device kernels plug in.
+- ``"torch"``: ``dora_fused.kernels.factored_row_norm_torch`` and
+  ``compose_reference``, plain torch ops compiled by Inductor with the rest of
+  the graph. The compose becomes one fused pointwise kernel forward, and a fused
+  kernel plus a token reduction backward. Nothing runs in Python per call.
 
-``"auto"`` picks ``"torch"`` everywhere for now: with no device kernel behind the
-op yet, Inductor's fusion of the plain ops is the faster and leaner choice
-(measured on H100, see docs/benchmarks.md).
+``"auto"`` picks ``"torch"`` for now. Measured on an H100 (docs/benchmarks.md),
+the custom ops' per-call Python dispatch and the unfused pure-torch compose
+inside them cost more than they save. That holds until device kernels sit
+behind them.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-__all__ = ["ComposeImpl", "choose_compose"]
+__all__ = ["OpsImpl", "choose_ops"]
 
-ComposeImpl = Literal["auto", "op", "torch"]
+OpsImpl = Literal["auto", "op", "torch"]
 
 
-def choose_compose(preference: ComposeImpl) -> tuple[Literal["op", "torch"], str]:
-    """The compose implementation to insert, and why (one line, for the record)."""
-    if preference == "op":
-        return "op", "requested: compose='op'"
-    if preference == "torch":
-        return "torch", "requested: compose='torch'"
-    return "torch", "auto: no fused compose kernel on this device yet; Inductor fuses the plain-torch compose"
+def choose_ops(preference: OpsImpl) -> tuple[Literal["op", "torch"], str]:
+    """The implementation to insert, and why (one line, for the record)."""
+    if preference in ("op", "torch"):
+        return preference, f"requested: ops={preference!r}"
+    return "torch", "auto: no device kernels behind the custom ops yet; Inductor compiles the plain-torch ops"

@@ -17,12 +17,18 @@ from dora_fused import kernels  # registers torch.ops.dora_fused.*
 from .graph_view import example_value
 from .peft_linear import PeftLinearMatch, output_dtype
 
-__all__ = ["COMPOSE_TARGETS", "rewrite_peft_linear"]
+__all__ = ["TARGETS", "rewrite_peft_linear"]
 
-FACTORED_NORM = "dora_fused.factored_row_norm"
-COMPOSE_TARGETS = {
-    "op": (torch.ops.dora_fused.compose.default, "dora_fused.compose"),
-    "torch": (kernels.compose_reference, "torch:compose_reference"),
+# (target, name for the record) of the norm and the compose, per implementation
+TARGETS = {
+    "op": (
+        (torch.ops.dora_fused.factored_row_norm.default, "dora_fused.factored_row_norm"),
+        (torch.ops.dora_fused.compose.default, "dora_fused.compose"),
+    ),
+    "torch": (
+        (kernels.factored_row_norm_torch, "torch:factored_row_norm_torch"),
+        (kernels.compose_reference, "torch:compose_reference"),
+    ),
 }
 
 
@@ -63,12 +69,12 @@ def _erase_dead(graph: Graph, nodes: list[Node]) -> None:
             graph.erase_node(node)
 
 
-def rewrite_peft_linear(graph: Graph, match: PeftLinearMatch, compose: str = "op") -> tuple[str, ...]:
-    """Insert ``factored_row_norm`` + a compose (see ``COMPOSE_TARGETS``) before the root and retarget its users.
+def rewrite_peft_linear(graph: Graph, match: PeftLinearMatch, impl: str = "op") -> tuple[str, ...]:
+    """Insert the factored norm and the compose (``TARGETS[impl]``) before the root; retarget its users.
 
     Returns the names of what was inserted, for the record.
     """
-    compose_target, compose_name = COMPOSE_TARGETS[compose]
+    (norm_target, norm_name), (compose_target, compose_name) = TARGETS[impl]
     low_rank, root = match.norm, match.root
     with graph.inserting_before(root):
         detached = [
@@ -78,7 +84,7 @@ def rewrite_peft_linear(graph: Graph, match: PeftLinearMatch, compose: str = "op
         norm = _insert(
             graph,
             "call_function",
-            torch.ops.dora_fused.factored_row_norm.default,
+            norm_target,
             (*detached, low_rank.scaling),
             root,
         )
@@ -91,4 +97,4 @@ def rewrite_peft_linear(graph: Graph, match: PeftLinearMatch, compose: str = "op
         )
     root.replace_all_uses_with(composed)
     _erase_dead(graph, match.nodes)
-    return FACTORED_NORM, compose_name
+    return norm_name, compose_name

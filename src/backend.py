@@ -20,7 +20,7 @@ import torch
 from torch.fx import GraphModule
 
 from dora_fused.passes import DoraRewritePass
-from dora_fused.passes.heuristics import ComposeImpl
+from dora_fused.passes.heuristics import OpsImpl
 from dora_fused.passes.snapshot import restore, snapshot
 
 from .report import RewriteReport, _record
@@ -40,27 +40,27 @@ class DoraFusedBackend:
             ``"aot_eager"`` (AOTAutograd without Inductor, for debugging
             numerics) or ``"eager"``.
         rewrite: set False to compile without the DoRA pass (for A/B runs).
-        compose: which compose implementation the rewrite inserts: ``"auto"``
-            (default), ``"op"`` (the ``dora_fused.compose`` custom op) or
-            ``"torch"`` (plain torch ops that Inductor fuses); see
+        ops: which implementation of the norm and compose the rewrite inserts:
+            ``"auto"`` (default), ``"op"`` (the ``torch.ops.dora_fused`` custom
+            ops) or ``"torch"`` (plain torch ops that Inductor compiles); see
             ``dora_fused.passes.heuristics``.
     """
 
-    def __init__(self, *, inner: str = "inductor", rewrite: bool = True, compose: ComposeImpl = "auto") -> None:
+    def __init__(self, *, inner: str = "inductor", rewrite: bool = True, ops: OpsImpl = "auto") -> None:
         if inner not in INNER_COMPILERS:
             raise ValueError(f"inner must be one of {INNER_COMPILERS}, got {inner!r}")
-        if compose not in ("auto", "op", "torch"):
-            raise ValueError(f"compose must be 'auto', 'op' or 'torch', got {compose!r}")
+        if ops not in ("auto", "op", "torch"):
+            raise ValueError(f"ops must be 'auto', 'op' or 'torch', got {ops!r}")
         self.inner = inner
         self.rewrite = rewrite
-        self.compose = compose
-        self.rewrite_pass = DoraRewritePass(compose=compose)
+        self.ops = ops
+        self.rewrite_pass = DoraRewritePass(ops=ops)
 
     def _key(self) -> tuple[str, bool, str]:
-        return self.inner, self.rewrite, self.compose
+        return self.inner, self.rewrite, self.ops
 
     def __repr__(self) -> str:
-        return f"DoraFusedBackend(inner={self.inner!r}, rewrite={self.rewrite}, compose={self.compose!r})"
+        return f"DoraFusedBackend(inner={self.inner!r}, rewrite={self.rewrite}, ops={self.ops!r})"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, DoraFusedBackend) and self._key() == other._key()
@@ -135,9 +135,9 @@ class DoraFusedBackend:
 _default = DoraFusedBackend()
 
 
-def backend(*, inner: str = "inductor", rewrite: bool = True, compose: ComposeImpl = "auto") -> DoraFusedBackend:
+def backend(*, inner: str = "inductor", rewrite: bool = True, ops: OpsImpl = "auto") -> DoraFusedBackend:
     """A configured backend: ``torch.compile(model, backend=dora_fused.backend(inner="aot_eager"))``."""
-    return DoraFusedBackend(inner=inner, rewrite=rewrite, compose=compose)
+    return DoraFusedBackend(inner=inner, rewrite=rewrite, ops=ops)
 
 
 def dora_fused(

@@ -19,7 +19,7 @@ import dora_fused
 from dora_fused.passes import DoraRewritePass, Form
 from dora_fused.passes.graph_view import example_value, op_of
 from dora_fused.passes.peft_linear import match_peft_linear
-from dora_fused.passes.rewrite import COMPOSE_TARGETS, rewrite_peft_linear
+from dora_fused.passes.rewrite import TARGETS, rewrite_peft_linear
 
 
 def _embeds(dtype=torch.float32, seed=3):
@@ -27,13 +27,13 @@ def _embeds(dtype=torch.float32, seed=3):
     return torch.randn(1, 5, TINY_LLAMA["hidden_size"], generator=gen).to(dtype)
 
 
-def _capture(model, *args, compose="auto", **kwargs):
+def _capture(model, *args, ops="auto", **kwargs):
     """Run Dynamo with a backend that applies the pass and keeps (original code, graph module, outcome)."""
     graphs = []
 
     def keep(gm, example_inputs):
         before = gm.code
-        outcome = DoraRewritePass(compose=compose)(gm)
+        outcome = DoraRewritePass(ops=ops)(gm)
         graphs.append((before, gm, outcome))
         return gm.forward
 
@@ -98,11 +98,11 @@ def test_quantized_bases_keep_peft_path():
 # --- what the rewritten graph holds ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("compose", ["op", "torch"])
+@pytest.mark.parametrize("ops", ["op", "torch"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_rewritten_graph_has_no_dense_product_and_no_eye(train, compose):
+def test_rewritten_graph_has_no_dense_product_and_no_eye(train, ops):
     model = tiny_llama_dora(torch.bfloat16, None).train(train)
-    [(before, gm, outcome)] = _capture(model, inputs_embeds=_embeds(torch.bfloat16), compose=compose)
+    [(before, gm, outcome)] = _capture(model, inputs_embeds=_embeds(torch.bfloat16), ops=ops)
     assert outcome.error is None
     records = [r for r in outcome.records if r.status == "rewritten"]
     assert {r.name for r in records} == dora_module_names(model)
@@ -115,8 +115,8 @@ def test_rewritten_graph_has_no_dense_product_and_no_eye(train, compose):
         if not is_weight and value is not None and value.dim() == 2:  # a detach is an alias of the weight
             assert tuple(value.shape) not in dense_shapes, f"{node.format_node()} yields a dense {tuple(value.shape)}"
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-    assert targets.count(torch.ops.dora_fused.factored_row_norm.default) == len(records)
-    assert targets.count(COMPOSE_TARGETS[compose][0]) == len(records)
+    (norm, _), (compose, _) = TARGETS[ops]
+    assert targets.count(norm) == len(records) and targets.count(compose) == len(records)
 
 
 def _plain_llama():
@@ -148,17 +148,17 @@ def test_models_without_dora_compile_as_inductor_alone_would(build):
 # --- never broken ----------------------------------------------------------------------------------
 
 
-def _raising_rewrite(graph, match, compose):
-    rewrite_peft_linear(graph, match, compose)  # mutate the graph half-way, then fail
+def _raising_rewrite(graph, match, impl):
+    rewrite_peft_linear(graph, match, impl)  # mutate the graph half-way, then fail
     raise RuntimeError("injected failure")
 
 
-def _uncompilable_rewrite(graph, match, compose):
+def _uncompilable_rewrite(graph, match, impl):
     def broken(*args):
         raise RuntimeError("cannot be traced")
 
-    ops = rewrite_peft_linear(graph, match, compose)
-    node = next(n for n in graph.nodes if n.target is COMPOSE_TARGETS[compose][0])
+    ops = rewrite_peft_linear(graph, match, impl)
+    node = next(n for n in graph.nodes if n.target is TARGETS[impl][1][0])
     with graph.inserting_after(node):
         bad = graph.call_function(broken, (node,))
     node.replace_all_uses_with(bad)
@@ -232,7 +232,7 @@ def test_record_gives_names_shapes_rank_and_dtypes():
         assert (record.d_out, record.d_in) == tuple(layer.base_layer.weight.shape)
         assert record.rank == 5
         assert (record.weight_dtype, record.adapter_dtype, record.magnitude_dtype) == ("bfloat16", "float32", "float32")
-        assert record.ops == ("dora_fused.factored_row_norm", "torch:compose_reference")
+        assert record.ops == ("torch:factored_row_norm_torch", "torch:compose_reference")
         assert record.ops_reason.startswith("auto:")
     assert "rewritten" in str(report) and "base_model.model.model.layers.0.self_attn.q_proj" in str(report)
 

@@ -57,19 +57,19 @@ def _run(model, embeds: torch.Tensor, train: bool):
     return logits.detach(), grads
 
 
-def _compile(model, compose: str):
+def _compile(model, ops: str):
     before = len(dora_fused.reports())
     torch._dynamo.utils.counters.clear()
-    # the registered name, and a configured backend inserting the custom op
-    backend = "dora_fused" if compose == "auto" else dora_fused.backend(compose=compose)
+    # the registered name (plain-torch ops), and a configured backend inserting the custom ops
+    backend = "dora_fused" if ops == "auto" else dora_fused.backend(ops=ops)
     compiled = torch.compile(model, backend=backend)
     return compiled, before
 
 
-@pytest.mark.parametrize("compose", ["auto", "op"])
+@pytest.mark.parametrize("ops", ["auto", "op"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_tiny_llama_matches_peft(case, train, compose):
+def test_tiny_llama_matches_peft(case, train, ops):
     base_dtype, adapter_dtype = CASES[case]
     model = tiny_llama_dora(base_dtype, adapter_dtype)
     expected_modules = dora_module_names(model)
@@ -80,7 +80,7 @@ def test_tiny_llama_matches_peft(case, train, compose):
     reference = copy.deepcopy(model).to(torch.float64)
     ref_out, ref_grads = _run(reference, embeds.double(), train)
 
-    compiled, before = _compile(model, compose)
+    compiled, before = _compile(model, ops)
     out, grads = _run(compiled, embeds, train)
 
     # one graph, no break, every DoRA module rewritten
