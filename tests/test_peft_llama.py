@@ -31,6 +31,7 @@ CASES = {
     "fp32": (torch.float32, torch.float32),
     "bf16": (torch.bfloat16, torch.bfloat16),
     "bf16-base-fp32-adapters": (torch.bfloat16, None),  # PEFT's default adapter dtype
+    "fp16": (torch.float16, torch.float16),
 }
 
 
