@@ -20,6 +20,7 @@ __all__ = [
     "example_value",
     "is_dtype_cast",
     "is_scalar",
+    "is_symbolic_scalar",
     "op_of",
     "single_user",
     "strip",
@@ -91,6 +92,14 @@ def example_value(node: object) -> torch.Tensor | None:
 def is_scalar(value: object) -> bool:
     """A Python number baked into the graph (DoRA's scaling, the 1 in ``g - 1``)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_symbolic_scalar(value: object) -> bool:
+    """A node producing a Python/symbolic number (e.g. ``.item()`` of a float Dynamo lifted under dynamic=True)."""
+    if not isinstance(value, Node):
+        return False
+    meta = value.meta.get("example_value", value.meta.get("val"))
+    return isinstance(meta, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(meta, bool)
 
 
 def strip(node: object, kinds: Iterable[str], seen: list[Node] | None = None) -> object:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from torch.fx import Node
 
-from .graph_view import arg, example_value, is_scalar, op_of, single_user, strip
+from .graph_view import arg, example_value, is_scalar, is_symbolic_scalar, op_of, single_user, strip
 
 __all__ = ["LowRankSum", "NotDora", "Unsupported", "commuted", "match_low_rank_sum", "match_row_norm"]
 
@@ -102,18 +102,23 @@ def match_low_rank_sum(x: object) -> LowRankSum:
         raise NotDora("norm input is not a sum")
     nodes.append(x)
 
+    def is_factor(a: object) -> bool:
+        return is_scalar(a) or is_symbolic_scalar(a)
+
     def is_scaled(n: object) -> bool:
-        return op_of(n) == "mul" and any(is_scalar(a) for a in n.args)
+        return op_of(n) == "mul" and any(is_factor(a) for a in n.args)
 
     pair = commuted(x, lambda n: not is_scaled(n))
     if pair is None or not is_scaled(pair[1]):
         raise NotDora("norm input is not W + s·ΔW")
     weight_side, scaled = pair
     nodes.append(scaled)
-    scaling_pair = commuted(scaled, is_scalar)
+    scaling_pair = commuted(scaled, is_factor)
     if scaling_pair is None:
         raise NotDora("norm input is not W + s·ΔW")
     scaling, delta = scaling_pair
+    if not is_scalar(scaling):
+        raise Unsupported("the scaling s is a traced symbolic float (torch.compile(dynamic=True)); not supported yet")
     lora_A, lora_B = _low_rank_product(strip(delta, (*CASTS, "detach"), nodes), nodes)
 
     weight_nodes: list[Node] = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -92,7 +93,7 @@ class DoraFusedBackend:
                 raise
             report.error = f"inner compiler failed on the rewritten graph: {type(error).__name__}: {error}"
             report.modules = [
-                type(m)(**{**m.__dict__, "status": "skipped", "reason": "inner compile failed; original kept"})
+                replace(m, status="skipped", reason="inner compile failed; original kept", ops=())
                 if m.status == "rewritten"
                 else m
                 for m in report.modules

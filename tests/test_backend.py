@@ -206,6 +206,30 @@ def test_unrecognized_dora_like_subgraph_is_left_alone_with_a_reason():
     assert_close(out, module(x), rtol=1e-5, atol=1e-6, what="hand-written")
 
 
+# --- shapes that vary ----------------------------------------------------------------------------
+
+
+def test_varying_sequence_length_recompiles_once_and_stays_rewritten():
+    model = tiny_llama_dora(torch.float32, torch.float32).eval()
+    compiled = torch.compile(model, backend="dora_fused")
+    before = len(dora_fused.reports())
+    for seq in (5, 9, 13):  # the second length makes Dynamo mark the dim dynamic; the third reuses that graph
+        embeds = torch.randn(1, seq, TINY_LLAMA["hidden_size"])
+        assert_close(compiled(inputs_embeds=embeds).logits, model(inputs_embeds=embeds).logits, rtol=2e-5, atol=2e-6)
+        assert set(dora_fused.last_report().rewritten) == dora_module_names(model)
+    assert len(dora_fused.reports()) == before + 2
+
+
+def test_dynamic_true_is_left_alone_with_a_reason():
+    model = tiny_llama_dora(torch.float32, torch.float32).eval()
+    embeds = _embeds()
+    out = torch.compile(model, backend="dora_fused", dynamic=True)(inputs_embeds=embeds).logits
+    report = dora_fused.last_report()
+    assert report.rewritten == [] and len(report.skipped) == len(dora_module_names(model))
+    assert all("symbolic float" in reason for _, reason in report.skipped)
+    assert_close(out, model(inputs_embeds=embeds).logits, rtol=2e-5, atol=2e-6, what="logits")
+
+
 # --- options and records ---------------------------------------------------------------------------
 
 
