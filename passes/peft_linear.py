@@ -142,6 +142,9 @@ def match_peft_linear(anchor: Node) -> PeftLinearMatch:
     r_val, l_val = example_value(result), example_value(lora)
     if r_val is None or l_val is None or r_val.shape != l_val.shape or r_val.shape[-1] != d_out:
         raise Unsupported("base and LoRA outputs do not have the layer's output shape")
+    root_val = example_value(root)
+    if root_val is None or root_val.shape != r_val.shape:
+        raise Unsupported("the DoRA scale broadcasts the output to another shape")
     values = [r_val, l_val, m_val] + ([example_value(bias)] if bias is not None else [])
     if any(not v.dtype.is_floating_point for v in values):
         raise Unsupported("non-floating compose inputs")
