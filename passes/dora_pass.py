@@ -28,6 +28,7 @@ _MAGNITUDE = ".lora_magnitude_vector."
 
 @dataclass
 class PassOutcome:
+    original: Graph  # copy of the graph before the pass: what to compile if the rewritten one fails
     records: list[ModuleRecord] = field(default_factory=list)
     error: str | None = None  # the pass raised; the graph is the original
 
@@ -66,14 +67,13 @@ class DoraRewritePass:
         return digest.hexdigest()
 
     def __call__(self, gm: GraphModule) -> PassOutcome:
-        original = snapshot(gm.graph)
-        outcome = PassOutcome()
+        outcome = PassOutcome(original=snapshot(gm.graph))
         try:
             outcome.records = self._rewrite_all(gm.graph)
             gm.graph.lint()
             gm.recompile()
         except Exception as error:
-            restore(gm, original)
+            restore(gm, outcome.original)
             outcome.error = f"{type(error).__name__}: {error}"
         return outcome
 

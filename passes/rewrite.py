@@ -3,7 +3,7 @@
 Invariants (see passes/README.md): the replacement computes the same value as
 the root it replaces (to equal or better precision); it introduces no aliasing
 and no mutation; every inserted node gets ``example_value`` meta computed by
-the ops' fake implementations; only nodes of the match left without users are
+running its target on fake tensors; only nodes of the match left without users are
 erased.
 """
 

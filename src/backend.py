@@ -22,7 +22,7 @@ from torch.fx import GraphModule
 
 from dora_fused.passes import DoraRewritePass
 from dora_fused.passes.heuristics import OpsImpl
-from dora_fused.passes.snapshot import restore, snapshot
+from dora_fused.passes.snapshot import restore
 
 from .report import RewriteReport, _record
 
@@ -78,18 +78,14 @@ class DoraFusedBackend:
         options: dict[str, Any] | None = None,
     ) -> Callable[..., Any]:
         report = RewriteReport()
-        original = snapshot(gm.graph)
-        if self.rewrite:
-            outcome = self.rewrite_pass(gm)
+        outcome = self.rewrite_pass(gm) if self.rewrite else None
+        if outcome is not None:
             report.modules = outcome.records
             report.error = outcome.error
-            changed = outcome.changed
-        else:
-            changed = False
         try:
             compiled = self._compile_inner(gm, example_inputs, mode, options)
         except Exception as error:
-            if not changed:
+            if outcome is None or not outcome.changed:
                 raise
             report.error = f"inner compiler failed on the rewritten graph: {type(error).__name__}: {error}"
             report.modules = [
@@ -98,7 +94,7 @@ class DoraFusedBackend:
                 else m
                 for m in report.modules
             ]
-            restore(gm, original)
+            restore(gm, outcome.original)
             compiled = self._compile_inner(gm, example_inputs, mode, options)
         _record(report)
         if report.error:
