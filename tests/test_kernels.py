@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 from helpers import assert_close
@@ -11,7 +13,7 @@ from dora_fused.kernels.factored_norm import dense_row_norm_reference, factored_
 
 SHAPES = [(1, 1, 1), (7, 5, 1), (33, 17, 3), (64, 40, 24), (40, 64, 63)]  # (d_out, d_in, r)
 
-# Max relative error of the factored norm against the fp64 dense norm, per accumulation dtype.
+# Max error of the factored n² against the fp64 dense n², relative to (||W_i|| + |s|·||(BA)_i||)².
 NORM_RTOL = {torch.float32: 2e-6, torch.float64: 1e-12}
 
 
@@ -34,15 +36,22 @@ def _adapter(d_out: int, d_in: int, r: int, dtype: torch.dtype, adapter_dtype: t
     ],
 )
 def test_factored_norm_matches_fp64_dense(shape, dtype, adapter_dtype):
-    gen = torch.Generator().manual_seed(hash((shape, str(dtype), str(adapter_dtype))) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, dtype, adapter_dtype)).encode()))
     w, a, b = _adapter(*shape, dtype, adapter_dtype, gen)
     scaling = 1.7
     got = factored_row_norm(w, a, b, scaling)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     assert got.dtype == acc and got.shape == (shape[0],)
-    # the exact norm of the same (already rounded) inputs
-    expected = dense_row_norm_reference(w.double(), a.double(), b.double(), scaling)
-    assert_close(got, expected, rtol=NORM_RTOL[acc], atol=0, what="factored norm")
+    # The exact norm of the same (already rounded) inputs. The factored sum ||W||² + 2s<W,BA> + s²||BA||²
+    # carries rounding relative to its terms, (||W_i|| + |s|·||(BA)_i||)², not to the result: where
+    # W_i + s(BA)_i cancels, the relative error of n_i grows by that ratio (DoRA's ||sBA|| << ||W|| avoids it).
+    w64, a64, b64 = w.double(), a.double(), b.double()
+    expected = dense_row_norm_reference(w64, a64, b64, scaling)
+    terms = (w64.norm(dim=1) + abs(scaling) * (b64 @ a64).norm(dim=1)).square()
+    excess = (got.double().square() - expected.square()).abs() - NORM_RTOL[acc] * terms
+    assert (excess <= 0).all(), (
+        f"factored norm² off by {(excess + NORM_RTOL[acc] * terms).max():.3g} (terms {terms.max():.3g})"
+    )
 
 
 def test_factored_norm_is_at_least_as_precise_as_the_dense_bf16_path():
