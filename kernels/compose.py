@@ -12,22 +12,44 @@ PEFT's ``g - 1`` and ``result - b`` lose in bf16/fp16 arithmetic.
 Gradients (``T`` = all leading token dims, ``v = Σ_T dy ⊙ (result - b + s·lora)``):
 
     d_result = g ⊙ dy            d_lora = g·s ⊙ dy
-    d_m      = v / n             d_n    = -v·m / n²      d_b = Σ_T dy ⊙ (1 - g)
+    d_m      = v / n             d_n    = -v·m / n²      d_b = (1 - g) ⊙ Σ_T dy
 
 ``n`` is detached in DoRA (paper §4.3), so ``d_n`` is only formed when the
 caller passes an ``n`` that requires grad.
 
-Layout: pure-torch reference → ``torch.library`` op with fake impl →
-autograd → public function. The backward is plain torch, so AOTAutograd traces
-it and Inductor fuses it.
+Layout: pure-torch reference → Triton kernels → launchers → ``torch.library``
+ops (a device branch: the Triton kernels on CUDA, the reference elsewhere) →
+autograd → public function.
+
+Forward: one read of ``result`` and ``lora``, one write of ``out``. Backward:
+one read of ``dy``, ``result`` and ``lora``, one write of each of ``d_result``
+and ``d_lora``; the token sums ``v`` and ``Σ dy`` come out of the same pass as
+per-program partial sums (summed afterwards in a fixed order: deterministic).
+Saved for backward: ``result`` and ``lora`` (which exist anyway) and the
+``[d_out]`` vectors; PEFT's autograd saves ``result - b``, ``lora`` and
+``g - 1`` products besides.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
+from torch.library import triton_op, wrap_triton
 
-__all__ = ["compose", "compose_backward_reference", "compose_reference", "compute_dtype"]
+__all__ = [
+    "compose",
+    "compose_backward_reference",
+    "compose_backward_triton",
+    "compose_forward_triton",
+    "compose_reference",
+    "compute_dtype",
+    "triton_supports_compose",
+]
+
+# ----------------------------------------------------------------------------
+# Reference
 
 
 def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
@@ -88,7 +110,201 @@ def compose_backward_reference(
     return d_result, d_lora, d_magnitude, d_norm, d_bias
 
 
-@torch.library.custom_op("dora_fused::compose", mutates_args=())
+# ----------------------------------------------------------------------------
+# Triton kernels. Inputs are row-major [T, N] (T = all token dims); per-feature
+# vectors are [N]. All math in fp32 registers; g = m / n correctly rounded.
+
+
+@triton.jit
+def _scale_and_bias(MAG, NORM, BIAS, cols, cmask, HAS_BIAS: tl.constexpr):
+    m = tl.load(MAG + cols, mask=cmask, other=1.0).to(tl.float32)
+    n = tl.load(NORM + cols, mask=cmask, other=1.0).to(tl.float32)
+    g = tl.math.div_rn(m, n)
+    if HAS_BIAS:
+        b = tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros_like(g)
+    return g, b
+
+
+@triton.jit
+def _compose_fwd_kernel(
+    RESULT,
+    LORA,
+    MAG,
+    NORM,
+    BIAS,
+    OUT,
+    T,
+    N,
+    scaling,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """out[t, j] = g_j·(result[t, j] - b_j + s·lora[t, j]) + b_j."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    g, b = _scale_and_bias(MAG, NORM, BIAS, cols, cmask, HAS_BIAS)
+    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    mask = (rows < T)[:, None] & cmask[None, :]
+    res = tl.load(RESULT + offs, mask=mask, other=0.0).to(tl.float32)
+    lora = tl.load(LORA + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        out = g[None, :] * (res - b[None, :] + scaling * lora) + b[None, :]
+    else:
+        out = g[None, :] * (res + scaling * lora)
+    tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _compose_bwd_kernel(
+    DY,
+    RESULT,
+    LORA,
+    MAG,
+    NORM,
+    BIAS,
+    D_RESULT,
+    D_LORA,
+    V_PARTIAL,
+    DY_PARTIAL,
+    T,
+    N,
+    scaling,
+    HAS_BIAS: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """d_result = g·dy, d_lora = g·s·dy, and this program's rows of Σ dy·(result - b + s·lora) and Σ dy."""
+    chunk = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    g, b = _scale_and_bias(MAG, NORM, BIAS, cols, cmask, HAS_BIAS)
+    gs = g * scaling
+    v = tl.zeros([BLOCK_N], dtype=tl.float32)
+    dy_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, ROWS_PER_PROGRAM, BLOCK_T):
+        rows = chunk * ROWS_PER_PROGRAM + start + tl.arange(0, BLOCK_T)
+        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        mask = (rows < T)[:, None] & cmask[None, :]
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        res = tl.load(RESULT + offs, mask=mask, other=0.0).to(tl.float32)
+        lora = tl.load(LORA + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(D_RESULT + offs, (g[None, :] * dy).to(D_RESULT.dtype.element_ty), mask=mask)
+        tl.store(D_LORA + offs, (gs[None, :] * dy).to(D_LORA.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            res = res - b[None, :]
+        v += tl.sum(dy * (res + scaling * lora), axis=0)
+        dy_sum += tl.sum(dy, axis=0)
+    tl.store(V_PARTIAL + chunk * N + cols, v, mask=cmask)
+    if HAS_BIAS:
+        tl.store(DY_PARTIAL + chunk * N + cols, dy_sum, mask=cmask)
+
+
+# ----------------------------------------------------------------------------
+# Launchers (also run eagerly on CPU tensors under TRITON_INTERPRET=1)
+
+_BLOCK_T, _BLOCK_N = 32, 128
+_ROWS_PER_PROGRAM = 128  # backward: rows each program reduces; partial sums are [cdiv(T, this), N]
+_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def triton_supports_compose(result: Tensor, lora: Tensor, magnitude: Tensor, weight_norm: Tensor) -> bool:
+    """Whether the Triton kernels apply: 16/32-bit floats (fp64 stays on the reference)."""
+    return all(t.dtype in _TRITON_DTYPES for t in (result, lora, magnitude, weight_norm))
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``t`` as a contiguous ``[T, N]`` matrix (a view when it already is one)."""
+    return t.contiguous().view(-1, t.shape[-1])
+
+
+def compose_forward_triton(
+    result: Tensor,
+    lora: Tensor,
+    magnitude: Tensor,
+    weight_norm: Tensor,
+    bias: Tensor | None,
+    scaling: float,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """The compose forward as one Triton kernel."""
+    res, lo = _rows(result), _rows(lora)
+    t, n = res.shape
+    out = torch.empty(result.shape, dtype=out_dtype, device=result.device)
+    grid = (triton.cdiv(t, _BLOCK_T), triton.cdiv(n, _BLOCK_N))
+    wrap_triton(_compose_fwd_kernel)[grid](
+        res,
+        lo,
+        magnitude.contiguous(),
+        weight_norm.contiguous(),
+        bias.contiguous() if bias is not None else magnitude,
+        out,
+        t,
+        n,
+        scaling,
+        HAS_BIAS=bias is not None,
+        BLOCK_T=_BLOCK_T,
+        BLOCK_N=_BLOCK_N,
+        num_warps=4,
+    )
+    return out
+
+
+def compose_backward_triton(
+    grad_out: Tensor,
+    result: Tensor,
+    lora: Tensor,
+    magnitude: Tensor,
+    weight_norm: Tensor,
+    bias: Tensor | None,
+    scaling: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One pass: ``(d_result, d_lora, v, Σ_T dy)``; the last two fp32 ``[N]`` (``Σ dy`` empty without bias)."""
+    dy, res, lo = _rows(grad_out), _rows(result), _rows(lora)
+    t, n = res.shape
+    d_result = torch.empty(result.shape, dtype=result.dtype, device=result.device)
+    d_lora = torch.empty(lora.shape, dtype=lora.dtype, device=lora.device)
+    chunks = triton.cdiv(t, _ROWS_PER_PROGRAM)
+    v_partial = torch.empty(chunks, n, dtype=torch.float32, device=result.device)
+    dy_partial = torch.empty(chunks if bias is not None else 0, n, dtype=torch.float32, device=result.device)
+    grid = (chunks, triton.cdiv(n, _BLOCK_N))
+    wrap_triton(_compose_bwd_kernel)[grid](
+        dy,
+        res,
+        lo,
+        magnitude.contiguous(),
+        weight_norm.contiguous(),
+        bias.contiguous() if bias is not None else magnitude,
+        d_result,
+        d_lora,
+        v_partial,
+        dy_partial,
+        t,
+        n,
+        scaling,
+        HAS_BIAS=bias is not None,
+        ROWS_PER_PROGRAM=_ROWS_PER_PROGRAM,
+        BLOCK_T=_BLOCK_T,
+        BLOCK_N=_BLOCK_N,
+        num_warps=4,
+    )
+    dy_sum = dy_partial.sum(0) if bias is not None else dy_partial.new_empty(0)
+    return d_result, d_lora, v_partial.sum(0), dy_sum
+
+
+# ----------------------------------------------------------------------------
+# Ops: Triton on CUDA, the reference elsewhere (Inductor traces into both branches)
+
+
+def _use_triton(result: Tensor, lora: Tensor, magnitude: Tensor, weight_norm: Tensor) -> bool:
+    return result.is_cuda and triton_supports_compose(result, lora, magnitude, weight_norm)
+
+
+@triton_op("dora_fused::compose", mutates_args=())
 def _compose_op(
     result: Tensor,
     lora: Tensor,
@@ -98,23 +314,35 @@ def _compose_op(
     scaling: float,
     out_dtype: torch.dtype,
 ) -> Tensor:
+    torch._check(result.shape == lora.shape, lambda: "compose: result and lora shapes differ")
+    torch._check(magnitude.dim() == 1 and weight_norm.dim() == 1, lambda: "compose: m and n must be 1-d")
+    torch._check(magnitude.shape[0] == result.shape[-1] and weight_norm.shape[0] == result.shape[-1])
+    if _use_triton(result, lora, magnitude, weight_norm):
+        return compose_forward_triton(result, lora, magnitude, weight_norm, bias, scaling, out_dtype)
     return compose_reference(result, lora, magnitude, weight_norm, bias, scaling, out_dtype)
 
 
-@_compose_op.register_fake
-def _(
+@triton_op("dora_fused::compose_backward", mutates_args=())
+def _compose_backward_op(
+    grad_out: Tensor,
     result: Tensor,
     lora: Tensor,
     magnitude: Tensor,
     weight_norm: Tensor,
     bias: Tensor | None,
     scaling: float,
-    out_dtype: torch.dtype,
-) -> Tensor:
-    torch._check(result.shape == lora.shape, lambda: "compose: result and lora shapes differ")
-    torch._check(magnitude.dim() == 1 and weight_norm.dim() == 1)
-    torch._check(magnitude.shape[0] == result.shape[-1] and weight_norm.shape[0] == result.shape[-1])
-    return torch.empty_like(result, dtype=out_dtype)
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(d_result, d_lora, v, Σ_T dy)`` as in the module docstring; ``Σ dy`` is empty without bias."""
+    if _use_triton(result, lora, magnitude, weight_norm):
+        return compose_backward_triton(grad_out, result, lora, magnitude, weight_norm, bias, scaling)
+    acc = compute_dtype(grad_out, result, lora, magnitude, weight_norm, bias)
+    dy = grad_out.to(acc)
+    g = magnitude.to(acc) / weight_norm.to(acc)
+    token_dims = tuple(range(dy.dim() - 1))
+    base = result.to(acc) if bias is None else result.to(acc) - bias.to(acc)
+    v = (dy * (base + scaling * lora.to(acc))).sum(token_dims)
+    dy_sum = dy.sum(token_dims) if bias is not None else dy.new_empty(0)
+    return (g * dy).to(result.dtype), ((g * scaling) * dy).to(lora.dtype), v, dy_sum
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -128,12 +356,32 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out: Tensor):
     result, lora, magnitude, weight_norm, *rest = ctx.saved_tensors
     bias = rest[0] if ctx.has_bias else None
-    needs = tuple(ctx.needs_input_grad[:5])
-    grads = compose_backward_reference(grad_out, result, lora, magnitude, weight_norm, bias, ctx.scaling, needs)
-    return (*grads, None, None)
+    needs = ctx.needs_input_grad
+    d_result, d_lora, v, dy_sum = torch.ops.dora_fused.compose_backward(
+        grad_out, result, lora, magnitude, weight_norm, bias, ctx.scaling
+    )
+    n = weight_norm.to(v.dtype)
+    d_magnitude = (v / n).to(magnitude.dtype) if needs[2] else None
+    d_norm = (-v * magnitude.to(v.dtype) / (n * n)).to(weight_norm.dtype) if needs[3] else None
+    d_bias = None
+    if needs[4] and bias is not None:
+        d_bias = ((1.0 - magnitude.to(v.dtype) / n) * dy_sum).to(bias.dtype)
+    return (
+        d_result if needs[0] else None,
+        d_lora if needs[1] else None,
+        d_magnitude,
+        d_norm,
+        d_bias,
+        None,
+        None,
+    )
 
 
 _compose_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------
+# Public function
 
 
 def compose(

@@ -15,7 +15,7 @@ from torch.fx import Graph, GraphModule, Node
 from dora_fused.report import ModuleRecord
 
 from .graph_view import example_value, op_of
-from .heuristics import OpsImpl, choose_ops
+from .heuristics import LayerFacts, OpsImpl, choose_ops
 from .matching import NotDora, Unsupported
 from .naming import module_path
 from .patterns import FORMS, Form
@@ -97,15 +97,24 @@ class DoraRewritePass:
                 return ModuleRecord(name, adapter, form.name, "skipped", reason=str(why))
             low_rank = match.norm
             w, a = example_value(low_rank.weight), example_value(low_rank.lora_A)
-            impl, why = choose_ops(self.ops)
+            facts = LayerFacts(
+                device=w.device,
+                d_out=int(w.shape[0]),
+                d_in=int(w.shape[1]),
+                dtypes=tuple(
+                    example_value(n).dtype
+                    for n in (low_rank.weight, low_rank.lora_A, low_rank.lora_B, match.magnitude, match.result, match.lora)
+                ),
+            )
+            impl, why = choose_ops(self.ops, facts)
             ops = form.rewrite(graph, match, impl)
             return ModuleRecord(
                 name,
                 adapter,
                 form.name,
                 "rewritten",
-                d_out=int(w.shape[0]),
-                d_in=int(w.shape[1]),
+                d_out=facts.d_out,
+                d_in=facts.d_in,
                 rank=int(a.shape[0]),
                 weight_dtype=_dtype(low_rank.weight),
                 adapter_dtype=_dtype(low_rank.lora_A),

@@ -21,7 +21,7 @@ __all__ = ["TARGETS", "rewrite_peft_linear"]
 
 # (target, name for the record) of the norm and the compose, per implementation
 TARGETS = {
-    "op": (
+    "triton": (
         (torch.ops.dora_fused.factored_row_norm.default, "dora_fused.factored_row_norm"),
         (torch.ops.dora_fused.compose.default, "dora_fused.compose"),
     ),
@@ -69,7 +69,7 @@ def _erase_dead(graph: Graph, nodes: list[Node]) -> None:
             graph.erase_node(node)
 
 
-def rewrite_peft_linear(graph: Graph, match: PeftLinearMatch, impl: str = "op") -> tuple[str, ...]:
+def rewrite_peft_linear(graph: Graph, match: PeftLinearMatch, impl: str = "triton") -> tuple[str, ...]:
     """Insert the factored norm and the compose (``TARGETS[impl]``) before the root; retarget its users.
 
     Returns the names of what was inserted, for the record.

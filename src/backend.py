@@ -42,16 +42,17 @@ class DoraFusedBackend:
             numerics) or ``"eager"``.
         rewrite: set False to compile without the DoRA pass (for A/B runs).
         ops: which implementation of the norm and compose the rewrite inserts:
-            ``"auto"`` (default), ``"op"`` (the ``torch.ops.dora_fused`` custom
-            ops) or ``"torch"`` (plain torch ops that Inductor compiles); see
+            ``"auto"`` (default: chosen per module), ``"triton"`` (the
+            ``torch.ops.dora_fused`` Triton ops; plain torch off CUDA) or
+            ``"torch"`` (plain torch ops that Inductor compiles); see
             ``dora_fused.passes.heuristics``.
     """
 
     def __init__(self, *, inner: str = "inductor", rewrite: bool = True, ops: OpsImpl = "auto") -> None:
         if inner not in INNER_COMPILERS:
             raise ValueError(f"inner must be one of {INNER_COMPILERS}, got {inner!r}")
-        if ops not in ("auto", "op", "torch"):
-            raise ValueError(f"ops must be 'auto', 'op' or 'torch', got {ops!r}")
+        if ops not in ("auto", "triton", "torch"):
+            raise ValueError(f"ops must be 'auto', 'triton' or 'torch', got {ops!r}")
         self.inner = inner
         self.rewrite = rewrite
         self.ops = ops

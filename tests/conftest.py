@@ -8,6 +8,15 @@ import os
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors through the interpreter; set before dora_fused is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from triton_interpreter import fix_bf16_dot, interpreting  # noqa: E402
+
+if interpreting():
+    fix_bf16_dot()
+
 # Keep CPU Inductor compiles predictable on the 2-core CI machine.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -98,7 +98,7 @@ def test_quantized_bases_keep_peft_path():
 # --- what the rewritten graph holds ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ops", ["op", "torch"])
+@pytest.mark.parametrize("ops", ["triton", "torch"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_rewritten_graph_has_no_dense_product_and_no_eye(train, ops):
     model = tiny_llama_dora(torch.bfloat16, None).train(train)
@@ -228,6 +228,27 @@ def test_dynamic_true_is_left_alone_with_a_reason():
     assert report.rewritten == [] and len(report.skipped) == len(dora_module_names(model))
     assert all("symbolic float" in reason for _, reason in report.skipped)
     assert_close(out, model(inputs_embeds=embeds).logits, rtol=2e-5, atol=2e-6, what="logits")
+
+
+def test_no_stale_values_after_parameters_change():
+    """Nothing computed from a parameter outlives it: in-place edits, .data writes and new tensors show at once."""
+    model = tiny_llama_dora(torch.float32, torch.float32).eval()
+    compiled = torch.compile(model, backend="dora_fused")
+    embeds = _embeds()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    edits = [
+        lambda: layer.base_layer.weight.mul_(1.5),
+        lambda: layer.lora_A["default"].weight.add_(0.05),
+        lambda: layer.lora_B["default"].weight.data.copy_(torch.randn_like(layer.lora_B["default"].weight)),
+        lambda: setattr(layer.base_layer.weight, "data", torch.randn_like(layer.base_layer.weight) * 0.1),
+    ]
+    for edit in edits:
+        with torch.no_grad():
+            before = compiled(inputs_embeds=embeds).logits
+            edit()
+            got, want = compiled(inputs_embeds=embeds).logits, model(inputs_embeds=embeds).logits
+        assert not torch.equal(before, got)
+        assert_close(got, want, rtol=2e-5, atol=2e-6, what="logits after an edit")
 
 
 # --- options and records ---------------------------------------------------------------------------

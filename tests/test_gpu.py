@@ -7,9 +7,10 @@ import copy
 import pytest
 import torch
 from helpers import TINY_LLAMA, assert_close, dora_module_names, relative_error, tiny_llama_dora
+from peft import LoraConfig, get_peft_model
 
 import dora_fused
-from dora_fused.kernels import compose, factored_norm, factored_row_norm
+from dora_fused.kernels import compose, factored_row_norm
 from dora_fused.kernels.factored_norm import dense_row_norm_reference
 
 pytestmark = pytest.mark.gpu
@@ -21,57 +22,132 @@ pytestmark = pytest.mark.gpu
     ids=["bf16", "fp32-adapters", "fp16"],
 )
 @pytest.mark.parametrize("d_in,d_out", [(4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096)])
-def test_factored_norm_full_size(d_in, d_out, dtype, adapter_dtype):
-    assert (
-        factored_norm._tensor_core_terms(
-            torch.empty(1, device="cuda", dtype=dtype), torch.empty(1, dtype=adapter_dtype)
-        )
-        > 0
-    )
+@pytest.mark.parametrize("r", [16, 384])
+def test_factored_norm_full_size(d_in, d_out, r, dtype, adapter_dtype):
     gen = torch.Generator(device="cuda").manual_seed(0)
     w = (torch.randn(d_out, d_in, device="cuda", generator=gen) / d_in**0.5).to(dtype)
-    a = (torch.randn(384, d_in, device="cuda", generator=gen) / d_in**0.5).to(adapter_dtype)
-    b = (torch.randn(d_out, 384, device="cuda", generator=gen) / 384**0.5).to(adapter_dtype)
-    got = factored_row_norm(w, a, b, 1.0)
+    a = (torch.randn(r, d_in, device="cuda", generator=gen) / d_in**0.5).to(adapter_dtype)
+    b = (torch.randn(d_out, r, device="cuda", generator=gen) / r**0.5).to(adapter_dtype)
+    got = factored_row_norm(w, a, b, 1.0)  # the op: Triton kernels on CUDA
     exact = dense_row_norm_reference(w.double(), a.double(), b.double(), 1.0)
     assert_close(got, exact, rtol=2e-6, atol=0, what="factored norm")
 
 
 def test_compose_full_size_matches_fp64():
     gen = torch.Generator(device="cuda").manual_seed(1)
-    result = torch.randn(4096, 8192, device="cuda", generator=gen).bfloat16()
-    lora = torch.randn(4096, 8192, device="cuda", generator=gen)
-    m, n = torch.rand(8192, device="cuda", generator=gen) + 1, torch.rand(8192, device="cuda", generator=gen) + 1
+    result = torch.randn(4096, 8192, device="cuda", generator=gen).bfloat16().requires_grad_()
+    lora = torch.randn(4096, 8192, device="cuda", generator=gen).requires_grad_()
+    m = (torch.rand(8192, device="cuda", generator=gen) + 1).requires_grad_()
+    n = torch.rand(8192, device="cuda", generator=gen) + 1
     out = compose(result, lora, m, n, None, 0.5)
     exact = (m.double() / n.double()) * (result.double() + 0.5 * lora.double())
     assert_close(out, exact, rtol=2e-7, atol=1e-6, what="compose")
+    dy = torch.randn(4096, 8192, device="cuda", generator=gen)
+    d_result, d_lora, d_m = torch.autograd.grad(out, (result, lora, m), dy)
+    g = m.double() / n.double()
+    assert_close(d_result, g * dy.double(), rtol=2**-8, atol=0, what="d_result")
+    assert_close(d_lora, 0.5 * g * dy.double(), rtol=1e-7, atol=0, what="d_lora")
+    v = (dy.double() * (result.double() + 0.5 * lora.double())).sum(0)
+    scale = (dy.double().abs() * (result.double().abs() + 0.5 * lora.double().abs())).sum(0)
+    assert ((d_m.double() - v / n.double()).abs() <= 1e-6 * scale / n.double()).all()
 
 
-@pytest.mark.parametrize("case", ["bf16", "fp32-adapters"])
-def test_tiny_llama_on_cuda_trains_like_peft(case):
-    adapter = torch.bfloat16 if case == "bf16" else None
-    model = tiny_llama_dora(torch.bfloat16, adapter).cuda().train()
+def _tiny_llama_run(model, embeds):
+    embeds = embeds.clone().requires_grad_()
+    logits = model(inputs_embeds=embeds).logits
+    weights = torch.linspace(-1, 1, logits.shape[-1], device="cuda", dtype=torch.float64)
+    (logits.double() * weights).sum().backward()
+    grads = {k.removeprefix("_orig_mod."): p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return logits.detach(), grads, embeds.grad
+
+
+@pytest.mark.parametrize("case", ["bf16", "fp32-adapters", "fp16"])
+@pytest.mark.parametrize("ops", ["auto", "triton"])
+def test_tiny_llama_on_cuda_trains_like_peft(case, ops):
+    base = torch.float16 if case == "fp16" else torch.bfloat16
+    adapter = None if case == "fp32-adapters" else base
+    model = tiny_llama_dora(base, adapter).cuda().train()
     gen = torch.Generator().manual_seed(1)
-    embeds = (torch.randn(2, 9, TINY_LLAMA["hidden_size"], generator=gen) * 0.5).bfloat16().cuda()
+    embeds = (torch.randn(2, 9, TINY_LLAMA["hidden_size"], generator=gen) * 0.5).to(base).cuda()
 
-    def run(m, e):
-        e = e.clone().requires_grad_()
-        logits = m(inputs_embeds=e).logits
-        (logits.double() * torch.linspace(-1, 1, logits.shape[-1], device="cuda", dtype=torch.float64)).sum().backward()
-        grads = {k.removeprefix("_orig_mod."): p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
-        m.zero_grad(set_to_none=True)
-        return logits.detach(), grads, e.grad
-
-    eager = run(model, embeds)
-    exact = run(copy.deepcopy(model).double(), embeds.double())
-    ours = run(torch.compile(model, backend="dora_fused"), embeds)
-    assert set(dora_fused.last_report().rewritten) == dora_module_names(model)
+    eager = _tiny_llama_run(model, embeds)
+    exact = _tiny_llama_run(copy.deepcopy(model).double(), embeds.double())
+    ours = _tiny_llama_run(torch.compile(model, backend=dora_fused.backend(ops=ops)), embeds)
+    report = dora_fused.last_report()
+    assert set(report.rewritten) == dora_module_names(model)
+    if ops == "triton":
+        assert all(r.ops == ("dora_fused.factored_row_norm", "dora_fused.compose") for r in report.modules)
     for what, pick in [
         ("logits", lambda r: r[0]),
         ("input", lambda r: r[2]),
+        ("lora_A", lambda r: torch.cat([g.flatten().double() for k, g in sorted(r[1].items()) if "lora_A" in k])),
         ("lora_B", lambda r: torch.cat([g.flatten().double() for k, g in sorted(r[1].items()) if "lora_B" in k])),
         ("magnitude", lambda r: torch.cat([g.flatten().double() for k, g in sorted(r[1].items()) if "magn" in k])),
     ]:
         ours_err = relative_error(pick(ours), pick(exact))
         peft_err = relative_error(pick(eager), pick(exact))
         assert ours_err <= 1.1 * peft_err + 1e-6, f"{what}: {ours_err:.3g} vs PEFT {peft_err:.3g}"
+
+
+def _dora_linear(d_in: int, d_out: int, r: int, adapter_fp32: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(d_in, d_out, bias=True)).to("cuda", torch.bfloat16)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], use_dora=True, init_lora_weights=False)
+    model = get_peft_model(base, config, autocast_adapter_dtype=adapter_fp32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.1)
+    return model
+
+
+def test_auto_picks_triton_for_a_large_layer_and_torch_for_a_small_one():
+    big = _dora_linear(1024, 2048, 16, True)
+    torch.compile(big, backend="dora_fused")(torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16))
+    [record] = dora_fused.last_report().modules
+    assert record.ops == ("dora_fused.factored_row_norm", "dora_fused.compose"), record.ops_reason
+    small = _dora_linear(64, 96, 4, True)
+    torch.compile(small, backend="dora_fused")(torch.randn(8, 64, device="cuda", dtype=torch.bfloat16))
+    [record] = dora_fused.last_report().modules
+    assert record.ops[0].startswith("torch:") and "small layer" in record.ops_reason
+
+
+@pytest.mark.parametrize("adapter_fp32", [False, True])
+def test_reduce_overhead_and_dynamic_token_counts(adapter_fp32):
+    """CUDA graphs (mode="reduce-overhead") and varying token counts: one dynamic recompile, then none."""
+    model = _dora_linear(1024, 1536, 32, adapter_fp32).eval()
+    compiled = torch.compile(model, backend="dora_fused", mode="reduce-overhead")
+    torch._dynamo.utils.counters.clear()
+    for tokens in (64, 96, 200, 333, 1000):
+        x = torch.randn(tokens, 1024, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            for _ in range(3):  # warm-up, capture, replay
+                got = compiled(x).clone()
+            want = model(x)
+        assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item(), what=f"{tokens} tokens")
+        assert all(r.ops[0] == "dora_fused.factored_row_norm" for r in dora_fused.last_report().modules)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # static first size, then one dynamic graph
+
+
+@pytest.mark.parametrize("ops", ["triton", "torch"])
+def test_no_stale_norm_after_parameters_change(ops):
+    """The norm is recomputed from the live tensors: in-place edits and replaced tensors show at once."""
+    model = _dora_linear(1024, 1024, 16, True).eval()
+    compiled = torch.compile(model, backend=dora_fused.backend(ops=ops))
+    x = torch.randn(32, 1024, device="cuda", dtype=torch.bfloat16)
+    layer = model.base_model.model[0]
+    edits = [
+        lambda: layer.base_layer.weight.mul_(1.5),
+        lambda: layer.lora_A["default"].weight.add_(0.05),
+        lambda: layer.lora_B["default"].weight.mul_(-2.0),
+        lambda: layer.base_layer.weight.data.copy_(torch.randn_like(layer.base_layer.weight) * 0.03),
+        lambda: layer.lora_A["default"].weight.data.copy_(torch.randn_like(layer.lora_A["default"].weight)),
+    ]
+    for edit in edits:
+        with torch.no_grad():
+            before = compiled(x)
+            edit()
+            got, want = compiled(x), model(x)
+        assert not torch.equal(before, got)
+        assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item(), what="after edit")

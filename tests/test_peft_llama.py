@@ -61,13 +61,13 @@ def _run(model, embeds: torch.Tensor, train: bool):
 def _compile(model, ops: str):
     before = len(dora_fused.reports())
     torch._dynamo.utils.counters.clear()
-    # the registered name (plain-torch ops), and a configured backend inserting the custom ops
+    # the registered name (ops chosen per module), and a configured backend inserting the Triton ops
     backend = "dora_fused" if ops == "auto" else dora_fused.backend(ops=ops)
     compiled = torch.compile(model, backend=backend)
     return compiled, before
 
 
-@pytest.mark.parametrize("ops", ["auto", "op"])
+@pytest.mark.parametrize("ops", ["auto", "triton"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_tiny_llama_matches_peft(case, train, ops):

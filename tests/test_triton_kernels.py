@@ -1,0 +1,166 @@
+"""The Triton kernels themselves, against fp64: on CPU through the interpreter, and on a GPU.
+
+Shapes are small and odd on purpose (not multiples of any block size, one
+token, r = 1): the interpreter is slow, and ragged edges are where masks break.
+Full sizes run in test_gpu.py and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+from helpers import assert_close
+from triton_interpreter import interpreting
+
+from dora_fused.kernels import factored_norm
+from dora_fused.kernels.compose import (
+    compose_backward_reference,
+    compose_backward_triton,
+    compose_forward_triton,
+    triton_supports_compose,
+)
+from dora_fused.kernels.factored_norm import dense_row_norm_reference, factored_row_norm_triton, gram_triton
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+]
+DTYPE_PAIRS = [  # (weight / base dtype, adapter dtype)
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.float16, torch.float32),
+    (torch.float32, torch.float32),
+]
+NORM_SHAPES = [(1, 1, 1), (37, 53, 5), (70, 33, 40), (130, 100, 17), (200, 70, 1)]  # (d_out, d_in, r)
+
+
+def _gen(device: str, *key: object) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _ulp_slack(dtype: torch.dtype, device: str) -> float:
+    """Rounding allowed for a once-rounded output, in ulps: the interpreter truncates fp32 → bf16."""
+    return 1.0 if (device == "cpu" and dtype == torch.bfloat16) else 0.5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", NORM_SHAPES)
+@pytest.mark.parametrize("dtype,adapter_dtype", DTYPE_PAIRS)
+def test_norm_kernel_matches_fp64(device, shape, dtype, adapter_dtype):
+    d_out, d_in, r = shape
+    gen = _gen(device, shape, dtype, adapter_dtype)
+    w = (torch.randn(d_out, d_in, device=device, generator=gen) / d_in**0.5).to(dtype)
+    a = (torch.randn(r, d_in, device=device, generator=gen) / d_in**0.5).to(adapter_dtype)
+    b = (torch.randn(d_out, r, device=device, generator=gen) / r**0.5).to(adapter_dtype)
+    got = factored_row_norm_triton(w, a, b, 1.3)
+    assert got.dtype == torch.float32 and got.shape == (d_out,)
+    w64, a64, b64 = w.double(), a.double(), b.double()
+    expected = dense_row_norm_reference(w64, a64, b64, 1.3)
+    # fp32-level accuracy relative to the terms of the identity (test_kernels.py explains the bound)
+    terms = (w64.norm(dim=1) + 1.3 * (b64 @ a64).norm(dim=1)).square()
+    excess = (got.double().square() - expected.square()).abs() - 2e-6 * terms
+    assert (excess <= 0).all(), f"norm² off by {(excess + 2e-6 * terms).max():.3g} (terms {terms.max():.3g})"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("r,d_in", [(1, 1), (5, 300), (40, 33), (70, 129)])
+def test_gram_kernel_is_fp32_exact(device, adapter_dtype, r, d_in):
+    gen = _gen(device, r, d_in, adapter_dtype)
+    a = (torch.randn(r, d_in, device=device, generator=gen) * torch.rand(d_in, device=device, generator=gen)).to(
+        adapter_dtype
+    )
+    got = gram_triton(a)
+    exact = a.double() @ a.double().T
+    scale = (a.double().abs() @ a.double().abs().T).max().item()
+    assert_close(got, exact, rtol=0, atol=4e-7 * scale, what="A·Aᵀ")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_norm_kernel_reads_strided_weights(device):
+    """A transposed weight (fan_in_fan_out storage) is read through its strides, not copied."""
+    gen = _gen(device, "strided")
+    w_t = torch.randn(45, 38, device=device, generator=gen).bfloat16()  # stored [d_in, d_out]
+    a = torch.randn(6, 45, device=device, generator=gen) / 7
+    b = torch.randn(38, 6, device=device, generator=gen) / 3
+    got = factored_row_norm_triton(w_t.T, a, b, 0.9)
+    assert_close(got, factored_row_norm_triton(w_t.T.contiguous(), a, b, 0.9), rtol=0, atol=0, what="strided")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,adapter_dtype", DTYPE_PAIRS)
+@pytest.mark.parametrize("tokens,d_out", [((1,), 1), ((1,), 131), ((3, 37), 129), ((300,), 20)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_compose_kernels_match_fp64(device, dtype, adapter_dtype, tokens, d_out, with_bias):
+    gen = _gen(device, dtype, adapter_dtype, tokens, d_out, with_bias)
+    out_dtype = torch.promote_types(dtype, adapter_dtype)
+    result = (torch.randn(*tokens, d_out, device=device, generator=gen) * 3).to(dtype)
+    lora = torch.randn(*tokens, d_out, device=device, generator=gen).to(adapter_dtype)
+    m = (torch.rand(d_out, device=device, generator=gen) + 0.5).to(adapter_dtype)
+    n = torch.rand(d_out, device=device, generator=gen) + 0.5
+    bias = torch.randn(d_out, device=device, generator=gen).to(dtype) if with_bias else None
+    s = 0.75
+
+    out = compose_forward_triton(result, lora, m, n, bias, s, out_dtype)
+    assert out.dtype == out_dtype and out.shape == result.shape
+    g = m.double() / n.double()
+    b64 = bias.double() if with_bias else 0.0
+    exact = g * (result.double() - b64 + s * lora.double()) + b64
+    ulp = torch.finfo(out_dtype).eps * exact.abs()
+    # fp32 math rounded once: within the output's rounding, plus fp32 noise far below it
+    assert ((out.double() - exact).abs() <= _ulp_slack(out_dtype, device) * ulp + 1e-6 * exact.abs().max()).all()
+
+    dy = torch.randn(*tokens, d_out, device=device, generator=gen).to(out_dtype)
+    d_result, d_lora, v, dy_sum = compose_backward_triton(dy, result, lora, m, n, bias, s)
+    want = compose_backward_reference(dy, result, lora, m, n, bias, s, (True, True, True, False, True))
+    assert d_result.dtype == dtype and d_lora.dtype == adapter_dtype
+    for got_t, want_t, what in [(d_result, want[0], "d_result"), (d_lora, want[1], "d_lora")]:
+        eps = torch.finfo(got_t.dtype).eps
+        slack = 2.0 if device == "cpu" and got_t.dtype == torch.bfloat16 else 1.0
+        assert_close(got_t, want_t, rtol=slack * eps, atol=0, what=what)
+    # the token sums in fp32, against fp64
+    v_exact = (dy.double() * (result.double() - b64 + s * lora.double())).reshape(-1, d_out).sum(0)
+    b_abs = bias.double().abs() if with_bias else 0.0
+    scale = (dy.double().abs() * (result.double().abs() + b_abs + s * lora.double().abs())).reshape(-1, d_out).sum(0)
+    assert ((v.double() - v_exact).abs() <= 1e-6 * scale + 1e-30).all()
+    if with_bias:
+        dy_rows = dy.double().reshape(-1, d_out)
+        assert ((dy_sum.double() - dy_rows.sum(0)).abs() <= 1e-6 * dy_rows.abs().sum(0)).all()
+    else:
+        assert dy_sum.numel() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compose_kernel_is_stable_near_unity(device, dtype):
+    """g = 1 ± 1%: the kernel's output stays at the rounding floor; PEFT's (g-1) form in dtype does not."""
+    gen = _gen(device, "unity", dtype)
+    d_out, s = 160, 2.0
+    bias = (torch.randn(d_out, device=device, generator=gen) * 8).to(dtype)
+    result = (torch.randn(48, d_out, device=device, generator=gen) * 8 + bias.float()).to(dtype)
+    lora = (torch.randn(48, d_out, device=device, generator=gen) * 0.1).to(dtype)
+    n = (torch.rand(d_out, device=device, generator=gen) + 1).to(dtype)
+    m = (n.double() * (1 + 1e-2 * torch.randn(d_out, device=device, generator=gen, dtype=torch.float64))).to(dtype)
+    g64 = m.double() / n.double()
+    exact = result.double() + (g64 - 1) * (result.double() - bias.double()) + g64 * lora.double() * s
+
+    fused = compose_forward_triton(result, lora, m, n, bias, s, dtype)
+    g = (m / n).view(1, -1)
+    naive = result + (g - 1) * (result - bias) + g * lora * s
+    visible = exact.abs() > 1e-3 * exact.abs().max()
+    ulp = torch.finfo(dtype).eps * exact.abs()
+    fused_ulps = ((fused.double() - exact).abs() / ulp)[visible]
+    naive_ulps = ((naive.double() - exact).abs() / ulp)[visible]
+    assert fused_ulps.max() <= _ulp_slack(dtype, device) + 1e-2, f"kernel off by {fused_ulps.max():.3f} ulp"
+    assert (naive_ulps > 0.5 + 1e-2).float().mean() > 0.05, "the naive form was expected to lose bits here"
+
+
+def test_triton_dtype_support():
+    """fp64 stays on the plain-torch branch of the ops; 16/32-bit floats take the kernels on CUDA."""
+    assert triton_supports_compose(*(torch.ones(2, 3, dtype=torch.bfloat16),) * 2, torch.ones(3), torch.ones(3))
+    assert not triton_supports_compose(*(torch.ones(2, 3, dtype=torch.float64),) * 2, torch.ones(3), torch.ones(3))
+    assert factored_norm.triton_supports_norm(*(torch.ones(2, 2, dtype=torch.bfloat16),) * 3)
+    assert not factored_norm.triton_supports_norm(*(torch.ones(2, 2, dtype=torch.float64),) * 3)
