@@ -210,10 +210,14 @@ def _gram_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = (ks < d_in) & (ks < k_start + K_PER_PROGRAM)
         x = tl.load(
-            A + rows[:, None] * stride_ar + ks[None, :] * stride_ak, mask=(rows < r)[:, None] & kmask[None, :], other=0.0
+            A + rows[:, None] * stride_ar + ks[None, :] * stride_ak,
+            mask=(rows < r)[:, None] & kmask[None, :],
+            other=0.0,
         )
         y = tl.load(
-            A + cols[None, :] * stride_ar + ks[:, None] * stride_ak, mask=(cols < r)[None, :] & kmask[:, None], other=0.0
+            A + cols[None, :] * stride_ar + ks[:, None] * stride_ak,
+            mask=(cols < r)[None, :] & kmask[:, None],
+            other=0.0,
         )
         acc = _split_dot(x, y, acc, A_TERMS, A_TERMS)
     out = G_PARTIAL + split * r * r + rows[:, None] * r + cols[None, :]
@@ -334,7 +338,13 @@ def _norm_config(d_out: int, r: int) -> dict[str, int]:
     """Tile sizes of the partials kernel: a column tile covers up to 128 adapter columns."""
     block_n = min(128, max(16, triton.next_power_of_2(r)))
     block_m = 64 if d_out * triton.cdiv(r, block_n) <= 64 * 1024 else 128
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 64, "BLOCK_R": 32, "num_warps": 8 if block_m == 128 else 4}
+    return {
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "BLOCK_K": 64,
+        "BLOCK_R": 32,
+        "num_warps": 8 if block_m == 128 else 4,
+    }
 
 
 def gram_triton(lora_A: Tensor) -> Tensor:

@@ -103,7 +103,14 @@ class DoraRewritePass:
                 d_in=int(w.shape[1]),
                 dtypes=tuple(
                     example_value(n).dtype
-                    for n in (low_rank.weight, low_rank.lora_A, low_rank.lora_B, match.magnitude, match.result, match.lora)
+                    for n in (
+                        low_rank.weight,
+                        low_rank.lora_A,
+                        low_rank.lora_B,
+                        match.magnitude,
+                        match.result,
+                        match.lora,
+                    )
                 ),
             )
             impl, why = choose_ops(self.ops, facts)

@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
     # Triton kernels run on CPU tensors through the interpreter; set before dora_fused is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from triton_interpreter import fix_bf16_dot, interpreting  # noqa: E402
+from triton_interpreter import fix_bf16_dot, interpreting
 
 if interpreting():
     fix_bf16_dot()
