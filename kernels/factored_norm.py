@@ -374,16 +374,20 @@ def gram_triton(lora_A: Tensor) -> Tensor:
     return partial.sum(0)
 
 
-def factored_row_norm_triton(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+def factored_row_norm_triton(
+    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, config: dict[str, int] | None = None
+) -> Tensor:
     """The factored norm in three Triton kernels (Gram, partials, finish); fp32 ``[d_out]``.
 
     Working memory: ``G`` and its split-K partials (``O(r²)``) and
-    ``cdiv(r, 128)`` partial sums per row; ``U`` stays in registers.
+    ``cdiv(r, BLOCK_N)`` partial sums per row; ``U`` stays in registers.
+    ``config`` overrides the partials kernel's tile sizes (benchmarks).
     """
     d_out, d_in = weight.shape
     r = lora_A.shape[0]
     gram = gram_triton(lora_A)
-    cfg = _norm_config(d_out, r)
+    cfg = dict(config) if config is not None else _norm_config(d_out, r)
+    num_stages = cfg.pop("num_stages", 3)
     n_tiles = triton.cdiv(r, cfg["BLOCK_N"])
     w_squared = torch.empty(d_out, dtype=torch.float32, device=weight.device)
     partial = torch.empty(n_tiles, d_out, dtype=torch.float32, device=weight.device)
@@ -410,7 +414,7 @@ def factored_row_norm_triton(weight: Tensor, lora_A: Tensor, lora_B: Tensor, sca
         W_TERMS=w_terms,
         A_TERMS=a_terms,
         B_TERMS=b_terms,
-        num_stages=3,
+        num_stages=num_stages,
         **cfg,
     )
     norm = torch.empty(d_out, dtype=torch.float32, device=weight.device)

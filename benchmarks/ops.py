@@ -1,0 +1,270 @@
+"""The ops alone on a CUDA GPU: compose in GB/s against copy bandwidth, the factored norm against dense B·A.
+
+Questions:
+1. Do the compose kernels (forward, backward) run at ≥ 80% of the card's copy bandwidth?
+2. Is the factored norm faster than the dense ``B·A`` + norm it replaces (eager and
+   Inductor-compiled), with working memory ≤ 4·(d_out·r + r²) bytes + 64 MB?
+3. Below which layer size do the Triton ops stop paying off against the plain-torch
+   ops (the ``MIN_TRITON_WEIGHT`` threshold of ``passes/heuristics.py``)?
+4. (--sweep) Which tile configuration suits the norm's partials kernel?
+
+    python benchmarks/ops.py --json ops.json [--sweep]
+
+Method: GPU time, as compiled code or CUDA graphs see it: ``inner`` back-to-back
+calls are captured in one CUDA graph after warm-up, and CUDA events time --reps
+replays (median and 10/90% quantiles, per call). Peak MB is max_memory_allocated
+during one eager call minus what was allocated before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+from datetime import date
+
+import torch
+from torch._library.triton import set_wrap_triton_enabled
+
+from dora_fused.kernels import compose_reference, factored_row_norm_torch
+from dora_fused.kernels.factored_norm import factored_row_norm_triton
+
+SHAPES = [(4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096)]  # (d_in, d_out)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+compose_op = torch.ops.dora_fused.compose
+compose_backward_op = torch.ops.dora_fused.compose_backward
+
+
+def timed(fn, reps: int = 20, inner: int = 10, warmup: int = 3) -> dict[str, float]:
+    """GPU time per call: ``inner`` calls captured in one CUDA graph, replayed ``reps`` times."""
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / inner)
+    del graph
+    q = statistics.quantiles(times, n=10)
+    return dict(ms=statistics.median(times), q10=q[0], q90=q[-1], mb=peak / 2**20)
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(2**29, dtype=torch.bfloat16, device="cuda")  # 1 GiB
+    y = torch.empty_like(x)
+    t = timed(lambda: y.copy_(x), inner=5)
+    return 2 * x.numel() * x.element_size() / (t["ms"] * 1e-3) / 1e9
+
+
+def bench_compose(tokens: int, copy_gbs: float) -> list[dict]:
+    rows = []
+    for d_out in (4096, 8192, 14336):
+        for adapters, adt in DTYPES.items():
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            res = torch.randn(tokens, d_out, device="cuda", generator=gen).bfloat16()
+            lora = torch.randn(tokens, d_out, device="cuda", generator=gen).to(adt)
+            m = (torch.rand(d_out, device="cuda", generator=gen) + 1).to(adt)
+            n = torch.rand(d_out, device="cuda", generator=gen) + 1
+            out_dtype = torch.promote_types(torch.bfloat16, adt)
+            dy = torch.randn(tokens, d_out, device="cuda", generator=gen).to(out_dtype)
+            elems = tokens * d_out
+            fwd_bytes = elems * (res.element_size() + lora.element_size() + dy.element_size())
+            bwd_bytes = elems * (dy.element_size() + 2 * res.element_size() + 2 * lora.element_size())
+            inductor_fwd = torch.compile(compose_reference)
+            cases = {
+                "fwd triton": (lambda: compose_op(res, lora, m, n, None, 0.5, out_dtype), fwd_bytes),
+                "fwd inductor": (lambda: inductor_fwd(res, lora, m, n, None, 0.5, out_dtype), fwd_bytes),
+                "bwd triton": (lambda: compose_backward_op(dy, res, lora, m, n, None, 0.5), bwd_bytes),
+            }
+            for case, (fn, nbytes) in cases.items():
+                t = timed(fn)
+                gbs = nbytes / (t["ms"] * 1e-3) / 1e9
+                rows.append(
+                    dict(op="compose", case=case, d_out=d_out, adapters=adapters, **t, gbs=gbs, of_copy=gbs / copy_gbs)
+                )
+                print(rows[-1], flush=True)
+    return rows
+
+
+def dense_norm(w, a, b, s):
+    """What PEFT computes: the dense product in the adapter dtype, added to W in that dtype, then the norm."""
+    return torch.linalg.vector_norm(w.to(a.dtype) + s * (b @ a), dim=1)
+
+
+def bench_norm(ranks: list[int]) -> list[dict]:
+    rows = []
+    dense_compiled = torch.compile(dense_norm)
+    for d_in, d_out in SHAPES:
+        for r in ranks:
+            for adapters, adt in DTYPES.items():
+                gen = torch.Generator(device="cuda").manual_seed(0)
+                w = (torch.randn(d_out, d_in, device="cuda", generator=gen) / d_in**0.5).bfloat16()
+                a = (torch.randn(r, d_in, device="cuda", generator=gen) / d_in**0.5).to(adt)
+                b = (torch.randn(d_out, r, device="cuda", generator=gen) / r**0.5).to(adt)
+                bound_mb = (4 * (d_out * r + r * r) + 64 * 2**20) / 2**20
+                cases = {
+                    "triton": lambda: torch.ops.dora_fused.factored_row_norm(w, a, b, 1.0),
+                    "torch factored": lambda: factored_row_norm_torch(w, a, b, 1.0),
+                    "dense eager": lambda: dense_norm(w, a, b, 1.0),
+                    "dense inductor": lambda: dense_compiled(w, a, b, 1.0),
+                }
+                for case, fn in cases.items():
+                    t = timed(fn, inner=3)
+                    rows.append(
+                        dict(
+                            op="norm",
+                            case=case,
+                            shape=f"{d_in}->{d_out}",
+                            r=r,
+                            adapters=adapters,
+                            **t,
+                            bound_mb=bound_mb,
+                        )
+                    )
+                    print(rows[-1], flush=True)
+    return rows
+
+
+def bench_small(tokens: int) -> list[dict]:
+    """Norm + compose as the rewrite inserts them, compiled, Triton ops vs plain-torch ops."""
+    rows = []
+
+    def with_ops(w, a, b, m, res, lora):
+        return torch.ops.dora_fused.compose(
+            res, lora, m, torch.ops.dora_fused.factored_row_norm(w, a, b, 0.5), None, 0.5, torch.bfloat16
+        )
+
+    def with_torch(w, a, b, m, res, lora):
+        return compose_reference(res, lora, m, factored_row_norm_torch(w, a, b, 0.5), None, 0.5, torch.bfloat16)
+
+    compiled = {"triton": torch.compile(with_ops), "torch": torch.compile(with_torch)}
+    for d, r in [(256, 16), (512, 16), (768, 16), (1024, 16), (1024, 64), (1536, 32), (2048, 16), (2048, 64)]:
+        for adapters, adt in DTYPES.items():
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            w = torch.randn(d, d, device="cuda", generator=gen).bfloat16() / d**0.5
+            a = (torch.randn(r, d, device="cuda", generator=gen) / d**0.5).to(adt)
+            b = (torch.randn(d, r, device="cuda", generator=gen) / r**0.5).to(adt)
+            m = (torch.rand(d, device="cuda", generator=gen) + 1).to(adt)
+            res = torch.randn(tokens, d, device="cuda", generator=gen).bfloat16()
+            lora = torch.randn(tokens, d, device="cuda", generator=gen).to(adt)
+            for case, fn in compiled.items():
+                t = timed(lambda fn=fn: fn(w, a, b, m, res, lora))
+                rows.append(dict(op="small", case=case, d=d, r=r, adapters=adapters, **t))
+                print(rows[-1], flush=True)
+    return rows
+
+
+SWEEP = [  # BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, num_warps, num_stages
+    (64, 128, 64, 32, 4, 3),
+    (128, 128, 64, 32, 8, 3),
+    (128, 64, 64, 32, 4, 3),
+    (64, 64, 64, 32, 4, 4),
+    (128, 128, 32, 32, 8, 4),
+    (64, 128, 128, 32, 8, 3),
+    (128, 128, 64, 64, 8, 3),
+    (64, 128, 64, 32, 8, 4),
+    (128, 256, 64, 32, 8, 3),
+]
+
+
+def bench_sweep() -> list[dict]:
+    rows = []
+    for (d_in, d_out), r, adapters in [
+        ((8192, 8192), 384, "bf16"),
+        ((8192, 8192), 384, "fp32"),
+        ((14336, 4096), 384, "fp32"),
+        ((8192, 8192), 16, "fp32"),
+    ]:
+        adt = DTYPES[adapters]
+        w = torch.randn(d_out, d_in, device="cuda").bfloat16()
+        a, b = torch.randn(r, d_in, device="cuda").to(adt), torch.randn(d_out, r, device="cuda").to(adt)
+        configs = (
+            SWEEP
+            if r > 64
+            else [(bm, 16, bk, 16, nw, st) for bm in (64, 128, 256) for bk in (64, 128) for nw, st in ((4, 3), (8, 4))]
+        )
+        for bm, bn, bk, br, nw, st in configs:
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, num_warps=nw, num_stages=st)
+            try:
+                with set_wrap_triton_enabled(False):  # plain launches, as inside the op
+                    t = timed(lambda cfg=cfg: factored_row_norm_triton(w, a, b, 1.0, config=cfg), inner=3, reps=10)
+            except Exception as error:  # out of shared memory / registers for this config
+                t = dict(ms=float("nan"), error=type(error).__name__)
+            rows.append(dict(op="sweep", shape=f"{d_in}->{d_out}", r=r, adapters=adapters, config=cfg, **t))
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--ranks", default="16,384")
+    parser.add_argument("--parts", default="compose,norm,small", help="any of compose,norm,small,sweep")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    parts = args.parts.split(",")
+    copy_gbs = copy_bandwidth()
+    print(f"copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
+    rows: list[dict] = []
+    if "sweep" in parts:
+        rows += bench_sweep()
+    if "compose" in parts:
+        rows += bench_compose(args.tokens, copy_gbs)
+    if "norm" in parts:
+        rows += bench_norm([int(r) for r in args.ranks.split(",")])
+    if "small" in parts:
+        rows += bench_small(512)
+    import triton
+
+    meta = dict(
+        gpu=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        cuda=torch.version.cuda,
+        python=platform.python_version(),
+        date=str(date.today()),
+        copy_gbs=copy_gbs,
+        tokens=args.tokens,
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print(meta)
+    for r in rows:
+        if r["op"] == "compose":
+            print(
+                f"compose {r['case']:13s} d_out={r['d_out']:5d} {r['adapters']}: {r['ms']:.3f} ms "
+                f"{r['gbs']:.0f} GB/s ({100 * r['of_copy']:.0f}% of copy)"
+            )
+        elif r["op"] == "norm":
+            print(
+                f"norm {r['case']:15s} {r['shape']:11s} r={r['r']:3d} {r['adapters']}: {r['ms']:.3f} ms "
+                f"{r['mb']:.0f} MB (bound {r['bound_mb']:.0f})"
+            )
+        elif r["op"] == "small":
+            print(f"small {r['case']:6s} d={r['d']:4d} r={r['r']:2d} {r['adapters']}: {1000 * r['ms']:.1f} us")
+        else:
+            print(f"sweep {r['shape']} r={r['r']} {r['adapters']} {r['config']}: {r['ms']:.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
