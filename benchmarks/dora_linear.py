@@ -2,9 +2,12 @@
 
 Question: what does one PEFT DoRA Linear cost per call, forward without grad
 and forward+backward, in time and in transient memory above the resident
-weights? Run on a CUDA GPU:
+weights, against plain LoRA of the same rank under Inductor (the price to
+match) and against the forward floor measured in the same run (base matmul +
+LoRA matmuls as PEFT runs them + one read-and-write pass over the output +
+one tensor-core ``W·Aᵀ`` with fp32 output)? Run on a CUDA GPU:
 
-    python benchmarks/dora_linear.py --json results.json
+    python benchmarks/dora_linear.py --json results.json [--ranks 16,384]
 
 Method: CUDA-event timings, median and 10/90% quantiles of --reps runs after
 --warmup runs. Peak memory is torch.cuda.max_memory_allocated during one call,
@@ -29,10 +32,10 @@ import dora_fused
 SHAPES = [(4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096)]  # (d_in, d_out)
 
 
-def build(d_in: int, d_out: int, r: int, adapter_fp32: bool) -> nn.Module:
+def build(d_in: int, d_out: int, r: int, adapter_fp32: bool, dora: bool = True) -> nn.Module:
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(d_in, d_out, bias=False)).to("cuda", torch.bfloat16)
-    config = LoraConfig(r=r, lora_alpha=r, target_modules=["0"], use_dora=True, init_lora_weights=False)
+    config = LoraConfig(r=r, lora_alpha=r, target_modules=["0"], use_dora=dora, init_lora_weights=False)
     model = get_peft_model(base, config, autocast_adapter_dtype=adapter_fp32)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -65,7 +68,7 @@ def measure(fn, reps: int, warmup: int) -> tuple[float, float, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--rank", type=int, default=384)
+    parser.add_argument("--ranks", default="384")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--shapes", default="all", help="'all' or e.g. 8192x8192")
@@ -74,78 +77,125 @@ def main() -> None:
     shapes = SHAPES if args.shapes == "all" else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
 
     rows = []
-    for adapter_fp32 in (False, True):
-        for d_in, d_out in shapes:
-            model = build(d_in, d_out, args.rank, adapter_fp32)
-            x = torch.randn(args.tokens, d_in, device="cuda", dtype=torch.bfloat16)
-            contenders = {
-                "peft_eager": model,
-                "inductor": torch.compile(model),
-                "dora_fused": torch.compile(model, backend="dora_fused"),
-                "dora_fused_op": torch.compile(model, backend=dora_fused.backend(ops="op")),
-            }
-            for name, fn in contenders.items():
-                xg = x.detach().clone().requires_grad_()
+    for rank in [int(r) for r in args.ranks.split(",")]:
+        for adapter_fp32 in (False, True):
+            for d_in, d_out in shapes:
+                rows += run_case(d_in, d_out, rank, adapter_fp32, args)
+    print_table(rows, args, meta(args))
 
-                def forward(fn=fn, x=x):
-                    with torch.no_grad():
-                        fn(x)
 
-                def train_step(fn=fn, xg=xg):
-                    fn(xg).float().sum().backward()
+def floor_ms(model: nn.Module, x: torch.Tensor, reps: int, warmup: int) -> dict[str, float]:
+    """The forward floor's parts, each timed alone: base matmul, LoRA matmuls, one output pass, W·Aᵀ."""
+    layer = model.base_model.model[0]
+    w = layer.base_layer.weight
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    out = torch.empty(x.shape[0], w.shape[0], device="cuda", dtype=torch.bfloat16)
+    base_out = x @ w.T
+    a16 = a.to(w.dtype)
+    with torch.no_grad():
+        parts = {
+            "base": lambda: torch.mm(x, w.T),
+            "lora": lambda: (x.to(a.dtype) @ a.T) @ b.T,
+            "pass": lambda: out.copy_(base_out),
+            "w_at": lambda: torch.mm(w, a16.T, out_dtype=torch.float32),
+        }
+        return {k: measure(f, reps, warmup)[0] for k, f in parts.items()}
 
-                fwd = measure(forward, args.reps, args.warmup)
-                fwd_bwd = measure(train_step, args.reps, args.warmup)
-                model.zero_grad(set_to_none=True)
-                rows.append(
-                    dict(
-                        adapters="fp32" if adapter_fp32 else "bf16",
-                        shape=f"{d_in}->{d_out}",
-                        contender=name,
-                        fwd_ms=fwd[0],
-                        fwd_q10=fwd[1],
-                        fwd_q90=fwd[2],
-                        fwd_mb=fwd[3],
-                        fwd_bwd_ms=fwd_bwd[0],
-                        fwd_bwd_q10=fwd_bwd[1],
-                        fwd_bwd_q90=fwd_bwd[2],
-                        fwd_bwd_mb=fwd_bwd[3],
-                        rewritten=len(dora_fused.last_report().rewritten) if name.startswith("dora_fused") else None,
-                    )
-                )
-                print(rows[-1], flush=True)
-            del model, contenders
-            torch._dynamo.reset()
-            torch.cuda.empty_cache()
 
-    meta = dict(
+def run_case(d_in: int, d_out: int, rank: int, adapter_fp32: bool, args) -> list[dict]:
+    rows = []
+    model = build(d_in, d_out, rank, adapter_fp32)
+    lora_model = build(d_in, d_out, rank, adapter_fp32, dora=False)
+    x = torch.randn(args.tokens, d_in, device="cuda", dtype=torch.bfloat16)
+    floor = floor_ms(model, x, args.reps, args.warmup)
+    contenders = {
+        "peft_eager": model,
+        "inductor": torch.compile(model),
+        "dora_fused": torch.compile(model, backend="dora_fused"),
+        "lora_inductor": torch.compile(lora_model),
+    }
+    for name, fn in contenders.items():
+        xg = x.detach().clone().requires_grad_()
+
+        def forward(fn=fn, x=x):
+            with torch.no_grad():
+                fn(x)
+
+        def train_step(fn=fn, xg=xg):
+            fn(xg).float().sum().backward()
+
+        fwd = measure(forward, args.reps, args.warmup)
+        fwd_bwd = measure(train_step, args.reps, args.warmup)
+        model.zero_grad(set_to_none=True)
+        rows.append(
+            dict(
+                adapters="fp32" if adapter_fp32 else "bf16",
+                rank=rank,
+                floor_ms=sum(floor.values()),
+                floor_parts=floor,
+                shape=f"{d_in}->{d_out}",
+                contender=name,
+                fwd_ms=fwd[0],
+                fwd_q10=fwd[1],
+                fwd_q90=fwd[2],
+                fwd_mb=fwd[3],
+                fwd_bwd_ms=fwd_bwd[0],
+                fwd_bwd_q10=fwd_bwd[1],
+                fwd_bwd_q90=fwd_bwd[2],
+                fwd_bwd_mb=fwd_bwd[3],
+                rewritten=len(dora_fused.last_report().rewritten) if name == "dora_fused" else None,
+                ops=dora_fused.last_report().modules[0].ops if name == "dora_fused" else None,
+            )
+        )
+        print(rows[-1], flush=True)
+        model.zero_grad(set_to_none=True)
+        lora_model.zero_grad(set_to_none=True)
+    del model, lora_model, contenders
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def meta(args) -> dict:
+    info = dict(
         gpu=torch.cuda.get_device_name(),
         torch=torch.__version__,
         cuda=torch.version.cuda,
         python=platform.python_version(),
         date=str(date.today()),
         tokens=args.tokens,
-        rank=args.rank,
         reps=args.reps,
     )
-    try:
-        import peft
-        import triton
+    import peft
+    import triton
 
-        meta.update(peft=peft.__version__, triton=triton.__version__)
-    except ImportError:
-        pass
+    info.update(peft=peft.__version__, triton=triton.__version__)
+    return info
+
+
+def print_table(rows: list[dict], args, info: dict) -> None:
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    print(meta)
-    header = "| base/adapters | layer | contender | fwd ms | fwd MB | fwd+bwd ms | fwd+bwd MB |"
-    print(header)
-    print("|" + "---|" * 7)
+            json.dump(dict(meta=info, rows=rows), f, indent=1)
+    print(info)
+    print(
+        "| r | adapters | layer | fwd ms: PEFT / Inductor / dora_fused / LoRA / floor | fwd+bwd ms: PEFT / Inductor / "
+        "dora_fused / LoRA | Inductor÷ours fwd, fwd+bwd | ours÷floor fwd | ours÷LoRA fwd, fwd+bwd | "
+        "peak MB fwd, fwd+bwd: Inductor / ours |"
+    )
+    print("|" + "---|" * 10)
+    by_case: dict[tuple, dict[str, dict]] = {}
     for r in rows:
+        by_case.setdefault((r["rank"], r["adapters"], r["shape"]), {})[r["contender"]] = r
+    for (rank, adapters, shape), c in by_case.items():
+        p, i, o, lo = c["peft_eager"], c["inductor"], c["dora_fused"], c["lora_inductor"]
         print(
-            f"| bf16/{r['adapters']} | {r['shape']} | {r['contender']} | {r['fwd_ms']:.2f} | {r['fwd_mb']:.0f} "
-            f"| {r['fwd_bwd_ms']:.2f} | {r['fwd_bwd_mb']:.0f} |"
+            f"| {rank} | {adapters} | {shape} | {p['fwd_ms']:.2f} / {i['fwd_ms']:.2f} / {o['fwd_ms']:.2f} / "
+            f"{lo['fwd_ms']:.2f} / {o['floor_ms']:.2f} | {p['fwd_bwd_ms']:.2f} / {i['fwd_bwd_ms']:.2f} / "
+            f"{o['fwd_bwd_ms']:.2f} / {lo['fwd_bwd_ms']:.2f} | {i['fwd_ms'] / o['fwd_ms']:.2f}, "
+            f"{i['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f} | {o['fwd_ms'] / o['floor_ms']:.2f} | "
+            f"{o['fwd_ms'] / lo['fwd_ms']:.2f}, {o['fwd_bwd_ms'] / lo['fwd_bwd_ms']:.2f} | "
+            f"{i['fwd_mb']:.0f}, {i['fwd_bwd_mb']:.0f} / {o['fwd_mb']:.0f}, {o['fwd_bwd_mb']:.0f} |"
         )
 
 

@@ -38,12 +38,13 @@ from torch.library import triton_op, wrap_triton
 
 __all__ = [
     "accumulation_dtype",
+    "adapter_terms",
     "dense_row_norm_reference",
     "factored_row_norm",
     "factored_row_norm_reference",
     "factored_row_norm_torch",
     "factored_row_norm_triton",
-    "gram_triton",
+    "gram_fp32",
     "split_terms",
     "triton_supports_norm",
 ]
@@ -188,238 +189,171 @@ def _split_dot(x, y, acc, X_TERMS: tl.constexpr, Y_TERMS: tl.constexpr):
 
 
 @triton.jit
-def _gram_kernel(
-    A,
-    G_PARTIAL,
-    r,
-    d_in,
-    stride_ar,
-    stride_ak,
-    K_PER_PROGRAM,
-    A_TERMS: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """G_PARTIAL[p] = A[:, K_p] · A[:, K_p]ᵀ over this program's slice K_p of d_in (split-K)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    split = tl.program_id(2)
-    acc = tl.zeros([BLOCK_R, BLOCK_R], dtype=tl.float32)
-    k_start = split * K_PER_PROGRAM
-    for k0 in range(k_start, k_start + K_PER_PROGRAM, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = (ks < d_in) & (ks < k_start + K_PER_PROGRAM)
-        x = tl.load(
-            A + rows[:, None] * stride_ar + ks[None, :] * stride_ak,
-            mask=(rows < r)[:, None] & kmask[None, :],
-            other=0.0,
-        )
-        y = tl.load(
-            A + cols[None, :] * stride_ar + ks[:, None] * stride_ak,
-            mask=(cols < r)[None, :] & kmask[:, None],
-            other=0.0,
-        )
-        acc = _split_dot(x, y, acc, A_TERMS, A_TERMS)
-    out = G_PARTIAL + split * r * r + rows[:, None] * r + cols[None, :]
-    tl.store(out, acc, mask=(rows < r)[:, None] & (cols < r)[None, :])
-
-
-@triton.jit
-def _norm_partials_kernel(
+def _norm_assemble_kernel(
     W,
-    A,
+    U,
+    U_SCALE,
     B,
     G,
-    W_SQUARED,
-    PARTIAL,
+    NORM,
     d_out,
     d_in,
     r,
     scaling,
     stride_wo,
     stride_wi,
-    stride_ar,
-    stride_ai,
     stride_bo,
     stride_br,
-    W_TERMS: tl.constexpr,
-    A_TERMS: tl.constexpr,
+    U_TERMS: tl.constexpr,
     B_TERMS: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """For rows M and adapter columns N of this program::
+    """For this program's rows ``i``::
 
-        U  = W[M, :] · A[N, :]ᵀ                  (tensor cores, fp32 accumulation)
-        BG = B[M, :] · G[:, N]
-        PARTIAL[n_tile, M] = Σ_N B[M, N] ⊙ (2s·U + s²·BG)
-        W_SQUARED[M] = Σ_k W[M, k]²               (from the same W tiles, first column tile only)
+        n_i = sqrt(max(‖W_i‖² + Σ_k B_ik·(2s·U_ik + s²·(B·G)_ik), 0))
 
-    ``U`` and ``BG`` never leave registers.
+    ``U = W·Aᵀ`` arrives as ``U_TERMS`` column blocks of ``[d_out, U_TERMS·r]``
+    (one per bf16/fp16 term of A), summed smallest first and divided by
+    ``U_SCALE``; ``‖W_i‖²`` streams W's rows; ``B·G`` is formed in registers.
     """
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(r, BLOCK_N)
-    pid_m = pid // n_tiles
-    pid_n = pid % n_tiles  # the column tiles of one row block run next to each other: W is read once from HBM
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < d_out
-    cmask = cols < r
 
-    u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     w_squared = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(0, d_in, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < d_in
         w = tl.load(
-            W + rows[:, None] * stride_wo + ks[None, :] * stride_wi, mask=rmask[:, None] & kmask[None, :], other=0.0
-        )
-        a_t = tl.load(
-            A + cols[None, :] * stride_ar + ks[:, None] * stride_ai, mask=cmask[None, :] & kmask[:, None], other=0.0
-        )
-        u = _split_dot(w, a_t, u, W_TERMS, A_TERMS)
-        wf = w.to(tl.float32)
-        w_squared += tl.sum(wf * wf, axis=1)
+            W + rows[:, None] * stride_wo + ks[None, :] * stride_wi,
+            mask=rmask[:, None] & (ks < d_in)[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        w_squared += tl.sum(w * w, axis=1)
 
-    b_tile = tl.load(
-        B + rows[:, None] * stride_bo + cols[None, :] * stride_br, mask=rmask[:, None] & cmask[None, :], other=0.0
-    ).to(tl.float32)
-    cross = tl.sum(b_tile * u, axis=1)
-
-    bg = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, r, BLOCK_R):
-        ks = k0 + tl.arange(0, BLOCK_R)
-        kmask = ks < r
-        b = tl.load(
-            B + rows[:, None] * stride_bo + ks[None, :] * stride_br, mask=rmask[:, None] & kmask[None, :], other=0.0
-        )
-        g = tl.load(G + ks[:, None] * r + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
-        bg = _split_dot(b, g, bg, B_TERMS, 3)
-    gram = tl.sum(b_tile * bg, axis=1)
-
-    partial = (2.0 * scaling) * cross + (scaling * scaling) * gram
-    tl.store(PARTIAL + pid_n * d_out + rows, partial, mask=rmask)
-    if pid_n == 0:
-        tl.store(W_SQUARED + rows, w_squared, mask=rmask)
-
-
-@triton.jit
-def _norm_finish_kernel(W_SQUARED, PARTIAL, NORM, d_out, n_tiles, BLOCK: tl.constexpr):
-    """NORM = sqrt(max(W_SQUARED + Σ_tiles PARTIAL, 0)), correctly rounded."""
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = rows < d_out
-    total = tl.load(W_SQUARED + rows, mask=mask, other=0.0)
-    for tile in range(0, n_tiles):
-        total += tl.load(PARTIAL + tile * d_out + rows, mask=mask, other=0.0)
-    tl.store(NORM + rows, tl.sqrt_rn(tl.maximum(total, 0.0)), mask=mask)
+    u_scale = tl.load(U_SCALE)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for n0 in range(0, r, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        tile_mask = rmask[:, None] & (cols < r)[None, :]
+        u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for t in tl.static_range(U_TERMS):
+            term = U_TERMS - 1 - t
+            u += tl.load(U + rows[:, None] * (U_TERMS * r) + term * r + cols[None, :], mask=tile_mask, other=0.0)
+        u = u / u_scale
+        bg = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, r, BLOCK_R):
+            ks = k0 + tl.arange(0, BLOCK_R)
+            kmask = ks < r
+            b_k = tl.load(
+                B + rows[:, None] * stride_bo + ks[None, :] * stride_br, mask=rmask[:, None] & kmask[None, :], other=0.0
+            )
+            g_k = tl.load(G + ks[:, None] * r + cols[None, :], mask=kmask[:, None] & (cols < r)[None, :], other=0.0)
+            bg = _split_dot(b_k, g_k, bg, B_TERMS, 3)
+        b = tl.load(B + rows[:, None] * stride_bo + cols[None, :] * stride_br, mask=tile_mask, other=0.0).to(tl.float32)
+        total += tl.sum(b * ((2.0 * scaling) * u + (scaling * scaling) * bg), axis=1)
+    tl.store(NORM + rows, tl.sqrt_rn(tl.maximum(w_squared + total, 0.0)), mask=rmask)
 
 
 # ----------------------------------------------------------------------------
-# Launcher
+# Launcher: the products on cuBLAS tensor cores, the rest in the assembly kernel
 
 _TERMS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 
 
-def _dot_terms(x: torch.dtype, y: torch.dtype) -> tuple[int, int]:
-    """Split terms for a product of ``x`` and ``y`` tiles; ``(0, 0)`` for a native 16-bit dot."""
-    if x == y and x in (torch.bfloat16, torch.float16):
-        return 0, 0
-    return _TERMS[x], _TERMS[y]
-
-
 def triton_supports_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> bool:
-    """Whether the Triton kernels apply: bf16/fp16/fp32 operands (fp64 stays on the torch path)."""
+    """Whether the CUDA path applies: bf16/fp16/fp32 operands (fp64 stays on the chunked torch path)."""
     return all(t.dtype in _TERMS for t in (weight, lora_A, lora_B))
 
 
-def _norm_config(d_out: int, r: int) -> dict[str, int]:
-    """Tile sizes of the partials kernel: a column tile covers up to 128 adapter columns."""
-    block_n = min(128, max(16, triton.next_power_of_2(r)))
-    block_m = 64 if d_out * triton.cdiv(r, block_n) <= 64 * 1024 else 128
-    return {
-        "BLOCK_M": block_m,
-        "BLOCK_N": block_n,
-        "BLOCK_K": 64,
-        "BLOCK_R": 32,
-        "num_warps": 8 if block_m == 128 else 4,
-    }
+def _mm_fp32(x: Tensor, y: Tensor) -> Tensor:
+    """``x @ y`` of two 16-bit matrices with exact products and fp32 accumulation and output.
+
+    On CUDA a tensor-core product with fp32 output (``torch.mm(..., out_dtype=)``);
+    elsewhere (CPU tests of the kernels) the same math through an fp32 copy.
+    """
+    if x.is_cuda and _has_mm_out_dtype():
+        return torch.mm(x, y, out_dtype=torch.float32)
+    return x.float() @ y.float()
 
 
-def gram_triton(lora_A: Tensor) -> Tensor:
-    """``G = A·Aᵀ`` in fp32 on tensor cores (split-K partials summed in a fixed order)."""
-    r, d_in = lora_A.shape
-    block_r, block_k = (16 if r <= 16 else 32 if r <= 32 else 64), 64
-    tiles = triton.cdiv(r, block_r) ** 2
-    splits = max(1, min(triton.cdiv(d_in, 4 * block_k), triton.cdiv(256, tiles)))
-    k_per_program = triton.cdiv(triton.cdiv(d_in, splits), block_k) * block_k
-    splits = triton.cdiv(d_in, k_per_program)
-    partial = torch.empty(splits, r, r, dtype=torch.float32, device=lora_A.device)
-    terms, _ = _dot_terms(lora_A.dtype, lora_A.dtype)
-    grid = (triton.cdiv(r, block_r), triton.cdiv(r, block_r), splits)
-    wrap_triton(_gram_kernel)[grid](
-        lora_A,
-        partial,
-        r,
-        d_in,
-        lora_A.stride(0),
-        lora_A.stride(1),
-        k_per_program,
-        A_TERMS=terms,
-        BLOCK_R=block_r,
-        BLOCK_K=block_k,
-        num_warps=4,
-    )
-    return partial.sum(0)
+def adapter_terms(lora_A: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``A`` as stacked ``dtype`` terms ``[T·r, d_in]`` and a scale: ``A = Σ_t terms_t / scale``.
+
+    One term when ``A`` already has ``dtype``; otherwise three, each the rounding
+    of what the previous left (exact to fp32's 24 bits). fp16 terms are taken of
+    ``A·scale`` with a power-of-two scale that puts ``max|A|`` near 2^14, so the
+    small terms stay above fp16's underflow (bf16 has fp32's range: scale 1).
+    """
+    if lora_A.dtype == dtype:
+        return lora_A, torch.ones(1, dtype=torch.float32, device=lora_A.device)
+    a = lora_A.float()
+    if dtype == torch.float16:
+        peak = a.abs().amax().clamp_min(2.0**-100)
+        scale = torch.exp2(14.0 - torch.ceil(torch.log2(peak))).reshape(1)
+        a = a * scale
+    else:
+        scale = torch.ones(1, dtype=torch.float32, device=lora_A.device)
+    return torch.cat(split_terms(a, dtype, 3)), scale
+
+
+def gram_fp32(lora_A: Tensor) -> Tensor:
+    """``G = A·Aᵀ`` at fp32 accuracy on tensor cores (bf16 terms of an fp32 A; fp32 A·Aᵀ for fp16)."""
+    if lora_A.dtype in (torch.bfloat16, torch.float16):
+        return _mm_fp32(lora_A, lora_A.T)
+    terms = split_terms(lora_A, torch.bfloat16, 3)
+    r = lora_A.shape[0]
+    first = _mm_fp32(terms[0], torch.cat(terms).T)  # A0·[A0; A1; A2]ᵀ
+    p00, p01, p02 = first[:, :r], first[:, r : 2 * r], first[:, 2 * r :]
+    p11 = _mm_fp32(terms[1], terms[1].T)
+    return (p11 + (p02 + p02.T)) + (p01 + p01.T) + p00  # the products of orders 0 + 0 .. 1 + 1 (smallest first)
 
 
 def factored_row_norm_triton(
     weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, config: dict[str, int] | None = None
 ) -> Tensor:
-    """The factored norm in three Triton kernels (Gram, partials, finish); fp32 ``[d_out]``.
+    """The factored norm on a GPU: two cuBLAS products and one Triton assembly kernel; fp32 ``[d_out]``.
 
-    Working memory: ``G`` and its split-K partials (``O(r²)``) and
-    ``cdiv(r, BLOCK_N)`` partial sums per row; ``U`` stays in registers.
-    ``config`` overrides the partials kernel's tile sizes (benchmarks).
+    - ``U = W·Aᵀ``: ``W`` read once in its own dtype (bf16/fp16: tensor cores with
+      fp32 output, fp32 ``A`` split into exact terms stacked into one product);
+    - ``G = A·Aᵀ`` at fp32 accuracy;
+    - the assembly kernel: ``‖W‖²`` streamed from W, ``U`` terms summed, ``B·G`` in
+      registers, clamp, correctly rounded square root.
+
+    Working memory: ``U`` (``T·d_out·r`` fp32, T ≤ 3), ``A``'s terms and ``G``:
+    ``O(d_out·r + r²)``. ``config`` overrides the assembly tile sizes (benchmarks).
     """
     d_out, d_in = weight.shape
     r = lora_A.shape[0]
-    gram = gram_triton(lora_A)
-    cfg = dict(config) if config is not None else _norm_config(d_out, r)
-    num_stages = cfg.pop("num_stages", 3)
-    n_tiles = triton.cdiv(r, cfg["BLOCK_N"])
-    w_squared = torch.empty(d_out, dtype=torch.float32, device=weight.device)
-    partial = torch.empty(n_tiles, d_out, dtype=torch.float32, device=weight.device)
-    w_terms, a_terms = _dot_terms(weight.dtype, lora_A.dtype)
-    b_terms = _TERMS[lora_B.dtype]
-    grid = (triton.cdiv(d_out, cfg["BLOCK_M"]) * n_tiles,)
-    wrap_triton(_norm_partials_kernel)[grid](
+    if weight.dtype == torch.float32:
+        u, scale, u_terms = torch.mm(weight, lora_A.float().T), torch.ones(1, device=weight.device), 1
+    else:
+        a_terms, scale = adapter_terms(lora_A, weight.dtype)
+        u = _mm_fp32(weight, a_terms.T)
+        u_terms = a_terms.shape[0] // r
+    gram = gram_fp32(lora_A)
+    cfg = dict(config) if config is not None else {"BLOCK_M": 32, "BLOCK_K": 128, "BLOCK_R": 32, "num_warps": 4}
+    cfg.setdefault("BLOCK_N", min(128, max(16, triton.next_power_of_2(r))))
+    norm = torch.empty(d_out, dtype=torch.float32, device=weight.device)
+    wrap_triton(_norm_assemble_kernel)[(triton.cdiv(d_out, cfg["BLOCK_M"]),)](
         weight,
-        lora_A,
+        u,
+        scale,
         lora_B,
         gram,
-        w_squared,
-        partial,
+        norm,
         d_out,
         d_in,
         r,
         scaling,
         weight.stride(0),
         weight.stride(1),
-        lora_A.stride(0),
-        lora_A.stride(1),
         lora_B.stride(0),
         lora_B.stride(1),
-        W_TERMS=w_terms,
-        A_TERMS=a_terms,
-        B_TERMS=b_terms,
-        num_stages=num_stages,
+        U_TERMS=u_terms,
+        B_TERMS=_TERMS[lora_B.dtype],
         **cfg,
-    )
-    norm = torch.empty(d_out, dtype=torch.float32, device=weight.device)
-    wrap_triton(_norm_finish_kernel)[(triton.cdiv(d_out, 1024),)](
-        w_squared, partial, norm, d_out, n_tiles, BLOCK=1024, num_warps=4
     )
     return norm
 
@@ -433,7 +367,7 @@ def _factored_row_norm_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scalin
     torch._check(weight.dim() == 2 and lora_A.dim() == 2 and lora_B.dim() == 2)
     torch._check(lora_A.shape[1] == weight.shape[1] and lora_B.shape[0] == weight.shape[0])
     torch._check(lora_A.shape[0] == lora_B.shape[1])
-    if weight.is_cuda and triton_supports_norm(weight, lora_A, lora_B):
+    if weight.is_cuda and triton_supports_norm(weight, lora_A, lora_B) and _has_mm_out_dtype():
         return factored_row_norm_triton(weight, lora_A, lora_B, scaling)
     return factored_row_norm_torch(weight, lora_A, lora_B, scaling)
 

@@ -21,7 +21,12 @@ from dora_fused.kernels.compose import (
     compose_forward_triton,
     triton_supports_compose,
 )
-from dora_fused.kernels.factored_norm import dense_row_norm_reference, factored_row_norm_triton, gram_triton
+from dora_fused.kernels.factored_norm import (
+    adapter_terms,
+    dense_row_norm_reference,
+    factored_row_norm_triton,
+    gram_fp32,
+)
 
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1")),
@@ -34,7 +39,7 @@ DTYPE_PAIRS = [  # (weight / base dtype, adapter dtype)
     (torch.float16, torch.float32),
     (torch.float32, torch.float32),
 ]
-NORM_SHAPES = [(1, 1, 1), (37, 53, 5), (70, 33, 40), (130, 100, 17), (200, 70, 1)]  # (d_out, d_in, r)
+NORM_SHAPES = [(1, 1, 1), (37, 53, 5), (70, 33, 40), (130, 100, 17), (200, 70, 1), (60, 90, 150)]  # (d_out, d_in, r)
 
 
 def _gen(device: str, *key: object) -> torch.Generator:
@@ -68,15 +73,27 @@ def test_norm_kernel_matches_fp64(device, shape, dtype, adapter_dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("r,d_in", [(1, 1), (5, 300), (40, 33), (70, 129)])
-def test_gram_kernel_is_fp32_exact(device, adapter_dtype, r, d_in):
+def test_gram_is_fp32_exact(device, adapter_dtype, r, d_in):
     gen = _gen(device, r, d_in, adapter_dtype)
     a = (torch.randn(r, d_in, device=device, generator=gen) * torch.rand(d_in, device=device, generator=gen)).to(
         adapter_dtype
     )
-    got = gram_triton(a)
+    got = gram_fp32(a)
     exact = a.double() @ a.double().T
     scale = (a.double().abs() @ a.double().abs().T).max().item()
     assert_close(got, exact, rtol=0, atol=4e-7 * scale, what="A·Aᵀ")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adapter_terms_rebuild_fp32_adapters(device, dtype):
+    """Three 16-bit terms carry an fp32 A (fp16 through a power-of-two scale), across a wide range."""
+    gen = _gen(device, "terms", dtype)
+    a = torch.randn(7, 300, device=device, generator=gen) * torch.logspace(-6, 1, 300, device=device)
+    terms, scale = adapter_terms(a, dtype)
+    assert terms.dtype == dtype and terms.shape == (21, 300)
+    rebuilt = terms.double().view(3, 7, 300).sum(0) / scale.double()
+    assert ((rebuilt - a.double()).abs() <= 2**-23 * a.double().abs() + 2**-24 * a.double().abs().max() * 2**-14).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
