@@ -143,6 +143,7 @@ def _compose_fwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """out[t, j] = g_j·(result[t, j] - b_j + s·lora[t, j]) + b_j."""
+    s = tl.cast(scaling, tl.float32)  # Inductor passes Python floats as fp64
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
@@ -152,9 +153,9 @@ def _compose_fwd_kernel(
     res = tl.load(RESULT + offs, mask=mask, other=0.0).to(tl.float32)
     lora = tl.load(LORA + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        out = g[None, :] * (res - b[None, :] + scaling * lora) + b[None, :]
+        out = g[None, :] * (res - b[None, :] + s * lora) + b[None, :]
     else:
-        out = g[None, :] * (res + scaling * lora)
+        out = g[None, :] * (res + s * lora)
     tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -179,11 +180,12 @@ def _compose_bwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """d_result = g·dy, d_lora = g·s·dy, and this program's rows of Σ dy·(result - b + s·lora) and Σ dy."""
+    s = tl.cast(scaling, tl.float32)  # Inductor passes Python floats as fp64
     chunk = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
     g, b = _scale_and_bias(MAG, NORM, BIAS, cols, cmask, HAS_BIAS)
-    gs = g * scaling
+    gs = g * s
     v = tl.zeros([BLOCK_N], dtype=tl.float32)
     dy_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
     for start in range(0, ROWS_PER_PROGRAM, BLOCK_T):
@@ -197,7 +199,7 @@ def _compose_bwd_kernel(
         tl.store(D_LORA + offs, (gs[None, :] * dy).to(D_LORA.dtype.element_ty), mask=mask)
         if HAS_BIAS:
             res = res - b[None, :]
-        v += tl.sum(dy * (res + scaling * lora), axis=0)
+        v += tl.sum(dy * (res + s * lora), axis=0)
         dy_sum += tl.sum(dy, axis=0)
     tl.store(V_PARTIAL + chunk * N + cols, v, mask=cmask)
     if HAS_BIAS:

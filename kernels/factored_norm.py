@@ -219,6 +219,7 @@ def _norm_assemble_kernel(
     (one per bf16/fp16 term of A), summed smallest first and divided by
     ``U_SCALE``; ``‖W_i‖²`` streams W's rows; ``B·G`` is formed in registers.
     """
+    s = tl.cast(scaling, tl.float32)  # Inductor passes Python floats as fp64
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < d_out
 
@@ -252,7 +253,7 @@ def _norm_assemble_kernel(
             g_k = tl.load(G + ks[:, None] * r + cols[None, :], mask=kmask[:, None] & (cols < r)[None, :], other=0.0)
             bg = _split_dot(b_k, g_k, bg, B_TERMS, 3)
         b = tl.load(B + rows[:, None] * stride_bo + cols[None, :] * stride_br, mask=tile_mask, other=0.0).to(tl.float32)
-        total += tl.sum(b * ((2.0 * scaling) * u + (scaling * scaling) * bg), axis=1)
+        total += tl.sum(b * ((2.0 * s) * u + (s * s) * bg), axis=1)
     tl.store(NORM + rows, tl.sqrt_rn(tl.maximum(w_squared + total, 0.0)), mask=rmask)
 
 
