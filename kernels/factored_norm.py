@@ -300,15 +300,14 @@ def adapter_terms(lora_A: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
 
 
 def gram_fp32(lora_A: Tensor) -> Tensor:
-    """``G = A·Aᵀ`` at fp32 accuracy on tensor cores (bf16 terms of an fp32 A; fp32 A·Aᵀ for fp16)."""
-    if lora_A.dtype in (torch.bfloat16, torch.float16):
-        return _mm_fp32(lora_A, lora_A.T)
-    terms = split_terms(lora_A, torch.bfloat16, 3)
-    r = lora_A.shape[0]
-    first = _mm_fp32(terms[0], torch.cat(terms).T)  # A0·[A0; A1; A2]ᵀ
-    p00, p01, p02 = first[:, :r], first[:, r : 2 * r], first[:, 2 * r :]
-    p11 = _mm_fp32(terms[1], terms[1].T)
-    return (p11 + (p02 + p02.T)) + (p01 + p01.T) + p00  # the products of orders 0 + 0 .. 1 + 1 (smallest first)
+    """``G = A·Aᵀ`` as an fp32 product (``[r, r]``: small, and it sets the Gram term's accuracy).
+
+    Measured on an H100: tensor-core products with fp32 output accumulate with a
+    relative error near 1e-5 of max(G) over d_in = 4096, which made the norm 3x
+    less accurate than fp32 at r = 384; an fp32 product keeps it at fp32 level.
+    """
+    a = lora_A.float()
+    return a @ a.T
 
 
 def factored_row_norm_triton(
