@@ -1,11 +1,15 @@
-"""Where the time of one compiled DoRA Linear goes: torch.profiler table of CUDA kernels.
+"""Where the time of one compiled DoRA Linear goes: host time per call, and torch.profiler tables.
 
-python benchmarks/profile_layer.py --shape 4096x4096 --adapters bf16 [--backend dora_fused|inductor]
+python benchmarks/profile_layer.py --shape 4096x4096 --adapters bf16 [--backend dora_fused|inductor] [--ops auto]
+
+Host time per call is the Python/launch time of 20 back-to-back calls before
+the final synchronize: when it reaches the GPU time, the layer is host-bound.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from dora_linear import build
@@ -22,10 +26,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--rank", type=int, default=384)
     parser.add_argument("--train", action="store_true")
+    parser.add_argument("--ops", default="auto", choices=["auto", "triton", "torch"])
     args = parser.parse_args()
     d_in, d_out = map(int, args.shape.split("x"))
     model = build(d_in, d_out, args.rank, args.adapters == "fp32")
-    backend = dora_fused.backend() if args.backend == "dora_fused" else args.backend
+    backend = dora_fused.backend(ops=args.ops) if args.backend == "dora_fused" else args.backend
     compiled = torch.compile(model, backend=backend)
     x = torch.randn(args.tokens, d_in, device="cuda", dtype=torch.bfloat16, requires_grad=args.train)
 
@@ -39,12 +44,24 @@ def main() -> None:
     for _ in range(5):
         step()
     torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    host = time.perf_counter()
+    for _ in range(20):
+        step()
+    host = (time.perf_counter() - host) / 20 * 1e3
+    end.record()
+    torch.cuda.synchronize()
+    print(
+        f"== {args.backend} ops={args.ops} {args.shape} adapters={args.adapters} train={args.train}: "
+        f"host {host:.3f} ms/call, GPU {start.elapsed_time(end) / 20:.3f} ms/call"
+    )
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
             step()
         torch.cuda.synchronize()
-    print(f"== {args.backend} {args.shape} adapters={args.adapters} train={args.train} (10 calls)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=70))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """'Should' decisions, kept apart from the 'can' decisions of the matchers.
 
 A match says a rewrite is *safe*. This module says which implementation of
-the two ops to insert for one module. Both compute the same math:
+each of the two ops to insert for one module. Both compute the same math:
 
 - ``"triton"``: ``torch.ops.dora_fused.factored_row_norm`` / ``compose``.
   They are ``torch.library.triton_op``s: Inductor traces into them and
@@ -12,11 +12,17 @@ the two ops to insert for one module. Both compute the same math:
   ``compose_reference``, plain torch ops that Inductor fuses with the rest of
   the graph (cuBLAS for the products, Inductor kernels for the rest).
 
-``"auto"`` takes ``"triton"`` on CUDA for 16/32-bit layers of at least
-``MIN_TRITON_WEIGHT`` elements, and ``"torch"`` otherwise: off CUDA there are
-no device kernels, fp64 has no tensor-core path, and in the smallest layers
-each extra launch costs more than the fused kernels save (the threshold comes
-from ``benchmarks/ops.py``, docs/benchmarks.md).
+``"auto"``, measured on an H100 (docs/benchmarks.md):
+
+- norm: ``"triton"`` on CUDA for 16/32-bit layers of at least
+  ``MIN_TRITON_WEIGHT`` weights, else ``"torch"`` (off CUDA there are no
+  device kernels, fp64 has no tensor-core path, and in the smallest layers the
+  launches cost more than the kernels save);
+- compose: ``"torch"``. Inductor fuses ``compose_reference`` into one pointwise
+  kernel forward and one backward at the same bandwidth as the Triton kernels
+  (both at the copy bandwidth), and, unlike an op with its own output, it writes
+  the output over the dead base output's buffer: one ``[tokens, d_out]`` buffer
+  less at the peak. ``ops="triton"`` inserts the Triton compose.
 """
 
 from __future__ import annotations
@@ -46,16 +52,23 @@ class LayerFacts:
     dtypes: tuple[torch.dtype, ...]  # weight, adapters, magnitude, compose inputs
 
 
-def choose_ops(preference: OpsImpl, layer: LayerFacts) -> tuple[Literal["triton", "torch"], str]:
-    """The implementation to insert for ``layer``, and why (one line, for the record)."""
+Impl = Literal["triton", "torch"]
+
+
+def choose_ops(preference: OpsImpl, layer: LayerFacts) -> tuple[tuple[Impl, Impl], str]:
+    """(norm, compose) implementations for ``layer``, and why (one line, for the record)."""
     if preference in ("triton", "torch"):
-        return preference, f"requested: ops={preference!r}"
+        return (preference, preference), f"requested: ops={preference!r}"
     if layer.device.type != "cuda":
-        return "torch", f"auto: {layer.device.type} device, Triton kernels run on CUDA"
+        return ("torch", "torch"), f"auto: {layer.device.type} device, Triton kernels run on CUDA"
     unsupported = sorted({str(d).removeprefix("torch.") for d in layer.dtypes if d not in _TRITON_DTYPES})
     if unsupported:
-        return "torch", f"auto: {', '.join(unsupported)} has no Triton path"
+        return ("torch", "torch"), f"auto: {', '.join(unsupported)} has no Triton path"
     size = layer.d_out * layer.d_in
     if size < MIN_TRITON_WEIGHT:
-        return "torch", f"auto: small layer ({layer.d_out}x{layer.d_in} < {MIN_TRITON_WEIGHT} weights), launch-bound"
-    return "triton", "auto: CUDA layer, Triton kernels (factored norm on tensor cores, one-pass compose)"
+        return ("torch", "torch"), (
+            f"auto: small layer ({layer.d_out}x{layer.d_in} < {MIN_TRITON_WEIGHT} weights), launch-bound"
+        )
+    return ("triton", "torch"), (
+        "auto: Triton factored norm (tensor-core products); Inductor-fused compose (same bandwidth, reuses a buffer)"
+    )

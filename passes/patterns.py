@@ -24,7 +24,7 @@ class Form:
     name: str
     description: str
     match: Callable[[Node], object]  # anchor -> match object; raises NotDora / Unsupported
-    rewrite: Callable[[Graph, object, str], tuple[str, ...]]  # (graph, match, ops impl) -> names inserted
+    rewrite: Callable[[Graph, object, tuple[str, str]], tuple[str, ...]]  # (graph, match, (norm, compose) impls)
 
 
 FORMS: tuple[Form, ...] = (

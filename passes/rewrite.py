@@ -17,19 +17,21 @@ from dora_fused import kernels  # registers torch.ops.dora_fused.*
 from .graph_view import example_value
 from .peft_linear import PeftLinearMatch, output_dtype
 
-__all__ = ["TARGETS", "rewrite_peft_linear"]
+__all__ = ["TARGETS", "OpsChoice", "rewrite_peft_linear"]
 
-# (target, name for the record) of the norm and the compose, per implementation
+# (target, name for the record) of each op, per implementation
 TARGETS = {
-    "triton": (
-        (torch.ops.dora_fused.factored_row_norm.default, "dora_fused.factored_row_norm"),
-        (torch.ops.dora_fused.compose.default, "dora_fused.compose"),
-    ),
-    "torch": (
-        (kernels.factored_row_norm_torch, "torch:factored_row_norm_torch"),
-        (kernels.compose_reference, "torch:compose_reference"),
-    ),
+    "norm": {
+        "triton": (torch.ops.dora_fused.factored_row_norm.default, "dora_fused.factored_row_norm"),
+        "torch": (kernels.factored_row_norm_torch, "torch:factored_row_norm_torch"),
+    },
+    "compose": {
+        "triton": (torch.ops.dora_fused.compose.default, "dora_fused.compose"),
+        "torch": (kernels.compose_reference, "torch:compose_reference"),
+    },
 }
+
+OpsChoice = tuple[str, str]  # (norm implementation, compose implementation)
 
 
 def _fake_value(node: Node) -> None:
@@ -69,12 +71,15 @@ def _erase_dead(graph: Graph, nodes: list[Node]) -> None:
             graph.erase_node(node)
 
 
-def rewrite_peft_linear(graph: Graph, match: PeftLinearMatch, impl: str = "triton") -> tuple[str, ...]:
-    """Insert the factored norm and the compose (``TARGETS[impl]``) before the root; retarget its users.
+def rewrite_peft_linear(
+    graph: Graph, match: PeftLinearMatch, impl: OpsChoice = ("triton", "triton")
+) -> tuple[str, ...]:
+    """Insert the factored norm and the compose (``TARGETS[op][impl]``) before the root; retarget its users.
 
     Returns the names of what was inserted, for the record.
     """
-    (norm_target, norm_name), (compose_target, compose_name) = TARGETS[impl]
+    norm_target, norm_name = TARGETS["norm"][impl[0]]
+    compose_target, compose_name = TARGETS["compose"][impl[1]]
     low_rank, root = match.norm, match.root
     with graph.inserting_before(root):
         detached = [

@@ -115,7 +115,7 @@ def test_rewritten_graph_has_no_dense_product_and_no_eye(train, ops):
         if not is_weight and value is not None and value.dim() == 2:  # a detach is an alias of the weight
             assert tuple(value.shape) not in dense_shapes, f"{node.format_node()} yields a dense {tuple(value.shape)}"
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-    (norm, _), (compose, _) = TARGETS[ops]
+    norm, compose = TARGETS["norm"][ops][0], TARGETS["compose"][ops][0]
     assert targets.count(norm) == len(records) and targets.count(compose) == len(records)
 
 
@@ -158,7 +158,7 @@ def _uncompilable_rewrite(graph, match, impl):
         raise RuntimeError("cannot be traced")
 
     ops = rewrite_peft_linear(graph, match, impl)
-    node = next(n for n in graph.nodes if n.target is TARGETS[impl][1][0])
+    node = next(n for n in graph.nodes if n.target is TARGETS["compose"][impl[1]][0])
     with graph.inserting_after(node):
         bad = graph.call_function(broken, (node,))
     node.replace_all_uses_with(bad)

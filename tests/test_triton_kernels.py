@@ -104,7 +104,8 @@ def test_norm_kernel_reads_strided_weights(device):
     a = torch.randn(6, 45, device=device, generator=gen) / 7
     b = torch.randn(38, 6, device=device, generator=gen) / 3
     got = factored_row_norm_triton(w_t.T, a, b, 0.9)
-    assert_close(got, factored_row_norm_triton(w_t.T.contiguous(), a, b, 0.9), rtol=0, atol=0, what="strided")
+    # the products may take other cuBLAS kernels for another layout: equal to fp32 accumulation
+    assert_close(got, factored_row_norm_triton(w_t.T.contiguous(), a, b, 0.9), rtol=1e-6, atol=0, what="strided")
 
 
 @pytest.mark.parametrize("device", DEVICES)
