@@ -12,11 +12,12 @@ from pathlib import Path
 
 from torch.fx import Graph, GraphModule, Node
 
-from dora_fused.report import ModuleRecord
+from dora_fused.report import KINDS, ModuleRecord
 
 from .graph_view import example_value, op_of
 from .heuristics import LayerFacts, OpsImpl, choose_ops
 from .matching import NotDora, Unsupported
+from .memory import dense_norm_bytes, rewritten_norm_bytes
 from .naming import module_path
 from .patterns import FORMS, Form
 from .snapshot import restore, snapshot
@@ -43,7 +44,7 @@ def _layer_and_adapter(anchor: Node) -> tuple[str, str | None]:
     if _MAGNITUDE in path:
         layer, adapter = path.rsplit(_MAGNITUDE, 1)
         return layer, adapter
-    return path or anchor.name, None
+    return path or "(root)", None  # the compiled module itself
 
 
 def _dtype(node: object) -> str | None:
@@ -94,7 +95,8 @@ class DoraRewritePass:
             except NotDora:
                 continue
             except Unsupported as why:
-                return ModuleRecord(name, adapter, form.name, "skipped", reason=str(why))
+                kind = KINDS.get(form.name, "") if adapter is not None else "DoRA-like"
+                return ModuleRecord(name, adapter, form.name, "skipped", reason=str(why), kind=kind)
             low_rank = match.norm
             w, a = example_value(low_rank.weight), example_value(low_rank.lora_A)
             facts = LayerFacts(
@@ -115,6 +117,7 @@ class DoraRewritePass:
             )
             impl, why = choose_ops(self.ops, facts)
             ops = form.rewrite(graph, match, impl)
+            rank = int(a.shape[0])
             return ModuleRecord(
                 name,
                 adapter,
@@ -122,11 +125,14 @@ class DoraRewritePass:
                 "rewritten",
                 d_out=facts.d_out,
                 d_in=facts.d_in,
-                rank=int(a.shape[0]),
+                rank=rank,
                 weight_dtype=_dtype(low_rank.weight),
                 adapter_dtype=_dtype(low_rank.lora_A),
                 magnitude_dtype=_dtype(match.magnitude),
                 ops=ops,
                 ops_reason=why,
+                kind=KINDS.get(form.name, ""),
+                dense_bytes=dense_norm_bytes(facts.d_out, facts.d_in, rank, w.dtype, a.dtype),
+                rewritten_bytes=rewritten_norm_bytes(facts.d_out, facts.d_in, rank, w.dtype, a.dtype, impl[0]),
             )
         return None

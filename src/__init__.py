@@ -5,21 +5,27 @@ dense-``B·A``-then-row-norm subgraph and replaces it with a factored norm and a
 fused compose op. ``last_report()`` says which modules were rewritten.
 
 Importing this package registers the backend name and, when PEFT is installed,
-the Dynamo polyfill that lets PEFT's DoRA layers trace as one graph; it has no
-other side effects.
+the Dynamo polyfill that lets PEFT's DoRA layers trace as one graph; with
+``DORA_FUSED_LOG`` set it also attaches a log handler to the ``dora_fused``
+logger. It has no other side effects. ``audit(model, *args)`` reports what the
+backend would rewrite without compiling.
 """
 
+from .logs import configure_from_env
 from .peft_tracing import enable_peft_tracing
-from .report import ModuleRecord, RewriteReport, clear_reports, last_report, reports
+from .report import SCHEMA, ModuleRecord, RewriteReport, clear_reports, last_report, reports
 
 enable_peft_tracing()
+configure_from_env()
 
-from .backend import DoraFusedBackend, backend, dora_fused  # noqa: E402
+from .backend import DoraFusedBackend, audit, backend, dora_fused  # noqa: E402
 
 __all__ = [
+    "SCHEMA",
     "DoraFusedBackend",
     "ModuleRecord",
     "RewriteReport",
+    "audit",
     "backend",
     "clear_reports",
     "dora_fused",

@@ -12,7 +12,6 @@ report (and logged), never raised.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -24,11 +23,12 @@ from dora_fused.passes import DoraRewritePass
 from dora_fused.passes.heuristics import OpsImpl
 from dora_fused.passes.snapshot import restore
 
+from .auditing import audit_model
+from .logs import graph_break_reasons, log_report
 from .report import RewriteReport, _record
 
 __all__ = ["DoraFusedBackend", "backend", "dora_fused"]
 
-log = logging.getLogger("dora_fused")
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 
@@ -78,7 +78,7 @@ class DoraFusedBackend:
         mode: str | None = None,
         options: dict[str, Any] | None = None,
     ) -> Callable[..., Any]:
-        report = RewriteReport()
+        report = RewriteReport(graph_breaks=graph_break_reasons(gm))
         outcome = self.rewrite_pass(gm) if self.rewrite else None
         if outcome is not None:
             report.modules = outcome.records
@@ -97,18 +97,12 @@ class DoraFusedBackend:
             ]
             restore(gm, outcome.original)
             compiled = self._compile_inner(gm, example_inputs, mode, options)
-        _record(report)
-        if report.error:
-            log.warning("dora_fused: %s", report.error)
-        log.info(
-            "dora_fused graph %d: %d DoRA modules rewritten, %d skipped",
-            report.graph_index,
-            len(report.rewritten),
-            len(report.skipped),
-        )
-        for name, reason in report.skipped:
-            log.debug("dora_fused skipped %s: %s", name, reason)
+        log_report(_record(report))
         return compiled
+
+    def audit(self, model: torch.nn.Module, *args: Any, **kwargs: Any) -> RewriteReport:
+        """What this backend would rewrite in ``model(*args, **kwargs)``; compiles nothing (``dora_fused.audit``)."""
+        return audit_model(self.rewrite_pass, model, *args, **kwargs)
 
     def _compile_inner(
         self,
@@ -147,3 +141,17 @@ def dora_fused(
 ) -> Callable[..., Any]:
     """The backend registered as ``"dora_fused"`` (default configuration)."""
     return _default(gm, example_inputs, mode=mode, options=options)
+
+
+def audit(model: torch.nn.Module, *args: Any, **kwargs: Any) -> RewriteReport:
+    """Trace ``model(*args, **kwargs)`` as ``torch.compile(model, backend="dora_fused")`` would and report.
+
+    Returns the same :class:`~dora_fused.RewriteReport` type as ``last_report()``,
+    for the whole call: graphs, graph breaks with reasons, every DoRA module
+    (rewritten, or left alone with a one-line reason), the ops chosen and why,
+    and the norm's transient memory per call, dense vs rewritten. Nothing is
+    compiled; each traced graph runs as it was traced. Resets Dynamo's caches,
+    like ``torch._dynamo.explain``. ``dora_fused.backend(ops=...).audit(...)``
+    audits another configuration.
+    """
+    return _default.audit(model, *args, **kwargs)

@@ -99,3 +99,30 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, a
             f"actual {a[index].item():.8g}, expected {e[index].item():.8g}, "
             f"|diff| {(a - e).abs()[index].item():.3g} > atol {atol:g} + rtol {rtol:g}·|expected|"
         )
+
+
+class HandWrittenDora(torch.nn.Module):
+    """DoRA written by hand with ``B @ A`` (not PEFT's identity trick): a form the pass does not rewrite yet."""
+
+    def __init__(self, d_in: int = 5, d_out: int = 6, r: int = 2):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.weight = torch.nn.Parameter(torch.randn(d_out, d_in, generator=gen))
+        self.A = torch.nn.Parameter(torch.randn(r, d_in, generator=gen))
+        self.B = torch.nn.Parameter(torch.randn(d_out, r, generator=gen))
+        self.m = torch.nn.Parameter(torch.rand(d_out, generator=gen) + 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight + 0.5 * (self.B @ self.A)
+        n = torch.linalg.norm(w, dim=1).detach()
+        return torch.nn.functional.linear(x, (self.m / n).view(-1, 1) * w)
+
+
+def small_dora_mlp(r: int = 2) -> torch.nn.Module:
+    """Linear(12→10) + ReLU + Linear(10→6, no bias), PEFT DoRA on both linears, fp32."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.ReLU(), torch.nn.Linear(10, 6, bias=False))
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0", "2"], use_dora=True, init_lora_weights=False)
+    model = get_peft_model(base, config)
+    perturb_magnitudes(model, 0.5)
+    return model

@@ -1,0 +1,50 @@
+"""Transient memory per call of one DoRA norm: PEFT's dense path vs the rewritten one (estimates).
+
+Counted: the intermediates each path allocates for the norm, from shapes and
+dtypes alone (no activations, no allocator rounding). They are what
+``audit()`` reports next to each module; benchmarks/ measure the real peaks.
+
+Dense (PEFT, GUIDE §1), in the adapter dtype ``a``::
+
+    eye [d_in, d_in] + A(eye) [d_in, r] + B(A(eye)) [d_in, d_out] + (W + s·BA) [d_out, d_in]
+    + W cast to ``a`` [d_out, d_in] when W's dtype differs
+
+Rewritten, ``norm="triton"`` (CUDA): ``U`` as ``T`` fp32 column blocks
+``[d_out, T·r]`` (T = 3 when a 16-bit W meets fp32 adapters, else 1), A's
+16-bit terms ``[T·r, d_in]`` when T = 3, ``G`` and an fp32 copy of A, the norm.
+``norm="torch"``: rows of W promoted to fp32 at most ``CHUNK_BYTES`` at a time
+with their ``U`` and ``B·G`` rows, ``G`` and the fp32 copy of A, the norm.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dora_fused.kernels.factored_norm import CHUNK_BYTES
+
+__all__ = ["dense_norm_bytes", "rewritten_norm_bytes"]
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def dense_norm_bytes(d_out: int, d_in: int, r: int, weight_dtype: torch.dtype, adapter_dtype: torch.dtype) -> int:
+    a = _size(adapter_dtype)
+    total = (d_in * d_in + d_in * r + 2 * d_out * d_in) * a
+    if weight_dtype != adapter_dtype:
+        total += d_out * d_in * a
+    return total
+
+
+def rewritten_norm_bytes(
+    d_out: int, d_in: int, r: int, weight_dtype: torch.dtype, adapter_dtype: torch.dtype, norm: str
+) -> int:
+    fp32 = 4
+    shared = r * r * fp32 + r * d_in * fp32 + d_out * fp32  # G, fp32 copy of A, the norm
+    if norm == "triton":
+        terms = 3 if weight_dtype != torch.float32 and adapter_dtype != weight_dtype else 1
+        a_terms = terms * r * d_in * _size(weight_dtype) if terms > 1 else 0
+        return terms * d_out * r * fp32 + a_terms + shared
+    rows = max(1, min(d_out, CHUNK_BYTES // max(1, d_in * fp32)))
+    return rows * (d_in + 2 * r) * fp32 + shared

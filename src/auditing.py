@@ -1,0 +1,136 @@
+"""``audit(model, *args, **kwargs)``: what the backend would rewrite, without compiling anything.
+
+Like ``torch._dynamo.explain``: Dynamo traces ``model(*args, **kwargs)``, the
+rewrite pass runs on every graph exactly as in the backend (same forms, same
+ops choice), its records are kept, and each graph then runs as it was traced
+(no Inductor, nothing of dora_fused executes). The result merges every graph's
+records with Dynamo's graph-break reasons and with the model's own DoRA
+modules, so a module that no graph contained shows up too, with a reason.
+
+Like ``explain``, it resets Dynamo's caches before and after tracing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from dora_fused.passes import DoraRewritePass
+from dora_fused.passes.memory import dense_norm_bytes
+from dora_fused.passes.snapshot import restore
+
+from .logs import graph_break_reasons
+from .report import ModuleRecord, RewriteReport
+
+__all__ = ["audit_model", "dora_modules"]
+
+
+class _Recorder:
+    """A Dynamo backend that runs the rewrite pass for its records, then runs the graph as traced."""
+
+    def __init__(self, rewrite_pass: DoraRewritePass) -> None:
+        self.rewrite_pass = rewrite_pass
+        self.reports: list[RewriteReport] = []
+
+    def __call__(self, gm: GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        report = RewriteReport(graph_breaks=graph_break_reasons(gm))
+        outcome = self.rewrite_pass(gm)
+        report.modules, report.error = outcome.records, outcome.error
+        if outcome.error is None:
+            restore(gm, outcome.original)
+        self.reports.append(report)
+        return gm.forward
+
+
+_PEFT_KINDS = {"Linear": "PEFT Linear", "Embedding": "PEFT Embedding"}
+
+
+def dora_modules(model: nn.Module) -> list[ModuleRecord]:
+    """Every (module, active DoRA adapter) of a PEFT model, as records with status "" (not yet seen)."""
+    found = []
+    for name, module in model.named_modules():
+        magnitudes = getattr(module, "lora_magnitude_vector", None)
+        if not isinstance(magnitudes, nn.ModuleDict) or len(magnitudes) == 0:
+            continue
+        active = tuple(a for a in getattr(module, "active_adapters", ()) if a in magnitudes)
+        kind = _PEFT_KINDS.get(type(module).__name__, "PEFT Conv" if "Conv" in type(module).__name__ else "PEFT")
+        weight = getattr(getattr(module, "base_layer", module), "weight", None)
+        for adapter in active:
+            lora_a = module.lora_A[adapter].weight if adapter in getattr(module, "lora_A", {}) else None
+            d_out = d_in = rank = None
+            if weight is not None and weight.dim() == 2 and lora_a is not None:
+                d_out, d_in = magnitudes[adapter].weight.shape[-1], lora_a.shape[-1]
+                rank = lora_a.shape[0]
+            found.append(
+                ModuleRecord(
+                    name,
+                    adapter,
+                    "",
+                    "",
+                    d_out=d_out,
+                    d_in=d_in,
+                    rank=rank,
+                    weight_dtype=str(weight.dtype).removeprefix("torch.") if weight is not None else None,
+                    adapter_dtype=str(lora_a.dtype).removeprefix("torch.") if lora_a is not None else None,
+                    kind=kind,
+                    active_adapters=active,
+                    dense_bytes=(
+                        dense_norm_bytes(d_out, d_in, rank, weight.dtype, lora_a.dtype) if d_out is not None else None
+                    ),
+                )
+            )
+    return found
+
+
+def _merge(seen: list[ModuleRecord], model_modules: list[ModuleRecord]) -> list[ModuleRecord]:
+    """The pass's records, completed from the model; the model's DoRA modules no graph held, appended."""
+    by_key = {(m.name, m.adapter): m for m in model_modules}
+    merged = []
+    for record in seen:
+        known = by_key.pop((record.name, record.adapter), None)
+        if known is not None:
+            record = ModuleRecord(
+                **{
+                    **record.__dict__,
+                    "kind": record.kind or known.kind,
+                    "active_adapters": known.active_adapters,
+                    "dense_bytes": record.dense_bytes if record.dense_bytes is not None else known.dense_bytes,
+                }
+            )
+        merged.append(record)
+    for missing in by_key.values():
+        merged.append(
+            ModuleRecord(
+                **{
+                    **missing.__dict__,
+                    "status": "skipped",
+                    "reason": "in no traced graph: it ran outside the compiled graphs (graph break or not called)",
+                }
+            )
+        )
+    return merged
+
+
+def audit_model(rewrite_pass: DoraRewritePass, model: nn.Module, *args: Any, **kwargs: Any) -> RewriteReport:
+    """Trace ``model(*args, **kwargs)`` and report what ``rewrite_pass`` would do (see the module docstring)."""
+    recorder = _Recorder(rewrite_pass)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        torch.compile(model, backend=recorder)(*args, **kwargs)
+        counted_breaks = [" ".join(str(r).split()) for r in torch._dynamo.utils.counters["graph_break"]]
+    finally:
+        torch._dynamo.reset()
+    breaks = [reason for report in recorder.reports for reason in report.graph_breaks]
+    breaks += [r for r in counted_breaks if not any(b.startswith(r) for b in breaks)]
+    errors = [report.error for report in recorder.reports if report.error]
+    return RewriteReport(
+        modules=_merge([m for report in recorder.reports for m in report.modules], dora_modules(model)),
+        error="; ".join(errors) or None,
+        graph_count=len(recorder.reports),
+        graph_breaks=breaks,
+    )
