@@ -114,6 +114,7 @@ class DoraRewritePass:
                         match.lora,
                     )
                 ),
+                symbolic_scaling=isinstance(low_rank.scaling, Node) or isinstance(match.scaling, Node),
             )
             impl, why = choose_ops(self.ops, facts)
             ops = form.rewrite(graph, match, impl)

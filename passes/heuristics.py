@@ -50,6 +50,7 @@ class LayerFacts:
     d_out: int
     d_in: int
     dtypes: tuple[torch.dtype, ...]  # weight, adapters, magnitude, compose inputs
+    symbolic_scaling: bool = False  # s is a traced SymFloat (torch.compile(dynamic=True))
 
 
 Impl = Literal["triton", "torch"]
@@ -57,6 +58,9 @@ Impl = Literal["triton", "torch"]
 
 def choose_ops(preference: OpsImpl, layer: LayerFacts) -> tuple[tuple[Impl, Impl], str]:
     """(norm, compose) implementations for ``layer``, and why (one line, for the record)."""
+    if layer.symbolic_scaling:
+        # the ops take s as a float argument; the plain-torch functions take the traced SymFloat
+        return ("torch", "torch"), "symbolic scaling (dynamic=True): plain-torch ops take the traced s"
     if preference in ("triton", "torch"):
         return (preference, preference), f"requested: ops={preference!r}"
     if layer.device.type != "cuda":

@@ -33,7 +33,7 @@ class LowRankSum:
     weight: Node  # W before any cast
     lora_A: Node  # [r, d_in]
     lora_B: Node  # [d_out, r]
-    scaling: float
+    scaling: float | Node  # a Python float, or the node of a symbolic float (dynamic=True)
     nodes: list[Node] = field(default_factory=list)  # the dense path, for removal
 
 
@@ -117,8 +117,6 @@ def match_low_rank_sum(x: object) -> LowRankSum:
     if scaling_pair is None:
         raise NotDora("norm input is not W + s·ΔW")
     scaling, delta = scaling_pair
-    if not is_scalar(scaling):
-        raise Unsupported("the scaling s is a traced symbolic float (torch.compile(dynamic=True)); not supported yet")
     lora_A, lora_B = _low_rank_product(strip(delta, (*CASTS, "detach"), nodes), nodes)
 
     weight_nodes: list[Node] = []
@@ -134,4 +132,5 @@ def match_low_rank_sum(x: object) -> LowRankSum:
     for n in nodes:
         if not single_user(n):
             raise Unsupported(f"intermediate {n.name} of the dense norm path is used elsewhere")
-    return LowRankSum(weight=weight, lora_A=lora_A, lora_B=lora_B, scaling=float(scaling), nodes=nodes)
+    scaling = float(scaling) if is_scalar(scaling) else scaling  # a node: symbolic under dynamic=True
+    return LowRankSum(weight=weight, lora_A=lora_A, lora_B=lora_B, scaling=scaling, nodes=nodes)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import Node
 
-from .graph_view import arg, example_value, is_scalar, op_of, single_user, strip
+from .graph_view import arg, example_value, is_scalar, is_symbolic_scalar, op_of, single_user, strip
 from .matching import CASTS, LowRankSum, Unsupported, commuted, match_low_rank_sum, match_row_norm
 
 __all__ = ["PeftLinearMatch", "match_peft_linear"]
@@ -39,7 +39,7 @@ class PeftLinearMatch:
     result: Node
     lora: Node
     bias: Node | None
-    scaling: float  # the compose's s (equals the norm's in PEFT)
+    scaling: float | Node  # the compose's s (the norm has its own: PEFT reads the same value twice)
     root: Node  # add(result, dora): its value is replaced
     nodes: list[Node] = field(default_factory=list)  # everything from the norm to the root
     form: str = FORM
@@ -109,10 +109,10 @@ def match_peft_linear(anchor: Node) -> PeftLinearMatch:
         raise Unsupported("g is not multiplied by the LoRA output")
     lora = pair[1]
     lora_term = _only_user(scaled)
-    pair = commuted(lora_term, is_scalar) if op_of(lora_term) == "mul" else None
+    pair = commuted(lora_term, lambda a: is_scalar(a) or is_symbolic_scalar(a)) if op_of(lora_term) == "mul" else None
     if pair is None:
         raise Unsupported("g·lora is not multiplied by the scaling")
-    scaling = float(pair[0])
+    scaling = float(pair[0]) if is_scalar(pair[0]) else pair[0]
     nodes += [scaled, lora_term]
 
     # dora = (g-1)·base + g·lora·s ;  root = result + dora

@@ -14,7 +14,6 @@ from torch.fx import Graph, Node
 
 from dora_fused import kernels  # registers torch.ops.dora_fused.*
 
-from .graph_view import example_value
 from .peft_linear import PeftLinearMatch, output_dtype
 
 __all__ = ["TARGETS", "OpsChoice", "rewrite_peft_linear"]
@@ -38,7 +37,7 @@ def _fake_value(node: Node) -> None:
     """Fill ``example_value`` by running the node's target on its inputs' fake values."""
 
     def fake(a: object) -> object:
-        return example_value(a) if isinstance(a, Node) else a
+        return a.meta.get("example_value", a.meta.get("val")) if isinstance(a, Node) else a  # tensors and SymFloats
 
     args = tuple(fake(a) for a in node.args)
     kwargs = {k: fake(v) for k, v in node.kwargs.items()}

@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from torch._dynamo.exc import RestartAnalysis
 from torch.fx import GraphModule
 
 from dora_fused.passes import DoraRewritePass
@@ -85,6 +86,8 @@ class DoraFusedBackend:
             report.error = outcome.error
         try:
             compiled = self._compile_inner(gm, example_inputs, mode, options)
+        except RestartAnalysis:
+            raise  # Dynamo's control flow (e.g. tensorify-scalars restarts), not a failure: it retraces
         except Exception as error:
             if outcome is None or not outcome.changed:
                 raise

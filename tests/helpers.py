@@ -61,8 +61,7 @@ def tiny_llama_dora(
         target_modules="all-linear",
         use_dora=True,
         init_lora_weights=False,
-        lora_dropout=0.0,
-        **lora_kwargs,
+        **{"lora_dropout": 0.0, **lora_kwargs},
     )
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=adapter_dtype is None)
     if adapter_dtype is not None:
