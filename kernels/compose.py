@@ -44,6 +44,7 @@ __all__ = [
     "compose_backward_triton",
     "compose_forward_triton",
     "compose_reference",
+    "compose_with_base_reference",
     "compute_dtype",
     "triton_supports_compose",
 ]
@@ -74,6 +75,26 @@ def compose_reference(
         b = bias.to(acc)
         return (g * (base - b + scaling * lora.to(acc)) + b).to(out_dtype)
     return (g * (base + scaling * lora.to(acc))).to(out_dtype)
+
+
+def compose_with_base_reference(
+    result: Tensor,
+    base: Tensor,
+    lora: Tensor,
+    magnitude: Tensor,
+    weight_norm: Tensor,
+    scaling: float,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """PEFT's compose with a separate base output (dropout active), in fp32 (fp64), rounded once.
+
+    ``out = result + (g - 1)·base + g·s·lora``: ``base`` is the base layer on the
+    dropped input, so ``result - b`` cannot stand in for it. Plain torch:
+    Inductor fuses it into one pointwise kernel and derives the backward.
+    """
+    acc = compute_dtype(result, base, lora, magnitude, weight_norm)
+    g = magnitude.to(acc) / weight_norm.to(acc)
+    return (result.to(acc) + (g - 1.0) * base.to(acc) + (g * scaling) * lora.to(acc)).to(out_dtype)
 
 
 def compose_backward_reference(

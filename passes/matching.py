@@ -130,7 +130,8 @@ def match_low_rank_sum(x: object) -> LowRankSum:
     if len({w.device, a.device, b.device}) != 1:
         raise Unsupported("weight and adapters on different devices")
     for n in nodes:
-        if not single_user(n):
+        # casts of W may feed other uses too (PEFT's second base matmul under dropout): they stay
+        if not single_user(n) and n not in weight_nodes:
             raise Unsupported(f"intermediate {n.name} of the dense norm path is used elsewhere")
     scaling = float(scaling) if is_scalar(scaling) else scaling  # a node: symbolic under dynamic=True
     return LowRankSum(weight=weight, lora_A=lora_A, lora_B=lora_B, scaling=scaling, nodes=nodes)

@@ -4,13 +4,17 @@ Search form, as Dynamo traces peft 0.21 (GUIDE §4), ``s`` a Python float::
 
     n    = detach(to(linalg_norm(to(W) + s·detach(to(linear(linear(eye(d_in), A), B).T)), dim=1)))
     g    = view(m / n, 1, -1)
-    out  = result + ((g - 1)·base + (g·lora)·s)        base = result - b  |  result
+    out  = result + ((g - 1)·base + (g·lora)·s)        base = result - b  |  result  |  linear(drop(x), to(W))
     lora = linear(linear(x, A), B)                       (same A, B as the norm)
+
+The last ``base`` is PEFT's form while dropout is active: the base layer runs a
+second time on the dropped input (``to(W)`` then feeds both the norm and it).
 
 Replacement::
 
     n   = dora_fused.factored_row_norm(detach(W), detach(A), detach(B), s)    # fp32 [d_out]
     out = dora_fused.compose(result, lora, m, n, b | None, s, dtype(out))
+    out = compose_with_base_reference(result, base, lora, m, n, s, dtype(out))   # dropout active
 
 ``compose`` computes ``g·(result - b + s·lora) + b`` with ``g = m / n`` in fp32
 and rounds once, so the intermediate roundings of ``n``, ``g`` and the four
@@ -43,6 +47,7 @@ class PeftLinearMatch:
     root: Node  # add(result, dora): its value is replaced
     nodes: list[Node] = field(default_factory=list)  # everything from the norm to the root
     form: str = FORM
+    base: Node | None = None  # a separate base output (dropout active: the base layer on the dropped input)
 
 
 def _only_user(node: Node) -> Node:
@@ -127,9 +132,16 @@ def match_peft_linear(anchor: Node) -> PeftLinearMatch:
     nodes += [dora, root]
 
     bias = None
-    if base is not result:
-        if op_of(base) != "sub" or len(base.args) != 2 or base.args[0] is not result or base.kwargs:
-            raise Unsupported("base output is neither the base result nor result - bias")
+    separate_base = None
+    if base is not result and not (op_of(base) == "sub" and len(base.args) == 2 and base.args[0] is result):
+        # dropout active: PEFT runs the base layer again on the dropped input; keep it, compose around it
+        b_val, r_val = example_value(base), example_value(result)
+        if b_val is None or r_val is None or b_val.shape != r_val.shape:
+            raise Unsupported("base output is neither the base result, result - bias, nor a base output")
+        separate_base = base
+    elif base is not result:
+        if base.kwargs:
+            raise Unsupported("result - bias with keyword arguments")
         bias = base.args[1]
         if not single_user(base):
             raise Unsupported("result - bias is used elsewhere")
@@ -145,12 +157,12 @@ def match_peft_linear(anchor: Node) -> PeftLinearMatch:
     root_val = example_value(root)
     if root_val is None or root_val.shape != r_val.shape:
         raise Unsupported("the DoRA scale broadcasts the output to another shape")
-    values = [r_val, l_val, m_val] + ([example_value(bias)] if bias is not None else [])
+    values = [r_val, l_val, m_val] + [example_value(n) for n in (bias, separate_base) if n is not None]
     if any(not v.dtype.is_floating_point for v in values):
         raise Unsupported("non-floating compose inputs")
     if len({v.device for v in values} | {example_value(low_rank.weight).device}) != 1:
         raise Unsupported("compose inputs on different devices")
-    return PeftLinearMatch(low_rank, magnitude, result, lora, bias, scaling, root, nodes)
+    return PeftLinearMatch(low_rank, magnitude, result, lora, bias, scaling, root, nodes, base=separate_base)
 
 
 def _check_lora(lora: object, low_rank: LowRankSum) -> None:

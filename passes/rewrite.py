@@ -79,6 +79,8 @@ def rewrite_peft_linear(
     """
     norm_target, norm_name = TARGETS["norm"][impl[0]]
     compose_target, compose_name = TARGETS["compose"][impl[1]]
+    if match.base is not None:  # dropout active: only the plain-torch compose takes a separate base
+        compose_target, compose_name = kernels.compose_with_base_reference, "torch:compose_with_base_reference"
     low_rank, root = match.norm, match.root
     with graph.inserting_before(root):
         detached = [
@@ -92,13 +94,11 @@ def rewrite_peft_linear(
             (*detached, low_rank.scaling),
             root,
         )
-        composed = _insert(
-            graph,
-            "call_function",
-            compose_target,
-            (match.result, match.lora, match.magnitude, norm, match.bias, match.scaling, output_dtype(root)),
-            root,
-        )
+        if match.base is not None:
+            compose_args = (match.result, match.base, match.lora, match.magnitude, norm, match.scaling)
+        else:
+            compose_args = (match.result, match.lora, match.magnitude, norm, match.bias, match.scaling)
+        composed = _insert(graph, "call_function", compose_target, (*compose_args, output_dtype(root)), root)
     root.replace_all_uses_with(composed)
     _erase_dead(graph, match.nodes)
     return norm_name, compose_name

@@ -1,0 +1,149 @@
+"""Pattern coverage: DoRA formulations real code traces to, each rewritten and matching eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from helpers import TINY_LLAMA, assert_close, dora_module_names, perturb_magnitudes, tiny_llama_dora
+from peft import LoraConfig, get_peft_model
+
+import dora_fused
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("_orig_mod."): p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_dropout_in_training_keeps_peft_semantics(inner):
+    """With dropout active PEFT runs the base layer again on the dropped input: kept, composed around."""
+    model = tiny_llama_dora(torch.float32, torch.float32, lora_dropout=0.3).train()
+    embeds = torch.randn(1, 6, TINY_LLAMA["hidden_size"])
+    compiled = torch.compile(model, backend=dora_fused.backend(inner=inner))
+    torch.manual_seed(11)
+    out = compiled(inputs_embeds=embeds).logits
+    report = dora_fused.last_report()
+    assert set(report.rewritten) == dora_module_names(model)
+    assert all(m.ops[1] == "torch:compose_with_base_reference" for m in report.modules)
+    if inner == "inductor":  # Inductor draws its own dropout masks: check it ran, not the values
+        assert torch.isfinite(out).all()
+        return
+    out.square().mean().backward()
+    got = _grads(model)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(11)  # aot_eager draws the same masks as eager, in the same order
+    want = model(inputs_embeds=embeds).logits
+    want.square().mean().backward()
+    assert_close(out, want, rtol=2e-5, atol=2e-6, what="logits")
+    for name, grad in _grads(model).items():
+        assert_close(got[name], grad, rtol=1e-4, atol=1e-6, what=name)
+
+
+@pytest.mark.parametrize("r", [1, 40])  # rank 1 and rank >= d_in / 2 (d_in = 48 or 88)
+def test_extreme_ranks(r):
+    model = tiny_llama_dora(torch.float32, torch.float32, r=r).eval()
+    embeds = torch.randn(1, 5, TINY_LLAMA["hidden_size"])
+    out = torch.compile(model, backend="dora_fused")(inputs_embeds=embeds).logits
+    assert set(dora_fused.last_report().rewritten) == dora_module_names(model)
+    assert_close(out, model(inputs_embeds=embeds).logits, rtol=2e-5, atol=2e-6, what="logits")
+
+
+def test_only_dora_layers_of_a_mixed_model_are_rewritten():
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_LLAMA))
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True, init_lora_weights=False)
+    model = get_peft_model(model, config)
+    model.add_adapter("plain", LoraConfig(r=4, target_modules=["k_proj", "o_proj"], init_lora_weights=False))
+    model.base_model.set_adapter(["default", "plain"])
+    perturb_magnitudes(model, 0.5)
+    model.eval()
+    embeds = torch.randn(1, 5, TINY_LLAMA["hidden_size"])
+    out = torch.compile(model, backend="dora_fused")(inputs_embeds=embeds).logits
+    report = dora_fused.last_report()
+    assert set(report.rewritten) == {n for n in dora_module_names(model) if n.endswith(("q_proj", "v_proj"))}
+    assert report.skipped == []
+    assert_close(out, model(inputs_embeds=embeds).logits, rtol=2e-5, atol=2e-6, what="logits")
+
+
+ARCHITECTURES = {
+    "mistral": (
+        transformers.MistralConfig,
+        transformers.MistralForCausalLM,
+        dict(num_key_value_heads=2, head_dim=12),
+    ),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(num_key_value_heads=2)),
+    "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, dict(num_key_value_heads=2, head_dim=12)),
+    "bert": (transformers.BertConfig, transformers.BertModel, {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_architectures_from_configs(name):
+    config_class, model_class, extra = ARCHITECTURES[name]
+    torch.manual_seed(0)
+    config = config_class(
+        hidden_size=48, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4, vocab_size=97, **extra
+    )
+    model = get_peft_model(
+        model_class(config), LoraConfig(r=4, target_modules="all-linear", use_dora=True, init_lora_weights=False)
+    )
+    perturb_magnitudes(model, 0.5)
+    model.eval()
+    ids = torch.randint(0, 97, (2, 7))
+    out = torch.compile(model, backend="dora_fused")(input_ids=ids)
+    report = dora_fused.last_report()
+    assert set(report.rewritten) == dora_module_names(model) and report.skipped == []
+    key = "logits" if "logits" in out else "last_hidden_state"
+    assert_close(out[key], model(input_ids=ids)[key], rtol=2e-5, atol=2e-5, what=f"{name} {key}")
+
+
+def test_vit_image_input():
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(
+        hidden_size=48, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=8
+    )
+    model = get_peft_model(
+        transformers.ViTModel(config),
+        LoraConfig(r=4, target_modules="all-linear", use_dora=True, init_lora_weights=False),
+    )
+    perturb_magnitudes(model, 0.5)
+    model.eval()
+    pixels = torch.randn(1, 3, 16, 16)
+    out = torch.compile(model, backend="dora_fused")(pixel_values=pixels).last_hidden_state
+    report = dora_fused.last_report()
+    assert len(report.rewritten) >= 12 and set(report.rewritten) == dora_module_names(model)
+    assert_close(out, model(pixel_values=pixels).last_hidden_state, rtol=2e-5, atol=2e-5, what="vit")
+
+
+# --- must not be rewritten -------------------------------------------------------------------------
+
+
+def test_weight_norm_parametrization_is_not_dora():
+    layer = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(8, 6))
+    x = torch.randn(3, 8)
+    out = torch.compile(layer, backend="dora_fused")(x)
+    report = dora_fused.last_report()
+    assert report.modules == []
+    assert_close(out, layer(x), rtol=1e-6, atol=1e-6, what="weight_norm")
+
+
+def test_a_row_norm_of_w_plus_ba_that_is_not_a_magnitude_scale_is_left_alone():
+    class NotDora(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(6, 5))
+            self.A = torch.nn.Parameter(torch.randn(2, 5))
+            self.B = torch.nn.Parameter(torch.randn(6, 2))
+
+        def forward(self, x):
+            eye = torch.eye(5)
+            delta = torch.nn.functional.linear(torch.nn.functional.linear(eye, self.A), self.B).T
+            n = torch.linalg.norm(self.weight + 0.5 * delta.detach(), dim=1)
+            return x @ self.weight.T + n  # the norm is used, but not as m / n
+
+    module = NotDora()
+    x = torch.randn(3, 5)
+    out = torch.compile(module, backend="dora_fused")(x)
+    assert dora_fused.last_report().rewritten == []
+    assert_close(out, module(x), rtol=1e-5, atol=1e-5, what="not dora")
