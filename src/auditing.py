@@ -21,6 +21,7 @@ from torch.fx import GraphModule
 
 from dora_fused.passes import DoraRewritePass
 from dora_fused.passes.memory import dense_norm_bytes
+from dora_fused.passes.naming import module_path
 from dora_fused.passes.snapshot import restore
 
 from .logs import graph_break_reasons
@@ -35,8 +36,10 @@ class _Recorder:
     def __init__(self, rewrite_pass: DoraRewritePass) -> None:
         self.rewrite_pass = rewrite_pass
         self.reports: list[RewriteReport] = []
+        self.traced_modules: set[str] = set()  # qualified names of modules with nodes in some graph
 
     def __call__(self, gm: GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        self.traced_modules.update(module_path(node) for node in gm.graph.nodes)
         report = RewriteReport(graph_breaks=graph_break_reasons(gm))
         outcome = self.rewrite_pass(gm)
         report.modules, report.error = outcome.records, outcome.error
@@ -86,8 +89,8 @@ def dora_modules(model: nn.Module) -> list[ModuleRecord]:
     return found
 
 
-def _merge(seen: list[ModuleRecord], model_modules: list[ModuleRecord]) -> list[ModuleRecord]:
-    """The pass's records, completed from the model; the model's DoRA modules no graph held, appended."""
+def _merge(seen: list[ModuleRecord], model_modules: list[ModuleRecord], traced: set[str]) -> list[ModuleRecord]:
+    """The pass's records, completed from the model; the model's DoRA modules the pass did not report, appended."""
     by_key = {(m.name, m.adapter): m for m in model_modules}
     merged = []
     for record in seen:
@@ -96,22 +99,18 @@ def _merge(seen: list[ModuleRecord], model_modules: list[ModuleRecord]) -> list[
             record = ModuleRecord(
                 **{
                     **record.__dict__,
-                    "kind": record.kind or known.kind,
+                    "kind": known.kind or record.kind,  # the module's class is known for sure
                     "active_adapters": known.active_adapters,
                     "dense_bytes": record.dense_bytes if record.dense_bytes is not None else known.dense_bytes,
                 }
             )
         merged.append(record)
     for missing in by_key.values():
-        merged.append(
-            ModuleRecord(
-                **{
-                    **missing.__dict__,
-                    "status": "skipped",
-                    "reason": "in no traced graph: it ran outside the compiled graphs (graph break or not called)",
-                }
-            )
-        )
+        if any(path == missing.name or path.startswith(missing.name + ".") for path in traced):
+            reason = f"traced, but no supported DoRA form matched its norm ({missing.kind} is not supported yet)"
+        else:
+            reason = "in no traced graph: it ran outside the compiled graphs (graph break or not called)"
+        merged.append(ModuleRecord(**{**missing.__dict__, "status": "skipped", "reason": reason}))
     return merged
 
 
@@ -129,7 +128,9 @@ def audit_model(rewrite_pass: DoraRewritePass, model: nn.Module, *args: Any, **k
     breaks += [r for r in counted_breaks if not any(b.startswith(r) for b in breaks)]
     errors = [report.error for report in recorder.reports if report.error]
     return RewriteReport(
-        modules=_merge([m for report in recorder.reports for m in report.modules], dora_modules(model)),
+        modules=_merge(
+            [m for report in recorder.reports for m in report.modules], dora_modules(model), recorder.traced_modules
+        ),
         error="; ".join(errors) or None,
         graph_count=len(recorder.reports),
         graph_breaks=breaks,

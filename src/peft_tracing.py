@@ -11,6 +11,13 @@ The polyfill returns ``module.weight`` only when it is a plain ``Parameter`` or
 ``Tensor`` and the module is not HQQ-quantized; for anything else (bnb, HQQ,
 torchao) it runs a copy of PEFT's own function, so quantized bases keep PEFT's
 path (and its graph break) exactly.
+
+A second polyfill covers ``peft.utils.other.transpose``, which DoRA calls on
+``fan_in_fan_out`` weights (GPT-2's ``Conv1D``): PEFT wraps ``W.T`` of a
+Parameter in a new ``nn.Parameter``, a constructor Dynamo cannot trace (a graph
+break per layer). That new Parameter is a leaf: no gradient reaches ``W``
+through it. The polyfill returns ``W.T.detach()`` for a Parameter, the same
+value with the same gradient flow (none to ``W``), and ``W.T`` otherwise, as PEFT.
 """
 
 from __future__ import annotations
@@ -43,22 +50,29 @@ def enable_peft_tracing() -> bool:
         return True
     if importlib.util.find_spec("peft") is None:
         return False
-    from peft.utils import integrations
-
-    original = integrations.dequantize_module_weight
+    from peft.utils import integrations, other
     from torch._dynamo.trace_rules import _polyfilled_function_ids
 
-    if id(original) in _polyfilled_function_ids:  # registered by an earlier import of this module
-        _enabled = True
-        return True
-    peft_path = _copy_function(original)
+    original = integrations.dequantize_module_weight
+    if id(original) not in _polyfilled_function_ids:  # else registered by an earlier import of this module
+        peft_path = _copy_function(original)
 
-    @torch._dynamo.substitute_in_graph(original)
-    def dequantize_module_weight(module: torch.nn.Module) -> torch.Tensor:
-        weight = module.weight
-        if not hasattr(module, "W_q") and type(weight) in (torch.nn.Parameter, torch.Tensor):
-            return weight
-        return peft_path(module)
+        @torch._dynamo.substitute_in_graph(original)
+        def dequantize_module_weight(module: torch.nn.Module) -> torch.Tensor:
+            weight = module.weight
+            if not hasattr(module, "W_q") and type(weight) in (torch.nn.Parameter, torch.Tensor):
+                return weight
+            return peft_path(module)
+
+    if id(other.transpose) not in _polyfilled_function_ids:
+
+        @torch._dynamo.substitute_in_graph(other.transpose)
+        def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+            if not fan_in_fan_out:
+                return weight
+            if isinstance(weight, torch.nn.Parameter):
+                return weight.T.detach()  # PEFT: nn.Parameter(weight.T), a leaf cut off from W
+            return weight.T
 
     _enabled = True
     return True

@@ -116,6 +116,69 @@ def test_vit_image_input():
     assert_close(out, model(pixel_values=pixels).last_hidden_state, rtol=2e-5, atol=2e-5, what="vit")
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_gpt2_fan_in_fan_out(train):
+    """GPT-2's Conv1D stores W as [d_in, d_out]: PEFT's transpose traces (polyfill) and the norm reads W.T."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=97, n_positions=32)
+    config.bos_token_id = config.eos_token_id = 0
+    model = get_peft_model(
+        transformers.GPT2LMHeadModel(config),
+        LoraConfig(
+            r=4,
+            target_modules=["c_attn", "c_proj", "c_fc"],
+            use_dora=True,
+            fan_in_fan_out=True,
+            init_lora_weights=False,
+            lora_dropout=0.0,
+        ),
+    )
+    perturb_magnitudes(model, 0.5)
+    model.train(train)
+    for module in model.modules():  # no dropout anywhere: eager and compiled must agree exactly
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    ids = torch.randint(0, 97, (2, 7))
+    out = torch.compile(model, backend="dora_fused")(input_ids=ids).logits
+    report = dora_fused.last_report()
+    assert report.graph_breaks == [] and report.skipped == []
+    assert set(report.rewritten) == dora_module_names(model) and len(report.rewritten) == 8
+    if train:
+        out.square().mean().backward()
+    got = _grads(model)
+    model.zero_grad(set_to_none=True)
+    want = model(input_ids=ids).logits
+    assert_close(out, want, rtol=2e-5, atol=2e-5, what="gpt2 logits")
+    if train:
+        want.square().mean().backward()
+        for name, grad in _grads(model).items():
+            assert_close(got[name], grad, rtol=1e-4, atol=1e-6, what=name)
+
+
+def test_embedding_and_conv_dora_are_left_alone_with_reasons():
+    class Mixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(30, 16)
+            self.conv = torch.nn.Conv1d(16, 12, 3)
+            self.lin = torch.nn.Linear(12, 5)
+
+        def forward(self, ids):
+            return self.lin(self.conv(self.emb(ids).transpose(1, 2)).mean(-1))
+
+    model = get_peft_model(
+        Mixed(), LoraConfig(r=2, target_modules=["emb", "conv", "lin"], use_dora=True, init_lora_weights=False)
+    )
+    ids = torch.randint(0, 30, (2, 9))
+    report = dora_fused.audit(model, ids)
+    assert report.rewritten == ["base_model.model.lin"]
+    reasons = dict(report.skipped)
+    assert set(reasons) == {"base_model.model.emb", "base_model.model.conv"}
+    assert all(reason for reason in reasons.values())
+    out = torch.compile(model, backend="dora_fused")(ids)
+    assert_close(out, model(ids), rtol=2e-5, atol=2e-6, what="mixed")
+
+
 # --- must not be rewritten -------------------------------------------------------------------------
 
 
