@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torch.fx import Graph, GraphModule, Node
 
-from dora_fused.report import KINDS, ModuleRecord
+from dora_fused.report import KINDS, NON_PEFT_KINDS, ModuleRecord
 
 from .graph_view import example_value, op_of
 from .heuristics import LayerFacts, OpsImpl, choose_ops
@@ -50,6 +50,11 @@ def _layer_and_adapter(anchor: Node) -> tuple[str, str | None]:
 def _dtype(node: object) -> str | None:
     value = example_value(node)
     return str(value.dtype).removeprefix("torch.") if value is not None else None
+
+
+def _kind(form: str, adapter: str | None) -> str:
+    """What kind of module a form's match is: PEFT's layers carry an adapter name."""
+    return KINDS.get(form, "") if adapter is not None else NON_PEFT_KINDS.get(form, "DoRA-like")
 
 
 class DoraRewritePass:
@@ -95,8 +100,14 @@ class DoraRewritePass:
             except NotDora:
                 continue
             except Unsupported as why:
-                kind = KINDS.get(form.name, "") if adapter is not None else "DoRA-like"
-                return ModuleRecord(name, adapter, form.name, "skipped", reason=str(why), kind=kind)
+                return ModuleRecord(
+                    name,
+                    adapter,
+                    form.name,
+                    "skipped",
+                    reason=str(why),
+                    kind=_kind(form.name, adapter) if adapter is not None else "DoRA-like",  # unknown until matched
+                )
             low_rank = match.norm
             w, a = example_value(low_rank.weight), example_value(low_rank.lora_A)
             facts = LayerFacts(
@@ -132,7 +143,7 @@ class DoraRewritePass:
                 magnitude_dtype=_dtype(match.magnitude),
                 ops=ops,
                 ops_reason=why,
-                kind=KINDS.get(form.name, ""),
+                kind=_kind(form.name, adapter),
                 dense_bytes=dense_norm_bytes(facts.d_out, facts.d_in, rank, w.dtype, a.dtype),
                 rewritten_bytes=rewritten_norm_bytes(facts.d_out, facts.d_in, rank, w.dtype, a.dtype, impl[0]),
             )

@@ -24,7 +24,8 @@ def dotted(source: str) -> str:
     root = _ROOT.match(source)
     if root is None:
         return source
-    parts: list[str] = [] if root.group(1) == "self" else [root.group(1)]
+    # the root is the compiled module itself: "self" in its forward, "fn" when Dynamo enters through a wrapper
+    parts: list[str] = [] if root.group(1) in ("self", "fn") else [root.group(1)]
     rest = source[root.end() :]
     pos = 0
     for token in _TOKEN.finditer(rest):

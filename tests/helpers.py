@@ -125,3 +125,34 @@ def small_dora_mlp(r: int = 2) -> torch.nn.Module:
     model = get_peft_model(base, config)
     perturb_magnitudes(model, 0.5)
     return model
+
+
+class TorchtuneStyleDoRALinear(torch.nn.Module):
+    """A DoRA linear in torchtune's formulation, written from the public math (not torchtune's code).
+
+    The norm uses the identity trick on the LoRA modules and is detached; the base
+    output includes the bias, so the bias is scaled by the magnitude as well:
+    ``out = g ⊙ (x·Wᵀ + b) + g·s·(x·Aᵀ·Bᵀ) = (g - 1)·base + g·s·lora + base``.
+    """
+
+    def __init__(self, d_in: int, d_out: int, rank: int, alpha: float, bias: bool = True):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(d_out, d_in) / d_in**0.5, requires_grad=False)
+        self.bias = torch.nn.Parameter(torch.randn(d_out) * 0.1, requires_grad=False) if bias else None
+        self.lora_a = torch.nn.Linear(d_in, rank, bias=False)
+        self.lora_b = torch.nn.Linear(rank, d_out, bias=False)
+        torch.nn.init.normal_(self.lora_b.weight, std=0.1)
+        self.scaling = alpha / rank
+        with torch.no_grad():
+            norm = torch.linalg.norm(self.weight + self.scaling * (self.lora_b.weight @ self.lora_a.weight), dim=1)
+        self.magnitude = torch.nn.Parameter(norm * (1 + 0.3 * torch.rand(d_out)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base_out = torch.nn.functional.linear(x, self.weight, self.bias)
+        lora_out = self.lora_b(self.lora_a(x))
+        eye = torch.eye(self.lora_a.weight.shape[1], device=x.device, dtype=x.dtype)
+        lora_weight = self.lora_b(self.lora_a(eye)).T
+        weight = self.weight.to(x.dtype)
+        weight_norm = torch.linalg.norm(weight + self.scaling * lora_weight.detach(), dim=1).detach()
+        g = (self.magnitude / weight_norm).view(1, -1)
+        return (g - 1) * base_out + g * lora_out * self.scaling + base_out

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from helpers import TINY_LLAMA, assert_close, dora_module_names, perturb_magnitudes, tiny_llama_dora
+from helpers import (
+    TINY_LLAMA,
+    TorchtuneStyleDoRALinear,
+    assert_close,
+    dora_module_names,
+    perturb_magnitudes,
+    tiny_llama_dora,
+)
 from peft import LoraConfig, get_peft_model
 
 import dora_fused
@@ -177,6 +184,30 @@ def test_embedding_and_conv_dora_are_left_alone_with_reasons():
     assert all(reason for reason in reasons.values())
     out = torch.compile(model, backend="dora_fused")(ids)
     assert_close(out, model(ids), rtol=2e-5, atol=2e-6, what="mixed")
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_torchtune_style_dora_linear(train):
+    """Identity-trick norm, bias inside the base output (scaled by the magnitude), outside PEFT."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        TorchtuneStyleDoRALinear(12, 10, 3, 6.0), torch.nn.GELU(), TorchtuneStyleDoRALinear(10, 7, 2, 4.0, bias=False)
+    ).train(train)
+    x = torch.randn(4, 12)
+    out = torch.compile(model, backend="dora_fused")(x)
+    report = dora_fused.last_report()
+    assert report.rewritten == ["0", "2"] and {m.kind for m in report.modules} == {"torchtune-style"}
+    if train:
+        out.square().sum().backward()
+    got = _grads(model)
+    model.zero_grad(set_to_none=True)
+    want = model(x)
+    assert_close(out, want, rtol=2e-5, atol=2e-6, what="torchtune-style")
+    if train:
+        want.square().sum().backward()
+        assert got.keys() == _grads(model).keys() and len(got) == 6  # lora_a, lora_b, magnitude per layer
+        for name, grad in _grads(model).items():
+            assert_close(got[name], grad, rtol=1e-4, atol=1e-6, what=name)
 
 
 # --- must not be rewritten -------------------------------------------------------------------------
