@@ -9,6 +9,7 @@ from .compose import compose, compose_backward_reference, compose_reference, com
 from .factored_norm import (
     dense_row_norm_reference,
     factored_row_norm,
+    factored_row_norm_differentiable,
     factored_row_norm_reference,
     factored_row_norm_torch,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "compose_with_base_reference",
     "dense_row_norm_reference",
     "factored_row_norm",
+    "factored_row_norm_differentiable",
     "factored_row_norm_reference",
     "factored_row_norm_torch",
 ]

@@ -41,6 +41,7 @@ __all__ = [
     "adapter_terms",
     "dense_row_norm_reference",
     "factored_row_norm",
+    "factored_row_norm_differentiable",
     "factored_row_norm_reference",
     "factored_row_norm_torch",
     "factored_row_norm_triton",
@@ -94,6 +95,15 @@ def _factored_row_norm_chunked(weight: Tensor, lora_A: Tensor, lora_B: Tensor, s
         )
         chunks.append(squared.clamp_min(0.0).sqrt())
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+
+def factored_row_norm_differentiable(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """The factored norm in differentiable plain-torch ops (autograd gives the norm's exact gradient).
+
+    For forms whose norm is not detached. Rows of W are promoted in chunks of at
+    most ``CHUNK_BYTES``, as in the chunked path.
+    """
+    return _factored_row_norm_chunked(weight, lora_A, lora_B, scaling)
 
 
 def split_terms(t: Tensor, dtype: torch.dtype, terms: int) -> list[Tensor]:

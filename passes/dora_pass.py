@@ -16,7 +16,7 @@ from dora_fused.report import KINDS, NON_PEFT_KINDS, ModuleRecord
 
 from .graph_view import example_value, op_of
 from .heuristics import LayerFacts, OpsImpl, choose_ops
-from .matching import NotDora, Unsupported
+from .matching import NORMS, NotDora, Unsupported
 from .memory import dense_norm_bytes, rewritten_norm_bytes
 from .naming import module_path
 from .patterns import FORMS, Form
@@ -85,7 +85,7 @@ class DoraRewritePass:
 
     def _rewrite_all(self, graph: Graph) -> list[ModuleRecord]:
         records = []
-        anchors = [n for n in graph.nodes if op_of(n) == "linalg_norm"]
+        anchors = [n for n in graph.nodes if op_of(n) in NORMS]
         for anchor in anchors:
             record = self._rewrite_one(graph, anchor)
             if record is not None:
@@ -94,57 +94,51 @@ class DoraRewritePass:
 
     def _rewrite_one(self, graph: Graph, anchor: Node) -> ModuleRecord | None:
         name, adapter = _layer_and_adapter(anchor)
+        unsupported: tuple[str, Unsupported] | None = None  # the last form that got past NotDora, and why
         for form in self.forms:
             try:
                 match = form.match(anchor)
             except NotDora:
                 continue
             except Unsupported as why:
-                return ModuleRecord(
-                    name,
-                    adapter,
-                    form.name,
-                    "skipped",
-                    reason=str(why),
-                    kind=_kind(form.name, adapter) if adapter is not None else "DoRA-like",  # unknown until matched
-                )
-            low_rank = match.norm
-            w, a = example_value(low_rank.weight), example_value(low_rank.lora_A)
-            facts = LayerFacts(
-                device=w.device,
-                d_out=int(w.shape[0]),
-                d_in=int(w.shape[1]),
-                dtypes=tuple(
-                    example_value(n).dtype
-                    for n in (
-                        low_rank.weight,
-                        low_rank.lora_A,
-                        low_rank.lora_B,
-                        match.magnitude,
-                        match.result,
-                        match.lora,
-                    )
-                ),
-                symbolic_scaling=isinstance(low_rank.scaling, Node) or isinstance(match.scaling, Node),
-            )
-            impl, why = choose_ops(self.ops, facts)
-            ops = form.rewrite(graph, match, impl)
-            rank = int(a.shape[0])
-            return ModuleRecord(
-                name,
-                adapter,
-                form.name,
-                "rewritten",
-                d_out=facts.d_out,
-                d_in=facts.d_in,
-                rank=rank,
-                weight_dtype=_dtype(low_rank.weight),
-                adapter_dtype=_dtype(low_rank.lora_A),
-                magnitude_dtype=_dtype(match.magnitude),
-                ops=ops,
-                ops_reason=why,
-                kind=_kind(form.name, adapter),
-                dense_bytes=dense_norm_bytes(facts.d_out, facts.d_in, rank, w.dtype, a.dtype),
-                rewritten_bytes=rewritten_norm_bytes(facts.d_out, facts.d_in, rank, w.dtype, a.dtype, impl[0]),
-            )
-        return None
+                unsupported = (form.name, why)
+                continue
+            return self._rewrite(graph, form, match, name, adapter)
+        if unsupported is None:
+            return None
+        form_name, why = unsupported
+        kind = _kind(form_name, adapter) if adapter is not None else "DoRA-like"  # unknown until it matches
+        return ModuleRecord(name, adapter, form_name, "skipped", reason=str(why), kind=kind)
+
+    def _rewrite(self, graph: Graph, form: Form, match: object, name: str, adapter: str | None) -> ModuleRecord:
+        low_rank = match.norm
+        w, a = example_value(low_rank.weight), example_value(low_rank.lora_A)
+        inputs = (low_rank.weight, low_rank.lora_A, low_rank.lora_B, match.magnitude)
+        outputs = tuple(n for n in (getattr(match, "result", None), getattr(match, "lora", None)) if n is not None)
+        facts = LayerFacts(
+            device=w.device,
+            d_out=int(w.shape[0]),
+            d_in=int(w.shape[1]),
+            dtypes=tuple(example_value(n).dtype for n in (*inputs, *outputs)),
+            symbolic_scaling=isinstance(low_rank.scaling, Node) or isinstance(getattr(match, "scaling", None), Node),
+        )
+        impl, why = choose_ops(self.ops, facts)
+        ops = form.rewrite(graph, match, impl)
+        rank = int(a.shape[0])
+        return ModuleRecord(
+            name,
+            adapter,
+            form.name,
+            "rewritten",
+            d_out=facts.d_out,
+            d_in=facts.d_in,
+            rank=rank,
+            weight_dtype=_dtype(low_rank.weight),
+            adapter_dtype=_dtype(low_rank.lora_A),
+            magnitude_dtype=_dtype(match.magnitude),
+            ops=ops,
+            ops_reason=why,
+            kind=_kind(form.name, adapter),
+            dense_bytes=dense_norm_bytes(facts.d_out, facts.d_in, rank, w.dtype, a.dtype),
+            rewritten_bytes=rewritten_norm_bytes(facts.d_out, facts.d_in, rank, w.dtype, a.dtype, impl[0]),
+        )

@@ -42,6 +42,12 @@ _FUNCTIONS: dict[object, str] = {
     torch.detach: "detach",
     torch._C._linalg.linalg_norm: "linalg_norm",
     torch.linalg.norm: "linalg_norm",
+    torch._C._linalg.linalg_vector_norm: "linalg_vector_norm",
+    torch.linalg.vector_norm: "linalg_vector_norm",
+    torch.norm: "norm",
+    operator.matmul: "matmul",
+    torch.matmul: "matmul",
+    torch.mm: "matmul",
 }
 
 _METHODS: dict[str, str] = {
@@ -56,6 +62,10 @@ _METHODS: dict[str, str] = {
     "reshape": "view",
     "float": "float",
     "t": "t",
+    "norm": "norm",
+    "matmul": "matmul",
+    "mm": "matmul",
+    "unsqueeze": "view",
 }
 
 

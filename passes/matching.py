@@ -13,7 +13,16 @@ from torch.fx import Node
 
 from .graph_view import arg, example_value, is_scalar, is_symbolic_scalar, op_of, single_user, strip
 
-__all__ = ["LowRankSum", "NotDora", "Unsupported", "commuted", "match_low_rank_sum", "match_row_norm"]
+__all__ = [
+    "NORMS",
+    "LowRankSum",
+    "NotDora",
+    "Unsupported",
+    "commuted",
+    "match_low_rank_sum",
+    "match_row_norm",
+    "row_norm_input",
+]
 
 CASTS = ("to", "float")
 
@@ -49,27 +58,58 @@ def commuted(node: Node, want_first) -> tuple[object, object] | None:
     return None
 
 
-def match_row_norm(norm: Node) -> Node:
-    """The 2-D input of a row L2 norm ``linalg.norm(X, dim=1)``; raises NotDora otherwise."""
-    if op_of(norm) != "linalg_norm":
+NORMS = ("linalg_norm", "linalg_vector_norm", "norm")  # the row-norm spellings an anchor may have
+
+
+def row_norm_input(norm: Node) -> tuple[Node, bool]:
+    """``(X, keepdim)`` of a row L2 norm of a 2-D ``X``, in any spelling; raises NotDora otherwise.
+
+    ``linalg.norm(X, ord, dim, keepdim)``, ``linalg.vector_norm(X, ord, dim, keepdim)``,
+    ``X.norm(p, dim, keepdim)`` / ``torch.norm(X, p, dim, keepdim)``; ord/p 2 (or default), dim 1.
+    """
+    kind = op_of(norm)
+    if kind not in NORMS:
         raise NotDora("not a norm")
-    x = arg(norm, 0, "input")
-    ord_ = arg(norm, 1, "ord")
+    x = arg(norm, 0, "input" if kind != "norm" else "self")
+    if kind == "norm" and not isinstance(x, Node):
+        x = arg(norm, 0, "input")
+    ord_ = arg(norm, 1, "p" if kind == "norm" else "ord", 2 if kind != "linalg_norm" else None)
     dim = arg(norm, 2, "dim")
     keepdim = arg(norm, 3, "keepdim", False)
-    dtype = norm.kwargs.get("dtype")
     value = example_value(x)
     if value is None or value.dim() != 2:
         raise NotDora("norm of a tensor that is not 2-D")
-    if dim not in (1, -1, (1,), (-1,), [1], [-1]) or ord_ not in (None, 2, 2.0):
+    if dim not in (1, -1, (1,), (-1,), [1], [-1]) or ord_ not in (None, 2, 2.0, "fro"):
         raise NotDora("not a row L2 norm")
-    if keepdim or dtype is not None:
-        raise Unsupported("row norm with keepdim/dtype arguments is not a supported form yet")
+    if norm.kwargs.get("dtype") is not None:
+        raise Unsupported("row norm with a dtype argument is not a supported form yet")
+    return x, bool(keepdim)
+
+
+def match_row_norm(norm: Node) -> Node:
+    """The 2-D input of a row L2 norm without keepdim (PEFT's and torchtune's spelling)."""
+    x, keepdim = row_norm_input(norm)
+    if keepdim:
+        raise Unsupported("row norm with keepdim where a [d_out] norm was expected")
     return x
 
 
+def _direct_product(node: Node, nodes: list[Node]) -> tuple[Node, Node]:
+    """``B·A`` spelled ``B @ A`` / ``torch.mm`` / ``torch.matmul`` of two 2-D tensors."""
+    b_node, a_node = node.args[0], node.args[1]
+    a, b = example_value(a_node), example_value(b_node)
+    if len(node.args) != 2 or node.kwargs or a is None or b is None or a.dim() != 2 or b.dim() != 2:
+        raise Unsupported("the low-rank update is not a recognized B·A product")
+    if b.shape[1] != a.shape[0] or a.shape[0] > min(a.shape[1], b.shape[0]):
+        raise Unsupported("the product is not low-rank B [d_out, r] · A [r, d_in]")
+    nodes.append(node)
+    return a_node, b_node
+
+
 def _low_rank_product(node: object, nodes: list[Node]) -> tuple[Node, Node]:
-    """``B·A`` spelled as PEFT's identity trick ``linear(linear(eye(d_in), A), B).T``."""
+    """``B·A`` spelled as PEFT's identity trick ``linear(linear(eye(d_in), A), B).T``, or as a direct product."""
+    if op_of(node) == "matmul":
+        return _direct_product(node, nodes)
     if op_of(node) != "t":
         raise Unsupported("the low-rank update is not a recognized B·A product")
     nodes.append(node)
@@ -94,8 +134,12 @@ def _low_rank_product(node: object, nodes: list[Node]) -> tuple[Node, Node]:
     return lora_A, lora_B
 
 
-def match_low_rank_sum(x: object) -> LowRankSum:
-    """``X = cast(W) + s·cast(detach(B·A))``, in either operand order."""
+def match_low_rank_sum(x: object, shared: tuple[Node, ...] = ()) -> LowRankSum:
+    """``X = cast(W) + s·cast(detach(B·A))``, in either operand order.
+
+    ``shared``: nodes of the dense path that the calling form knows to have other
+    users (the hand-written form scales the same ``W + s·B·A`` it takes the norm of).
+    """
     nodes: list[Node] = []
     x = strip(x, CASTS, nodes)
     if op_of(x) != "add":
@@ -131,7 +175,7 @@ def match_low_rank_sum(x: object) -> LowRankSum:
         raise Unsupported("weight and adapters on different devices")
     for n in nodes:
         # casts of W may feed other uses too (PEFT's second base matmul under dropout): they stay
-        if not single_user(n) and n not in weight_nodes:
+        if not single_user(n) and n not in weight_nodes and n not in shared:
             raise Unsupported(f"intermediate {n.name} of the dense norm path is used elsewhere")
     scaling = float(scaling) if is_scalar(scaling) else scaling  # a node: symbolic under dynamic=True
     return LowRankSum(weight=weight, lora_A=lora_A, lora_B=lora_B, scaling=scaling, nodes=nodes)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from torch.fx import Graph, Node
 
+from .hand_written import FORM as HAND_WRITTEN
+from .hand_written import match_hand_written, rewrite_hand_written
 from .peft_linear import FORM as PEFT_LINEAR
 from .peft_linear import match_peft_linear
 from .rewrite import rewrite_peft_linear
@@ -34,5 +36,11 @@ FORMS: tuple[Form, ...] = (
         "result + (g-1)·base + g·lora·s",
         match_peft_linear,
         rewrite_peft_linear,
+    ),
+    Form(
+        HAND_WRITTEN,
+        "hand-written weight-space DoRA: m·(W + s·B@A)/‖·‖_row then F.linear; rewritten in activation space",
+        match_hand_written,
+        rewrite_hand_written,
     ),
 )

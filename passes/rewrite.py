@@ -16,7 +16,7 @@ from dora_fused import kernels  # registers torch.ops.dora_fused.*
 
 from .peft_linear import PeftLinearMatch, output_dtype
 
-__all__ = ["TARGETS", "OpsChoice", "rewrite_peft_linear"]
+__all__ = ["TARGETS", "OpsChoice", "erase_dead", "insert_node", "rewrite_peft_linear"]
 
 # (target, name for the record) of each op, per implementation
 TARGETS = {
@@ -53,7 +53,8 @@ def _fake_value(node: Node) -> None:
     node.meta["example_value"] = value
 
 
-def _insert(graph: Graph, op: str, target: object, args: tuple, like: Node) -> Node:
+def insert_node(graph: Graph, op: str, target: object, args: tuple, like: Node) -> Node:
+    """A new node before the current insertion point, with ``like``'s source meta and fresh ``example_value``."""
     node = graph.create_node(op, target, args, {})
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
         if key in like.meta:
@@ -62,7 +63,7 @@ def _insert(graph: Graph, op: str, target: object, args: tuple, like: Node) -> N
     return node
 
 
-def _erase_dead(graph: Graph, nodes: list[Node]) -> None:
+def erase_dead(graph: Graph, nodes: list[Node]) -> None:
     """Erase matched nodes left without users, consumers first."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in sorted(set(nodes), key=order.__getitem__, reverse=True):
@@ -84,10 +85,10 @@ def rewrite_peft_linear(
     low_rank, root = match.norm, match.root
     with graph.inserting_before(root):
         detached = [
-            _insert(graph, "call_method", "detach", (n,), root)
+            insert_node(graph, "call_method", "detach", (n,), root)
             for n in (low_rank.weight, low_rank.lora_A, low_rank.lora_B)
         ]
-        norm = _insert(
+        norm = insert_node(
             graph,
             "call_function",
             norm_target,
@@ -98,7 +99,7 @@ def rewrite_peft_linear(
             compose_args = (match.result, match.base, match.lora, match.magnitude, norm, match.scaling)
         else:
             compose_args = (match.result, match.lora, match.magnitude, norm, match.bias, match.scaling)
-        composed = _insert(graph, "call_function", compose_target, (*compose_args, output_dtype(root)), root)
+        composed = insert_node(graph, "call_function", compose_target, (*compose_args, output_dtype(root)), root)
     root.replace_all_uses_with(composed)
-    _erase_dead(graph, match.nodes)
+    erase_dead(graph, match.nodes)
     return norm_name, compose_name

@@ -101,20 +101,60 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, a
 
 
 class HandWrittenDora(torch.nn.Module):
-    """DoRA written by hand with ``B @ A`` (not PEFT's identity trick): a form the pass does not rewrite yet."""
+    """DoRA written by hand in weight space: ``m·(W + s·B@A)/‖W + s·B@A‖_row``, then ``F.linear``.
 
-    def __init__(self, d_in: int = 5, d_out: int = 6, r: int = 2):
+    ``product``: "@", "mm" or "matmul"; ``norm``: "linalg", "vector" or "method"
+    (``Tensor.norm(p=2)``); ``scale``: "m_over_n" (``(m / n).view(-1, 1)·w``),
+    "w_over_n" (``m·(w / n)`` with a keepdim norm and ``m`` as ``[d_out, 1]``) or
+    "mw_over_n" (``(m·w) / n``); ``detach``: the paper's detached norm;
+    ``adapter_dtype``: a dtype for A and B other than W's makes the form unsupported.
+    """
+
+    def __init__(
+        self,
+        d_in: int = 5,
+        d_out: int = 6,
+        r: int = 2,
+        *,
+        product: str = "@",
+        norm: str = "linalg",
+        scale: str = "m_over_n",
+        detach: bool = True,
+        bias: bool = False,
+        adapter_dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         gen = torch.Generator().manual_seed(0)
         self.weight = torch.nn.Parameter(torch.randn(d_out, d_in, generator=gen))
-        self.A = torch.nn.Parameter(torch.randn(r, d_in, generator=gen))
-        self.B = torch.nn.Parameter(torch.randn(d_out, r, generator=gen))
+        self.A = torch.nn.Parameter(torch.randn(r, d_in, generator=gen).to(adapter_dtype))
+        self.B = torch.nn.Parameter(torch.randn(d_out, r, generator=gen).to(adapter_dtype))
         self.m = torch.nn.Parameter(torch.rand(d_out, generator=gen) + 1)
+        self.bias = torch.nn.Parameter(torch.randn(d_out, generator=gen)) if bias else None
+        self.product, self.norm, self.scale, self.detach = product, norm, scale, detach
+
+    def _norm(self, w: torch.Tensor, keepdim: bool) -> torch.Tensor:
+        if self.norm == "linalg":
+            n = torch.linalg.norm(w, dim=1, keepdim=keepdim)
+        elif self.norm == "vector":
+            n = torch.linalg.vector_norm(w, ord=2, dim=1, keepdim=keepdim)
+        else:
+            n = w.norm(p=2, dim=1, keepdim=keepdim)
+        return n.detach() if self.detach else n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight + 0.5 * (self.B @ self.A)
-        n = torch.linalg.norm(w, dim=1).detach()
-        return torch.nn.functional.linear(x, (self.m / n).view(-1, 1) * w)
+        ba = {
+            "@": lambda: self.B @ self.A,
+            "mm": lambda: torch.mm(self.B, self.A),
+            "matmul": lambda: torch.matmul(self.B, self.A),
+        }[self.product]()
+        w = self.weight + 0.5 * ba
+        if self.scale == "m_over_n":
+            dora = (self.m / self._norm(w, keepdim=False)).view(-1, 1) * w
+        elif self.scale == "w_over_n":
+            dora = self.m.view(-1, 1) * (w / self._norm(w, keepdim=True))
+        else:
+            dora = (self.m.unsqueeze(1) * w) / self._norm(w, keepdim=True)
+        return torch.nn.functional.linear(x, dora, self.bias)
 
 
 def small_dora_mlp(r: int = 2) -> torch.nn.Module:

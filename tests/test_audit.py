@@ -36,14 +36,15 @@ ops (2 modules): auto: cpu device, Triton kernels run on CUDA""",
         )
 
     def test_a_module_left_alone_shows_its_reason(self):
-        report = dora_fused.audit(HandWrittenDora(), torch.randn(3, 5))
+        mixed = HandWrittenDora(adapter_dtype=torch.float64)  # fp64 adapters on an fp32 W: left alone
+        report = dora_fused.audit(mixed, torch.randn(3, 5, dtype=torch.float64))
         self.assertExpectedInline(
             str(report),
             """\
 dora_fused: 1 graph, 0 graph breaks, 1 DoRA modules found, 0 rewritten, 1 left alone
 module  kind       d_out x d_in  r  base/adapter  adapter  status   ops  norm memory
 (root)  DoRA-like  -             -  -             -        skipped  -    -
-left alone: (root): the low-rank update is not a recognized B·A product""",
+left alone: (root): hand-written DoRA with mixed dtypes is not a supported form yet""",
         )
 
 
@@ -92,7 +93,8 @@ def test_graph_breaks_and_modules_outside_any_graph_are_reported():
 
 
 def test_json_round_trip_and_schema():
-    report = dora_fused.audit(HandWrittenDora(), torch.randn(3, 5))
+    mixed = HandWrittenDora(adapter_dtype=torch.float64)
+    report = dora_fused.audit(mixed, torch.randn(3, 5, dtype=torch.float64))
     text = report.to_json()
     body = json.loads(text)
     assert body["schema"] == dora_fused.SCHEMA == "dora_fused.report/1"
@@ -159,7 +161,8 @@ def model_dirs(tmp_path_factory):
     (root / "factories.py").write_text(
         "import torch\n"
         "from helpers import HandWrittenDora, small_dora_mlp\n"
-        "def hand_written():\n    return HandWrittenDora(), (torch.randn(3, 5),)\n"
+        "def hand_written():\n    m = HandWrittenDora(adapter_dtype=torch.float64)\n"
+        "    return m, (torch.randn(3, 5, dtype=torch.float64),)\n"
         "def peft_mlp():\n    return small_dora_mlp(), ((torch.randn(3, 12),), {})\n"
         "def broken():\n    raise OSError('no such checkpoint')\n"
     )

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn as nn
-from helpers import TINY_LLAMA, assert_close, dora_module_names, tiny_llama_dora
+from helpers import TINY_LLAMA, HandWrittenDora, assert_close, dora_module_names, tiny_llama_dora
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -181,25 +181,12 @@ def test_failures_fall_back_to_the_original_graph(rewrite):
 
 
 def test_unrecognized_dora_like_subgraph_is_left_alone_with_a_reason():
-    class HandWritten(nn.Module):  # B @ A instead of PEFT's identity trick: not a supported form (yet)
-        def __init__(self):
-            super().__init__()
-            self.weight = nn.Parameter(torch.randn(6, 5))
-            self.A = nn.Parameter(torch.randn(2, 5))
-            self.B = nn.Parameter(torch.randn(6, 2))
-            self.m = nn.Parameter(torch.rand(6) + 1)
-
-        def forward(self, x):
-            w = self.weight + 0.5 * (self.B @ self.A)
-            n = torch.linalg.norm(w, dim=1).detach()
-            return nn.functional.linear(x, (self.m / n).view(-1, 1) * w)
-
-    module = HandWritten()
-    x = torch.randn(3, 5)
+    module = HandWrittenDora(adapter_dtype=torch.float64)  # fp64 adapters on an fp32 W: not a supported form
+    x = torch.randn(3, 5, dtype=torch.float64)
     [(before, gm, outcome)] = _capture(module, x)
     assert gm.code == before
     [record] = outcome.records
-    assert record.status == "skipped" and "B·A" in record.reason
+    assert record.status == "skipped" and "mixed dtypes" in record.reason
     torch._dynamo.reset()
     out = torch.compile(module, backend="dora_fused")(x)
     assert dora_fused.last_report().skipped == [(record.name, record.reason)]

@@ -7,6 +7,7 @@ import torch
 import transformers
 from helpers import (
     TINY_LLAMA,
+    HandWrittenDora,
     TorchtuneStyleDoRALinear,
     assert_close,
     dora_module_names,
@@ -208,6 +209,39 @@ def test_torchtune_style_dora_linear(train):
         assert got.keys() == _grads(model).keys() and len(got) == 6  # lora_a, lora_b, magnitude per layer
         for name, grad in _grads(model).items():
             assert_close(got[name], grad, rtol=1e-4, atol=1e-6, what=name)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(product="@", norm="linalg", scale="m_over_n", detach=True),
+        dict(product="mm", norm="vector", scale="w_over_n", detach=True, bias=True),
+        dict(product="matmul", norm="method", scale="mw_over_n", detach=True),
+        dict(product="@", norm="method", scale="w_over_n", detach=False),
+        dict(product="mm", norm="linalg", scale="m_over_n", detach=False, bias=True),
+        dict(product="matmul", norm="vector", scale="mw_over_n", detach=False),
+    ],
+    ids=lambda v: "-".join(str(x) for x in v.values()),
+)
+def test_hand_written_dora_in_weight_space(variant):
+    """Rewritten in activation space; a norm that is not detached keeps its exact gradient."""
+    model = HandWrittenDora(13, 11, 3, **variant)
+    x = torch.randn(4, 13, requires_grad=True)
+    out = torch.compile(model, backend="dora_fused")(x)
+    report = dora_fused.last_report()
+    assert report.rewritten == ["(root)"] and report.modules[0].kind == "hand-written"
+    assert report.modules[0].ops[0] == (
+        "torch:factored_row_norm_torch" if variant["detach"] else "torch:factored_row_norm_differentiable"
+    )
+    out.square().sum().backward()
+    got = {**_grads(model), "x": x.grad.clone()}
+    model.zero_grad(set_to_none=True)
+    x_eager = x.detach().clone().requires_grad_()
+    want = model(x_eager)
+    want.square().sum().backward()
+    assert_close(out, want, rtol=1e-5, atol=1e-5, what="hand-written output")
+    for name, grad in {**_grads(model), "x": x_eager.grad}.items():
+        assert_close(got[name], grad, rtol=1e-4, atol=1e-5, what=f"d {name}")
 
 
 # --- must not be rewritten -------------------------------------------------------------------------

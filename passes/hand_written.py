@@ -1,0 +1,161 @@
+"""Hand-written DoRA in weight space: the DoRA weight is built, then used in ``F.linear``.
+
+Search form (``w`` shared by the norm and the scaled weight; casts allowed)::
+
+    w   = W + s·(B @ A)                   B @ A | mm | matmul | PEFT's identity trick
+    n   = norm(w, dim=1[, keepdim])       linalg.norm | linalg.vector_norm | Tensor.norm (p = 2)
+          [detach(n)]                     detached (paper §4.3) or not
+    w'  = m·(w / n)  |  (m / n)·w  |  (m·w) / n        m: [d_out, 1], or [d_out] viewed to it
+    out = linear(x, w'[, b])
+
+Replacement, in activation space (no ``[d_out, d_in]`` tensor at all)::
+
+    n   = factored row norm of (W, A, B, s)                        [d_out] fp32
+    out = g ⊙ (linear(x, W) + s·linear(linear(x, A), B)) [+ b],    g = m / n
+
+The value is the same function of ``x, W, A, B, m, b``. A detached norm gets
+detached inputs; a norm that is not detached gets the differentiable plain-torch
+factored norm, so its gradient is the exact gradient of the same norm. Only
+same-dtype layers are matched (``x``, ``W``, ``A``, ``B``, ``m``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import Graph, Node
+
+from dora_fused import kernels
+
+from .graph_view import arg, example_value, op_of, single_user, strip
+from .matching import CASTS, LowRankSum, NotDora, Unsupported, commuted, match_low_rank_sum, row_norm_input
+from .rewrite import TARGETS, erase_dead, insert_node
+
+__all__ = ["FORM", "HandWrittenMatch", "match_hand_written", "rewrite_hand_written"]
+
+FORM = "hand_written"
+_VIEWS = ("view", "detach")
+
+
+@dataclass
+class HandWrittenMatch:
+    norm: LowRankSum
+    magnitude: Node  # m as written ([d_out, 1] or [d_out])
+    x: Node
+    bias: Node | None
+    detached: bool
+    root: Node  # linear(x, w', b): its value is replaced
+    nodes: list[Node] = field(default_factory=list)
+    form: str = FORM
+
+
+def _only_user(node: Node) -> Node:
+    if not single_user(node):
+        raise Unsupported(f"{node.name} has {len(node.users)} users where hand-written DoRA has one")
+    return next(iter(node.users))
+
+
+def _is_magnitude(node: object, d_out: int) -> bool:
+    value = example_value(strip(node, ("view",)))
+    return value is not None and value.numel() == d_out and value.dim() in (1, 2)
+
+
+def match_hand_written(anchor: Node) -> HandWrittenMatch:
+    """Match the hand-written weight-space form around a row-norm ``anchor``; raises NotDora / Unsupported."""
+    w_in, _ = row_norm_input(anchor)
+    w = strip(w_in, CASTS)
+    if not isinstance(w, Node) or op_of(w) != "add":
+        raise NotDora("norm input is not a sum")
+    if len(w.users) != 2:
+        raise NotDora("W + s·B·A is not used by exactly a norm and a scaled weight")
+    low_rank = match_low_rank_sum(w_in, shared=(w,))
+    d_out = int(example_value(low_rank.weight).shape[0])
+    nodes: list[Node] = [*low_rank.nodes, anchor]
+
+    # n, possibly detached and reshaped to [d_out, 1]
+    n, detached = anchor, False
+    while op_of(next(iter(n.users), None)) in _VIEWS and single_user(n):
+        n = next(iter(n.users))
+        detached |= op_of(n) == "detach"
+        nodes.append(n)
+
+    def column(node: object) -> bool:  # a per-row factor of W: [d_out, 1]
+        value = example_value(node)
+        return value is not None and tuple(value.shape) == (d_out, 1)
+
+    # w' = m·(w / n) | (m / n)·w | (m·w) / n
+    user = _only_user(n)
+    if op_of(user) != "div" or len(user.args) != 2 or user.args[1] is not n:
+        raise Unsupported("the row norm does not divide the weight or the magnitude")
+    top = user.args[0]
+    nodes.append(user)
+    if top is w:  # m·(w / n)
+        scaled = _only_user(user)
+        pair = commuted(scaled, lambda a: a is user) if op_of(scaled) == "mul" else None
+        magnitude = pair[1] if pair else None
+        per_row = column(n) and magnitude is not None and column(magnitude)
+    elif op_of(top) == "mul" and w in top.args:  # (m·w) / n
+        pair = commuted(top, lambda a: a is w)
+        magnitude, scaled = (pair[1] if pair else None), user
+        nodes.append(top)
+        per_row = column(n) and magnitude is not None and column(magnitude)
+    else:  # (m / n)·w
+        magnitude, g = top, user
+        while op_of(next(iter(g.users), None)) == "view" and single_user(g):
+            g = next(iter(g.users))
+            nodes.append(g)
+        scaled = _only_user(g)
+        pair = commuted(scaled, lambda a: a is w) if op_of(scaled) == "mul" else None
+        if pair is None or pair[1] is not g:
+            raise Unsupported("m / n does not scale W + s·B·A")
+        m_val, n_val = example_value(magnitude), example_value(n)
+        per_row = column(g) and m_val is not None and n_val is not None and m_val.shape == n_val.shape
+    if magnitude is None or not _is_magnitude(magnitude, d_out):
+        raise Unsupported("the weight is not scaled by a [d_out] magnitude")
+    if not per_row:
+        raise Unsupported("the magnitude and the norm do not scale W row by row")
+    nodes.append(scaled)
+    if w not in nodes:
+        nodes.append(w)
+
+    root = _only_user(scaled)
+    if op_of(root) != "linear" or arg(root, 1, "weight") is not scaled:
+        raise Unsupported("the DoRA weight is not used by F.linear")
+    x, bias = arg(root, 0, "input"), arg(root, 2, "bias")
+    values = [example_value(v) for v in (x, low_rank.weight, low_rank.lora_A, low_rank.lora_B, magnitude)]
+    if any(v is None for v in values) or len({v.dtype for v in values}) != 1:
+        raise Unsupported("hand-written DoRA with mixed dtypes is not a supported form yet")
+    if isinstance(low_rank.scaling, Node):
+        raise Unsupported("symbolic scaling in the hand-written form is not supported yet")
+    return HandWrittenMatch(low_rank, magnitude, x, bias, detached, root, nodes)
+
+
+def rewrite_hand_written(graph: Graph, match: HandWrittenMatch, impl: tuple[str, str]) -> tuple[str, ...]:
+    """Insert the activation-space DoRA before the root and retarget its users; returns what was inserted."""
+    low_rank, root = match.norm, match.root
+    s = low_rank.scaling
+    dtype = example_value(root).dtype
+    with graph.inserting_before(root):
+        if match.detached:
+            norm_target, norm_name = TARGETS["norm"][impl[0]]
+            inputs = [
+                insert_node(graph, "call_method", "detach", (n,), root)
+                for n in (low_rank.weight, low_rank.lora_A, low_rank.lora_B)
+            ]
+        else:  # the norm carries gradient: the differentiable plain-torch factored norm
+            norm_target, norm_name = kernels.factored_row_norm_differentiable, "torch:factored_row_norm_differentiable"
+            inputs = [low_rank.weight, low_rank.lora_A, low_rank.lora_B]
+        norm = insert_node(graph, "call_function", norm_target, (*inputs, s), root)
+        m = insert_node(graph, "call_method", "reshape", (match.magnitude, -1), root)
+        base = insert_node(graph, "call_function", torch.nn.functional.linear, (match.x, low_rank.weight), root)
+        down = insert_node(graph, "call_function", torch.nn.functional.linear, (match.x, low_rank.lora_A), root)
+        lora = insert_node(graph, "call_function", torch.nn.functional.linear, (down, low_rank.lora_B), root)
+        out = insert_node(
+            graph, "call_function", kernels.compose_reference, (base, lora, m, norm, None, s, dtype), root
+        )
+        if match.bias is not None:
+            out = insert_node(graph, "call_function", torch.add, (out, match.bias), root)
+    root.replace_all_uses_with(out)
+    erase_dead(graph, [*match.nodes, root])
+    return norm_name, "torch:compose_reference"
