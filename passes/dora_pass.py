@@ -14,7 +14,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from dora_fused.report import KINDS, NON_PEFT_KINDS, ModuleRecord
 
-from .graph_view import example_value, op_of
+from .graph_view import example_value, mutated_tensor, op_of, strip
 from .heuristics import LayerFacts, OpsImpl, choose_ops
 from .matching import NORMS, NotDora, Unsupported
 from .memory import dense_norm_bytes, rewritten_norm_bytes
@@ -50,6 +50,32 @@ def _layer_and_adapter(anchor: Node) -> tuple[str, str | None]:
 def _dtype(node: object) -> str | None:
     value = example_value(node)
     return str(value.dtype).removeprefix("torch.") if value is not None else None
+
+
+def _inputs(match: object) -> set[Node]:
+    """Every graph value the replacement reads: the match's fields that are nodes."""
+    low_rank = match.norm
+    values = [low_rank.weight, low_rank.lora_A, low_rank.lora_B, low_rank.scaling]
+    values += [getattr(match, f, None) for f in ("magnitude", "result", "lora", "bias", "base", "x", "scaling")]
+    return {v for v in values if isinstance(v, Node)}
+
+
+def _mutated_in_span(graph: Graph, anchor: Node, match: object) -> str | None:
+    """Name of an input the graph writes in place between the match's first node and its root, if any.
+
+    The replacement reads its inputs at the root; a write in between (to the
+    input, or to the tensor it views) would make it read another value.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    inputs = _inputs(match)
+    roots = {strip(n, ("view", "t", "detach", "to")) for n in inputs} | inputs
+    first = min(order[n] for n in [*match.nodes, anchor, *inputs] if n in order)
+    for node in graph.nodes:
+        if first < order[node] < order[match.root]:
+            target = mutated_tensor(node)
+            if isinstance(target, Node) and ({target, strip(target, ("view", "t", "detach", "to"))} & roots):
+                return target.name
+    return None
 
 
 def _kind(form: str, adapter: str | None) -> str:
@@ -103,6 +129,10 @@ class DoraRewritePass:
             except Unsupported as why:
                 unsupported = (form.name, why)
                 continue
+            mutated = _mutated_in_span(graph, anchor, match)
+            if mutated is not None:
+                unsupported = (form.name, Unsupported(f"{mutated} is modified in place between the norm and its use"))
+                break
             return self._rewrite(graph, form, match, name, adapter)
         if unsupported is None:
             return None

@@ -21,6 +21,7 @@ __all__ = [
     "is_dtype_cast",
     "is_scalar",
     "is_symbolic_scalar",
+    "mutated_tensor",
     "op_of",
     "single_user",
     "strip",
@@ -82,6 +83,32 @@ def op_of(node: object) -> str | None:
     if node.op in ("placeholder", "get_attr"):
         return "input"
     return None
+
+
+_IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
+
+
+def mutated_tensor(node: Node) -> object:
+    """The tensor ``node`` writes in place (its first argument), or None if it writes nothing.
+
+    In-place methods (``x.mul_(...)``, ``x.copy_(...)``), in-place functions
+    (``torch.add_``-style names, aten overloads ending in ``_``), augmented
+    assignment and item assignment.
+    """
+    if node.op == "call_method":
+        name = str(node.target)
+        mutates = name.endswith("_") and not name.startswith("_") and name != "requires_grad_"
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", "") or str(node.target)
+        overload = getattr(node.target, "_schema", None)
+        mutates = (
+            node.target in _IN_PLACE_FUNCTIONS
+            or (name.endswith("_") and not name.startswith("_"))
+            or (overload is not None and overload.is_mutable)
+        )
+    else:
+        return None
+    return node.args[0] if mutates and node.args else None
 
 
 def arg(node: Node, index: int, name: str, default: object = None) -> object:

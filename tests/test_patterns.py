@@ -275,3 +275,24 @@ def test_a_row_norm_of_w_plus_ba_that_is_not_a_magnitude_scale_is_left_alone():
     out = torch.compile(module, backend="dora_fused")(x)
     assert dora_fused.last_report().rewritten == []
     assert_close(out, module(x), rtol=1e-5, atol=1e-5, what="not dora")
+
+
+def test_an_input_mutated_between_the_norm_and_its_use_is_left_alone():
+    """The replacement reads its inputs at the output: a write in between would change what it reads."""
+
+    class MutatesA(HandWrittenDora):
+        def forward(self, x):
+            w = self.weight + 0.5 * (self.B @ self.A)
+            n = torch.linalg.norm(w, dim=1).detach()
+            self.A.mul_(2.0)  # after the norm, before F.linear uses w
+            return torch.nn.functional.linear(x, (self.m / n).view(-1, 1) * w)
+
+    module, reference = MutatesA().requires_grad_(False), MutatesA().requires_grad_(False)
+    x = torch.randn(3, 5)
+    out = torch.compile(module, backend="dora_fused")(x)
+    report = dora_fused.last_report()
+    assert report.rewritten == []
+    [(_, reason)] = report.skipped
+    assert "modified in place between the norm and its use" in reason
+    assert_close(out, reference(x), rtol=0, atol=0, what="mutating module")
+    assert torch.equal(module.A, reference.A)
