@@ -24,7 +24,7 @@ from dora_fused.passes.memory import dense_norm_bytes
 from dora_fused.passes.naming import module_path
 from dora_fused.passes.snapshot import restore
 
-from .logs import graph_break_reasons
+from .logs import graph_break_reasons, short_reason
 from .report import ModuleRecord, RewriteReport
 
 __all__ = ["audit_model", "dora_modules"]
@@ -94,6 +94,11 @@ def _merge(seen: list[ModuleRecord], model_modules: list[ModuleRecord], traced: 
     by_key = {(m.name, m.adapter): m for m in model_modules}
     merged = []
     for record in seen:
+        if (record.name, record.adapter) not in by_key:
+            # after a graph break Dynamo resumes inside a submodule: its paths are relative to it
+            full = [key for key in by_key if key[1] == record.adapter and key[0].endswith("." + record.name)]
+            if len(full) == 1:
+                record = ModuleRecord(**{**record.__dict__, "name": full[0][0]})
         known = by_key.pop((record.name, record.adapter), None)
         if known is not None:
             record = ModuleRecord(
@@ -121,7 +126,7 @@ def audit_model(rewrite_pass: DoraRewritePass, model: nn.Module, *args: Any, **k
     torch._dynamo.utils.counters.clear()
     try:
         torch.compile(model, backend=recorder)(*args, **kwargs)
-        counted_breaks = [" ".join(str(r).split()) for r in torch._dynamo.utils.counters["graph_break"]]
+        counted_breaks = [short_reason(str(r)) for r in torch._dynamo.utils.counters["graph_break"]]
     finally:
         torch._dynamo.reset()
     breaks = [reason for report in recorder.reports for reason in report.graph_breaks]

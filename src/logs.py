@@ -14,7 +14,7 @@ from torch.fx import GraphModule
 
 from .report import RewriteReport
 
-__all__ = ["ENV_VAR", "configure_from_env", "graph_break_reasons", "log", "log_report"]
+__all__ = ["ENV_VAR", "configure_from_env", "graph_break_reasons", "log", "log_report", "short_reason"]
 
 ENV_VAR = "DORA_FUSED_LOG"
 log = logging.getLogger("dora_fused")
@@ -43,7 +43,12 @@ def graph_break_reasons(gm: GraphModule) -> list[str]:
         return []
     stack = getattr(reason, "user_stack", None) or []
     where = f" ({stack[-1].filename}:{stack[-1].lineno})" if stack else ""
-    return [" ".join(str(reason.reason).split()) + where]
+    return [short_reason(str(reason.reason)) + where]
+
+
+def short_reason(text: str) -> str:
+    """Dynamo's graph-break message on one line, without its explanation and hints."""
+    return " ".join(text.split(" Explanation:")[0].split())
 
 
 def log_report(report: RewriteReport) -> None:

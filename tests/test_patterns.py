@@ -244,6 +244,36 @@ def test_hand_written_dora_in_weight_space(variant):
         assert_close(got[name], grad, rtol=1e-4, atol=1e-5, what=f"d {name}")
 
 
+def test_vision_language_model_llava():
+    """Image + text through a tiny LLaVA (CLIP tower, Llama LM); DoRA on the language model.
+
+    transformers' own code breaks the graph here (7 graphs); every DoRA module is
+    rewritten in whichever graph holds it, and the audit maps resumed frames' names back.
+    """
+    torch.manual_seed(0)
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8
+    )
+    text = transformers.LlamaConfig(**{**TINY_LLAMA, "vocab_size": 120})
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=100)
+    lm_linears = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    model = get_peft_model(
+        transformers.LlavaForConditionalGeneration(config),
+        LoraConfig(r=4, target_modules=lm_linears, use_dora=True, init_lora_weights=False),
+    )
+    perturb_magnitudes(model, 0.5)
+    model.eval()
+    ids = torch.cat([torch.tensor([[1]]), torch.full((1, 4), 100), torch.randint(2, 99, (1, 5))], 1)  # 4 image tokens
+    pixels = torch.randn(1, 3, 16, 16)
+    report = dora_fused.audit(model, input_ids=ids, pixel_values=pixels)
+    assert set(report.rewritten) == dora_module_names(model) and len(report.rewritten) == 14
+    assert report.skipped == []
+    before = len(dora_fused.reports())
+    out = torch.compile(model, backend="dora_fused")(input_ids=ids, pixel_values=pixels).logits
+    assert sum(len(r.rewritten) for r in dora_fused.reports()[before:]) == 14
+    assert_close(out, model(input_ids=ids, pixel_values=pixels).logits, rtol=2e-5, atol=2e-5, what="llava logits")
+
+
 # --- must not be rewritten -------------------------------------------------------------------------
 
 
