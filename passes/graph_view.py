@@ -39,6 +39,8 @@ _FUNCTIONS: dict[object, str] = {
     torch.true_divide: "div",
     torch._C._nn.linear: "linear",
     F.linear: "linear",
+    F.embedding: "embedding",
+    torch.embedding: "embedding",
     torch.eye: "eye",
     torch.detach: "detach",
     torch._C._linalg.linalg_norm: "linalg_norm",

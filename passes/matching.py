@@ -106,10 +106,26 @@ def _direct_product(node: Node, nodes: list[Node]) -> tuple[Node, Node]:
     return a_node, b_node
 
 
+def _transposed_product(node: Node, nodes: list[Node]) -> tuple[Node, Node]:
+    """``B·A`` spelled ``(Aᵀ @ Bᵀ).T`` (PEFT's Embedding DoRA): A and B are the transposes' sources."""
+    inner = node.args[0]
+    x, y = inner.args[0], inner.args[1]
+    if op_of(x) != "t" or op_of(y) != "t":
+        raise Unsupported("the low-rank update is not a recognized B·A product")
+    lora_A, lora_B = x.args[0], y.args[0]
+    a, b = example_value(lora_A), example_value(lora_B)
+    if a is None or b is None or a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
+        raise Unsupported("the low-rank update is not a recognized B·A product")
+    nodes += [node, inner]  # the inner transposes feed the LoRA path too: they stay
+    return lora_A, lora_B
+
+
 def _low_rank_product(node: object, nodes: list[Node]) -> tuple[Node, Node]:
-    """``B·A`` spelled as PEFT's identity trick ``linear(linear(eye(d_in), A), B).T``, or as a direct product."""
+    """``B·A`` as PEFT's identity trick ``linear(linear(eye(d_in), A), B).T``, ``(Aᵀ @ Bᵀ).T`` or ``B @ A``."""
     if op_of(node) == "matmul":
         return _direct_product(node, nodes)
+    if op_of(node) == "t" and op_of(node.args[0]) == "matmul":
+        return _transposed_product(node, nodes)
     if op_of(node) != "t":
         raise Unsupported("the low-rank update is not a recognized B·A product")
     nodes.append(node)

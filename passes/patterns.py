@@ -14,6 +14,8 @@ from torch.fx import Graph, Node
 
 from .hand_written import FORM as HAND_WRITTEN
 from .hand_written import match_hand_written, rewrite_hand_written
+from .peft_embedding import FORM as PEFT_EMBEDDING
+from .peft_embedding import match_peft_embedding, rewrite_peft_embedding
 from .peft_linear import FORM as PEFT_LINEAR
 from .peft_linear import match_peft_linear
 from .rewrite import rewrite_peft_linear
@@ -36,6 +38,12 @@ FORMS: tuple[Form, ...] = (
         "result + (g-1)·base + g·lora·s",
         match_peft_linear,
         rewrite_peft_linear,
+    ),
+    Form(
+        PEFT_EMBEDDING,
+        "peft 0.21 lora.Embedding with DoRA: norm of W.T + s·(A_t @ B_t).T, g·result + g·(embed(x, A_t) @ B_t)·s",
+        match_peft_embedding,
+        rewrite_peft_embedding,
     ),
     Form(
         HAND_WRITTEN,

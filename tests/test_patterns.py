@@ -163,7 +163,8 @@ def test_gpt2_fan_in_fan_out(train):
             assert_close(got[name], grad, rtol=1e-4, atol=1e-6, what=name)
 
 
-def test_embedding_and_conv_dora_are_left_alone_with_reasons():
+@pytest.mark.parametrize("train", [False, True])
+def test_embedding_dora_is_rewritten_and_conv_left_alone_with_a_reason(train):
     class Mixed(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -174,17 +175,30 @@ def test_embedding_and_conv_dora_are_left_alone_with_reasons():
         def forward(self, ids):
             return self.lin(self.conv(self.emb(ids).transpose(1, 2)).mean(-1))
 
+    torch.manual_seed(0)
     model = get_peft_model(
         Mixed(), LoraConfig(r=2, target_modules=["emb", "conv", "lin"], use_dora=True, init_lora_weights=False)
     )
+    perturb_magnitudes(model, 0.5)
+    model.train(train)
     ids = torch.randint(0, 30, (2, 9))
     report = dora_fused.audit(model, ids)
-    assert report.rewritten == ["base_model.model.lin"]
-    reasons = dict(report.skipped)
-    assert set(reasons) == {"base_model.model.emb", "base_model.model.conv"}
-    assert all(reason for reason in reasons.values())
+    assert set(report.rewritten) == {"base_model.model.emb", "base_model.model.lin"}
+    assert {m.kind for m in report.modules if m.status == "rewritten"} == {"PEFT Embedding", "PEFT Linear"}
+    [(name, reason)] = report.skipped
+    assert name == "base_model.model.conv" and "PEFT Conv is not supported yet" in reason
     out = torch.compile(model, backend="dora_fused")(ids)
-    assert_close(out, model(ids), rtol=2e-5, atol=2e-6, what="mixed")
+    if train:
+        out.square().sum().backward()
+    got = _grads(model)
+    model.zero_grad(set_to_none=True)
+    want = model(ids)
+    assert_close(out, want, rtol=2e-5, atol=2e-6, what="embedding + conv + linear")
+    if train:
+        want.square().sum().backward()
+        assert got.keys() == _grads(model).keys()
+        for key, grad in _grads(model).items():
+            assert_close(got[key], grad, rtol=1e-4, atol=1e-6, what=key)
 
 
 @pytest.mark.parametrize("train", [False, True])

@@ -1,0 +1,109 @@
+"""PEFT's DoRA Embedding (``peft.tuners.lora.dora.DoraEmbeddingLayer`` via ``lora.Embedding``).
+
+Search form, as Dynamo traces peft 0.21 (``A_t = lora_embedding_A.T``,
+``B_t = lora_embedding_B.T``; the table W is ``[num_embeddings, dim]`` and PEFT
+takes the norm of its transpose, one entry per embedding dimension)::
+
+    n    = detach(to(linalg_norm(W.T + s·detach((A_t @ B_t).T), dim=1)))       [dim]
+    g    = m / n
+    out  = g·result + (g·lora)·s          lora = embedding(ids, A_t) @ B_t,  result = embedding(ids, W)
+
+With ``B = lora_embedding_B [dim, r]`` and ``A = lora_embedding_A [r, num_embeddings]``,
+``W.T + s·B·A`` is the usual DoRA sum, so the factored norm applies as is.
+
+Replacement::
+
+    n   = factored_row_norm(detach(W.T), detach(A), detach(B), s)     # fp32 [dim]
+    out = compose(result, lora, m, n, None, s, dtype(out))            # g·(result + s·lora), rounded once
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch.fx import Graph, Node
+
+from .graph_view import example_value, is_scalar, is_symbolic_scalar, op_of
+from .matching import LowRankSum, NotDora, Unsupported, commuted, match_low_rank_sum, match_row_norm
+from .peft_linear import _scale_from_norm
+from .rewrite import TARGETS, erase_dead, insert_node
+
+__all__ = ["FORM", "PeftEmbeddingMatch", "match_peft_embedding", "rewrite_peft_embedding"]
+
+FORM = "peft_embedding"
+
+
+@dataclass
+class PeftEmbeddingMatch:
+    norm: LowRankSum
+    magnitude: Node
+    result: Node
+    lora: Node
+    scaling: float | Node
+    root: Node
+    nodes: list[Node] = field(default_factory=list)
+    form: str = FORM
+
+
+def match_peft_embedding(anchor: Node) -> PeftEmbeddingMatch:
+    """Match PEFT's DoRA Embedding around a row-norm ``anchor``; raises NotDora / Unsupported."""
+    low_rank = match_low_rank_sum(match_row_norm(anchor))
+    nodes: list[Node] = [*low_rank.nodes, anchor]
+    g, magnitude = _scale_from_norm(anchor, nodes)
+    if len(g.users) != 2:
+        raise NotDora("m / n is not used twice (the Embedding form scales the result and the LoRA output)")
+    users = list(g.users)
+    lora_mul = next((u for u in users if op_of(u) == "mul" and op_of(next(iter(u.users), None)) == "mul"), None)
+    result_mul = next((u for u in users if u is not lora_mul and op_of(u) == "mul"), None)
+    if lora_mul is None or result_mul is None:
+        raise NotDora("m / n does not scale both the result and the LoRA output")
+    lora = commuted(lora_mul, lambda a: a is not g)
+    result = commuted(result_mul, lambda a: a is not g)
+    scaled = next(iter(lora_mul.users))
+    pair = commuted(scaled, lambda a: is_scalar(a) or is_symbolic_scalar(a)) if len(lora_mul.users) == 1 else None
+    if lora is None or result is None or pair is None or pair[1] is not lora_mul:
+        raise Unsupported("g·lora is not multiplied by the scaling")
+    lora, result, scaling = lora[0], result[0], (float(pair[0]) if is_scalar(pair[0]) else pair[0])
+    root = next(iter(scaled.users), None)
+    if op_of(root) != "add" or set(root.args) != {result_mul, scaled} or len(scaled.users) != 1:
+        raise Unsupported("the two Embedding DoRA terms are not summed")
+    if len(result_mul.users) != 1:
+        raise Unsupported("g·result is used elsewhere")
+    # lora = embedding(ids, A_t) @ B_t, with the norm's A and B
+    if op_of(lora) != "matmul" or op_of(lora.args[0]) != "embedding":
+        raise Unsupported("the LoRA output is not embedding(ids, Aᵀ) @ Bᵀ")
+    a_t, b_t = lora.args[0].args[1], lora.args[1]
+    if (
+        op_of(a_t) != "t"
+        or op_of(b_t) != "t"
+        or a_t.args[0] is not low_rank.lora_A
+        or b_t.args[0] is not low_rank.lora_B
+    ):
+        raise Unsupported("the LoRA output does not use the norm's A and B")
+    r_val, l_val, root_val = example_value(result), example_value(lora), example_value(root)
+    d_out = example_value(low_rank.weight).shape[0]
+    if r_val is None or l_val is None or root_val is None or r_val.shape != l_val.shape or r_val.shape[-1] != d_out:
+        raise Unsupported("base and LoRA outputs do not have the embedding's output shape")
+    if root_val.shape != r_val.shape:
+        raise Unsupported("the DoRA scale broadcasts the output to another shape")
+    nodes += [lora_mul, scaled, result_mul, root]
+    return PeftEmbeddingMatch(low_rank, magnitude, result, lora, scaling, root, nodes)
+
+
+def rewrite_peft_embedding(graph: Graph, match: PeftEmbeddingMatch, impl: tuple[str, str]) -> tuple[str, ...]:
+    """Insert the factored norm and the compose before the root; retarget its users."""
+    norm_target, norm_name = TARGETS["norm"][impl[0]]
+    compose_target, compose_name = TARGETS["compose"][impl[1]]
+    low_rank, root = match.norm, match.root
+    dtype = example_value(root).dtype
+    with graph.inserting_before(root):
+        detached = [
+            insert_node(graph, "call_method", "detach", (n,), root)
+            for n in (low_rank.weight, low_rank.lora_A, low_rank.lora_B)
+        ]
+        norm = insert_node(graph, "call_function", norm_target, (*detached, low_rank.scaling), root)
+        args = (match.result, match.lora, match.magnitude, norm, None, match.scaling, dtype)
+        composed = insert_node(graph, "call_function", compose_target, args, root)
+    root.replace_all_uses_with(composed)
+    erase_dead(graph, match.nodes)
+    return norm_name, compose_name
