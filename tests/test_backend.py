@@ -228,6 +228,27 @@ def test_dynamic_true_is_rewritten_with_the_traced_scaling(train):
     assert all("symbolic scaling" in m.ops_reason and m.ops[0].startswith("torch:") for m in report.modules)
 
 
+def test_new_adapter_weights_loaded_in_place_show_at_once_without_recompiling():
+    """An adapter swap by loading weights into the same adapter (PEFT's set_peft_model_state_dict)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    model = tiny_llama_dora(torch.float32, torch.float32).eval()
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in other.named_parameters():
+            if "lora_" in name:
+                param.mul_(1.5).add_(0.01)
+    compiled = torch.compile(model, backend="dora_fused")
+    embeds = _embeds()
+    before_swap = compiled(inputs_embeds=embeds).logits
+    graphs = len(dora_fused.reports())
+    set_peft_model_state_dict(model, get_peft_model_state_dict(other))
+    after_swap = compiled(inputs_embeds=embeds).logits
+    assert len(dora_fused.reports()) == graphs  # same shapes: no recompilation
+    assert not torch.allclose(before_swap, after_swap)
+    assert_close(after_swap, other(inputs_embeds=embeds).logits, rtol=2e-5, atol=2e-6, what="swapped adapter")
+
+
 # --- options and records ---------------------------------------------------------------------------
 
 
