@@ -69,7 +69,8 @@ def _mutated_in_span(graph: Graph, anchor: Node, match: object) -> str | None:
     order = {n: i for i, n in enumerate(graph.nodes)}
     inputs = _inputs(match)
     roots = {strip(n, ("view", "t", "detach", "to")) for n in inputs} | inputs
-    first = min(order[n] for n in [*match.nodes, anchor, *inputs] if n in order)
+    # a write before the first matched node reaches the original and the replacement alike
+    first = min(order[n] for n in [*match.nodes, anchor] if n in order)
     for node in graph.nodes:
         if first < order[node] < order[match.root]:
             target = mutated_tensor(node)

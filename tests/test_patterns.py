@@ -340,3 +340,19 @@ def test_an_input_mutated_between_the_norm_and_its_use_is_left_alone():
     assert "modified in place between the norm and its use" in reason
     assert_close(out, reference(x), rtol=0, atol=0, what="mutating module")
     assert torch.equal(module.A, reference.A)
+
+
+def test_an_in_place_write_before_the_dora_computation_does_not_block_the_rewrite():
+    """A write the original and the replacement both see (it comes before every matched node)."""
+
+    class ScalesInputFirst(HandWrittenDora):
+        def forward(self, x):
+            x = x.clone()
+            x.mul_(2.0)
+            return super().forward(x)
+
+    module = ScalesInputFirst()
+    x = torch.randn(3, 5)
+    out = torch.compile(module, backend="dora_fused")(x)
+    assert dora_fused.last_report().rewritten == ["(root)"]
+    assert_close(out, module(x), rtol=1e-5, atol=1e-5, what="input scaled in place first")
