@@ -146,10 +146,11 @@ class DoraRewritePass:
         w, a = example_value(low_rank.weight), example_value(low_rank.lora_A)
         inputs = (low_rank.weight, low_rank.lora_A, low_rank.lora_B, match.magnitude)
         outputs = tuple(n for n in (getattr(match, "result", None), getattr(match, "lora", None)) if n is not None)
+        d_out, d_in = getattr(match, "layer_shape", (int(w.shape[0]), int(w.shape[1])))
         facts = LayerFacts(
             device=w.device,
-            d_out=int(w.shape[0]),
-            d_in=int(w.shape[1]),
+            d_out=d_out,
+            d_in=d_in,
             dtypes=tuple(example_value(n).dtype for n in (*inputs, *outputs)),
             symbolic_scaling=isinstance(low_rank.scaling, Node) or isinstance(getattr(match, "scaling", None), Node),
         )

@@ -8,10 +8,18 @@ Search form (``w`` shared by the norm and the scaled weight; casts allowed)::
     w'  = m·(w / n)  |  (m / n)·w  |  (m·w) / n        m: [d_out, 1], or [d_out] viewed to it
     out = linear(x, w'[, b])
 
+or the DoRA paper's column convention, ``W`` stored ``[d_in, d_out]``::
+
+    w   = W + s·(B @ A)                   B [d_in, r], A [r, d_out]
+    n   = norm(w, dim=0[, keepdim])       the same spellings, over dim 0
+    w'  = as above, m and n [d_out] or [1, d_out]
+    out = x @ w'
+
 Replacement, in activation space (no ``[d_out, d_in]`` tensor at all)::
 
     n   = factored row norm of (W, A, B, s)                        [d_out] fp32
     out = g ⊙ (linear(x, W) + s·linear(linear(x, A), B)) [+ b],    g = m / n
+    (columns: the norm of (Wᵀ, Bᵀ, Aᵀ); out = g ⊙ (x @ W + s·(x @ B) @ A))
 
 The value is the same function of ``x, W, A, B, m, b``. A detached norm gets
 detached inputs; a norm that is not detached gets the differentiable plain-torch
@@ -29,7 +37,7 @@ from torch.fx import Graph, Node
 from dora_fused import kernels
 
 from .graph_view import arg, example_value, op_of, single_user, strip
-from .matching import CASTS, LowRankSum, NotDora, Unsupported, commuted, match_low_rank_sum, row_norm_input
+from .matching import CASTS, LowRankSum, NotDora, Unsupported, commuted, match_low_rank_sum, norm_input
 from .rewrite import TARGETS, erase_dead, insert_node
 
 __all__ = ["FORM", "HandWrittenMatch", "match_hand_written", "rewrite_hand_written"]
@@ -45,9 +53,16 @@ class HandWrittenMatch:
     x: Node
     bias: Node | None
     detached: bool
-    root: Node  # linear(x, w', b): its value is replaced
+    root: Node  # linear(x, w', b) or x @ w': its value is replaced
     nodes: list[Node] = field(default_factory=list)
     form: str = FORM
+    columns: bool = False  # the paper's convention: W is [d_in, d_out], the norm runs over dim 0
+
+    @property
+    def layer_shape(self) -> tuple[int, int]:
+        """``(d_out, d_in)`` of the layer, whatever the storage orientation."""
+        rows, cols = example_value(self.norm.weight).shape
+        return (int(cols), int(rows)) if self.columns else (int(rows), int(cols))
 
 
 def _only_user(node: Node) -> Node:
@@ -63,14 +78,15 @@ def _is_magnitude(node: object, d_out: int) -> bool:
 
 def match_hand_written(anchor: Node) -> HandWrittenMatch:
     """Match the hand-written weight-space form around a row-norm ``anchor``; raises NotDora / Unsupported."""
-    w_in, _ = row_norm_input(anchor)
+    w_in, axis, _ = norm_input(anchor)
+    columns = axis == 0
     w = strip(w_in, CASTS)
     if not isinstance(w, Node) or op_of(w) != "add":
         raise NotDora("norm input is not a sum")
     if len(w.users) != 2:
         raise NotDora("W + s·B·A is not used by exactly a norm and a scaled weight")
     low_rank = match_low_rank_sum(w_in, shared=(w,))
-    d_out = int(example_value(low_rank.weight).shape[0])
+    d_out = int(example_value(low_rank.weight).shape[1 if columns else 0])
     nodes: list[Node] = [*low_rank.nodes, anchor]
 
     # n, possibly detached and reshaped to [d_out, 1]
@@ -80,9 +96,10 @@ def match_hand_written(anchor: Node) -> HandWrittenMatch:
         detached |= op_of(n) == "detach"
         nodes.append(n)
 
-    def column(node: object) -> bool:  # a per-row factor of W: [d_out, 1]
+    def column(node: object) -> bool:  # a per-output factor of W: [d_out, 1] (rows) or [d_out] / [1, d_out]
         value = example_value(node)
-        return value is not None and tuple(value.shape) == (d_out, 1)
+        shapes = {(d_out,), (1, d_out)} if columns else {(d_out, 1)}
+        return value is not None and tuple(value.shape) in shapes
 
     # w' = m·(w / n) | (m / n)·w | (m·w) / n
     user = _only_user(n)
@@ -120,15 +137,20 @@ def match_hand_written(anchor: Node) -> HandWrittenMatch:
         nodes.append(w)
 
     root = _only_user(scaled)
-    if op_of(root) != "linear" or arg(root, 1, "weight") is not scaled:
-        raise Unsupported("the DoRA weight is not used by F.linear")
-    x, bias = arg(root, 0, "input"), arg(root, 2, "bias")
+    if columns:
+        if op_of(root) != "matmul" or len(root.args) != 2 or root.args[1] is not scaled:
+            raise Unsupported("the DoRA weight (column convention) is not used as x @ w'")
+        x, bias = root.args[0], None
+    else:
+        if op_of(root) != "linear" or arg(root, 1, "weight") is not scaled:
+            raise Unsupported("the DoRA weight is not used by F.linear")
+        x, bias = arg(root, 0, "input"), arg(root, 2, "bias")
     values = [example_value(v) for v in (x, low_rank.weight, low_rank.lora_A, low_rank.lora_B, magnitude)]
     if any(v is None for v in values) or len({v.dtype for v in values}) != 1:
         raise Unsupported("hand-written DoRA with mixed dtypes is not a supported form yet")
     if isinstance(low_rank.scaling, Node):
         raise Unsupported("symbolic scaling in the hand-written form is not supported yet")
-    return HandWrittenMatch(low_rank, magnitude, x, bias, detached, root, nodes)
+    return HandWrittenMatch(low_rank, magnitude, x, bias, detached, root, nodes, columns=columns)
 
 
 def rewrite_hand_written(graph: Graph, match: HandWrittenMatch, impl: tuple[str, str]) -> tuple[str, ...]:
@@ -137,20 +159,30 @@ def rewrite_hand_written(graph: Graph, match: HandWrittenMatch, impl: tuple[str,
     s = low_rank.scaling
     dtype = example_value(root).dtype
     with graph.inserting_before(root):
+        # the norm's operands in row form: (W [d_out, d_in], A [r, d_in], B [d_out, r])
+        operands = (low_rank.weight, low_rank.lora_A, low_rank.lora_B)
+        if match.columns:  # Wᵀ + s·(B·A)ᵀ = Wᵀ + s·Aᵀ·Bᵀ: row form of (Wᵀ, Bᵀ, Aᵀ), as views
+            operands = tuple(
+                insert_node(graph, "call_method", "t", (n,), root)
+                for n in (low_rank.weight, low_rank.lora_B, low_rank.lora_A)
+            )
         if match.detached:
             norm_target, norm_name = TARGETS["norm"][impl[0]]
-            inputs = [
-                insert_node(graph, "call_method", "detach", (n,), root)
-                for n in (low_rank.weight, low_rank.lora_A, low_rank.lora_B)
-            ]
+            inputs = [insert_node(graph, "call_method", "detach", (n,), root) for n in operands]
         else:  # the norm carries gradient: the differentiable plain-torch factored norm
             norm_target, norm_name = kernels.factored_row_norm_differentiable, "torch:factored_row_norm_differentiable"
-            inputs = [low_rank.weight, low_rank.lora_A, low_rank.lora_B]
+            inputs = list(operands)
         norm = insert_node(graph, "call_function", norm_target, (*inputs, s), root)
         m = insert_node(graph, "call_method", "reshape", (match.magnitude, -1), root)
-        base = insert_node(graph, "call_function", torch.nn.functional.linear, (match.x, low_rank.weight), root)
-        down = insert_node(graph, "call_function", torch.nn.functional.linear, (match.x, low_rank.lora_A), root)
-        lora = insert_node(graph, "call_function", torch.nn.functional.linear, (down, low_rank.lora_B), root)
+        if match.columns:  # x @ W and (x @ B) @ A
+            base = insert_node(graph, "call_function", torch.matmul, (match.x, low_rank.weight), root)
+            down = insert_node(graph, "call_function", torch.matmul, (match.x, low_rank.lora_B), root)
+            lora = insert_node(graph, "call_function", torch.matmul, (down, low_rank.lora_A), root)
+        else:
+            linear = torch.nn.functional.linear
+            base = insert_node(graph, "call_function", linear, (match.x, low_rank.weight), root)
+            down = insert_node(graph, "call_function", linear, (match.x, low_rank.lora_A), root)
+            lora = insert_node(graph, "call_function", linear, (down, low_rank.lora_B), root)
         out = insert_node(
             graph, "call_function", kernels.compose_reference, (base, lora, m, norm, None, s, dtype), root
         )

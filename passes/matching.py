@@ -21,6 +21,7 @@ __all__ = [
     "commuted",
     "match_low_rank_sum",
     "match_row_norm",
+    "norm_input",
     "row_norm_input",
 ]
 
@@ -61,11 +62,12 @@ def commuted(node: Node, want_first) -> tuple[object, object] | None:
 NORMS = ("linalg_norm", "linalg_vector_norm", "norm")  # the row-norm spellings an anchor may have
 
 
-def row_norm_input(norm: Node) -> tuple[Node, bool]:
-    """``(X, keepdim)`` of a row L2 norm of a 2-D ``X``, in any spelling; raises NotDora otherwise.
+def norm_input(norm: Node) -> tuple[Node, int, bool]:
+    """``(X, dim, keepdim)`` of an L2 norm of a 2-D ``X`` over one dim, in any spelling; raises NotDora otherwise.
 
     ``linalg.norm(X, ord, dim, keepdim)``, ``linalg.vector_norm(X, ord, dim, keepdim)``,
-    ``X.norm(p, dim, keepdim)`` / ``torch.norm(X, p, dim, keepdim)``; ord/p 2 (or default), dim 1.
+    ``X.norm(p, dim, keepdim)`` / ``torch.norm(X, p, dim, keepdim)``; ord/p 2 (or default).
+    ``dim`` is returned as 0 (columns: the DoRA paper's convention) or 1 (rows).
     """
     kind = op_of(norm)
     if kind not in NORMS:
@@ -79,11 +81,20 @@ def row_norm_input(norm: Node) -> tuple[Node, bool]:
     value = example_value(x)
     if value is None or value.dim() != 2:
         raise NotDora("norm of a tensor that is not 2-D")
-    if dim not in (1, -1, (1,), (-1,), [1], [-1]) or ord_ not in (None, 2, 2.0, "fro"):
-        raise NotDora("not a row L2 norm")
+    axis = {1: 1, -1: 1, 0: 0, -2: 0}.get(dim[0] if isinstance(dim, (tuple, list)) and len(dim) == 1 else dim)
+    if axis is None or ord_ not in (None, 2, 2.0):
+        raise NotDora("not an L2 norm over one dim")
     if norm.kwargs.get("dtype") is not None:
         raise Unsupported("row norm with a dtype argument is not a supported form yet")
-    return x, bool(keepdim)
+    return x, axis, bool(keepdim)
+
+
+def row_norm_input(norm: Node) -> tuple[Node, bool]:
+    """``(X, keepdim)`` of a row L2 norm (over dim 1) of a 2-D ``X``; raises NotDora otherwise."""
+    x, axis, keepdim = norm_input(norm)
+    if axis != 1:
+        raise NotDora("not a row norm")
+    return x, keepdim
 
 
 def match_row_norm(norm: Node) -> Node:

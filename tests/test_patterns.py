@@ -258,6 +258,45 @@ def test_hand_written_dora_in_weight_space(variant):
         assert_close(got[name], grad, rtol=1e-4, atol=1e-5, what=f"d {name}")
 
 
+class PaperConventionDora(torch.nn.Module):
+    """The DoRA paper's convention: W is [d_in, d_out], the norm runs over dim 0, out = x @ W'."""
+
+    def __init__(self, d_in: int, d_out: int, r: int, *, detach: bool, flat_magnitude: bool):
+        super().__init__()
+        gen = torch.Generator().manual_seed(1)
+        self.W = torch.nn.Parameter(torch.randn(d_in, d_out, generator=gen))
+        self.B = torch.nn.Parameter(torch.randn(d_in, r, generator=gen))
+        self.A = torch.nn.Parameter(torch.randn(r, d_out, generator=gen))
+        magnitude = torch.rand(d_out, generator=gen) + 1
+        self.m = torch.nn.Parameter(magnitude if flat_magnitude else magnitude.view(1, -1))
+        self.detach, self.flat = detach, flat_magnitude
+
+    def forward(self, x):
+        w = self.W + 0.25 * (self.B @ self.A)
+        n = torch.linalg.vector_norm(w, dim=0, keepdim=not self.flat)
+        n = n.detach() if self.detach else n
+        return x @ (self.m * (w / n))
+
+
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("flat_magnitude", [True, False])
+def test_hand_written_dora_in_the_papers_column_convention(detach, flat_magnitude):
+    model = PaperConventionDora(13, 11, 3, detach=detach, flat_magnitude=flat_magnitude)
+    x = torch.randn(4, 13, requires_grad=True)
+    out = torch.compile(model, backend="dora_fused")(x)
+    [record] = dora_fused.last_report().modules
+    assert record.status == "rewritten" and (record.d_out, record.d_in, record.rank) == (11, 13, 3)
+    out.square().sum().backward()
+    got = {**_grads(model), "x": x.grad.clone()}
+    model.zero_grad(set_to_none=True)
+    x_eager = x.detach().clone().requires_grad_()
+    want = model(x_eager)
+    want.square().sum().backward()
+    assert_close(out, want, rtol=1e-5, atol=1e-5, what="column convention output")
+    for name, grad in {**_grads(model), "x": x_eager.grad}.items():
+        assert_close(got[name], grad, rtol=1e-4, atol=1e-5, what=f"d {name}")
+
+
 def test_vision_language_model_llava():
     """Image + text through a tiny LLaVA (CLIP tower, Llama LM); DoRA on the language model.
 
