@@ -41,6 +41,7 @@ from torch.library import triton_op, wrap_triton
 __all__ = [
     "compose",
     "compose_backward_reference",
+    "compose_backward_torch",
     "compose_backward_triton",
     "compose_forward_triton",
     "compose_reference",
@@ -97,6 +98,45 @@ def compose_with_base_reference(
     return (result.to(acc) + (g - 1.0) * base.to(acc) + (g * scaling) * lora.to(acc)).to(out_dtype)
 
 
+def compose_backward_torch(
+    grad_out: Tensor,
+    result: Tensor,
+    lora: Tensor,
+    magnitude: Tensor,
+    weight_norm: Tensor,
+    bias: Tensor | None,
+    scaling: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward pass in plain torch: ``(d_result, d_lora, v, Σ_T dy)``, as ``compose_backward_triton``.
+
+    ``v`` and ``Σ_T dy`` are in the compute dtype; ``Σ dy`` is empty without bias.
+    """
+    acc = compute_dtype(grad_out, result, lora, magnitude, weight_norm, bias)
+    dy = grad_out.to(acc)
+    g = magnitude.to(acc) / weight_norm.to(acc)
+    token_dims = tuple(range(dy.dim() - 1))
+    base = result.to(acc) if bias is None else result.to(acc) - bias.to(acc)
+    v = (dy * (base + scaling * lora.to(acc))).sum(token_dims)
+    dy_sum = dy.sum(token_dims) if bias is not None else dy.new_empty(0)
+    return (g * dy).to(result.dtype), ((g * scaling) * dy).to(lora.dtype), v, dy_sum
+
+
+def vector_grads(
+    v: Tensor,
+    dy_sum: Tensor,
+    magnitude: Tensor,
+    weight_norm: Tensor,
+    bias: Tensor | None,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(d_m, d_n, d_b)`` from the token sums: ``v / n``, ``-v·m / n²``, ``(1 - g)·Σ dy``; None where not needed."""
+    n, m = weight_norm.to(v.dtype), magnitude.to(v.dtype)
+    d_magnitude = (v / n).to(magnitude.dtype) if needs[0] else None
+    d_norm = (-v * m / (n * n)).to(weight_norm.dtype) if needs[1] else None
+    d_bias = ((1.0 - m / n) * dy_sum).to(bias.dtype) if needs[2] and bias is not None else None
+    return d_magnitude, d_norm, d_bias
+
+
 def compose_backward_reference(
     grad_out: Tensor,
     result: Tensor,
@@ -108,27 +148,9 @@ def compose_backward_reference(
     needs_grad: tuple[bool, bool, bool, bool, bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """Gradients to (result, lora, magnitude, weight_norm, bias); ``None`` where not needed."""
-    acc = compute_dtype(grad_out, result, lora, magnitude, weight_norm, bias)
-    dy = grad_out.to(acc)
-    m, n = magnitude.to(acc), weight_norm.to(acc)
-    g = m / n
-    token_dims = tuple(range(dy.dim() - 1))
-    d_result = (g * dy).to(result.dtype) if needs_grad[0] else None
-    d_lora = ((g * scaling) * dy).to(lora.dtype) if needs_grad[1] else None
-    d_magnitude = d_norm = None
-    if needs_grad[2] or needs_grad[3]:
-        base = result.to(acc)
-        if bias is not None:
-            base = base - bias.to(acc)
-        v = (dy * (base + scaling * lora.to(acc))).sum(token_dims)
-        if needs_grad[2]:
-            d_magnitude = (v / n).to(magnitude.dtype)
-        if needs_grad[3]:
-            d_norm = (-v * m / (n * n)).to(weight_norm.dtype)
-    d_bias = None
-    if needs_grad[4] and bias is not None:
-        d_bias = (dy * (1.0 - g)).sum(token_dims).to(bias.dtype)
-    return d_result, d_lora, d_magnitude, d_norm, d_bias
+    d_result, d_lora, v, dy_sum = compose_backward_torch(grad_out, result, lora, magnitude, weight_norm, bias, scaling)
+    d_vectors = vector_grads(v, dy_sum, magnitude, weight_norm, bias, needs_grad[2:])
+    return (d_result if needs_grad[0] else None, d_lora if needs_grad[1] else None, *d_vectors)
 
 
 # ----------------------------------------------------------------------------
@@ -358,14 +380,7 @@ def _compose_backward_op(
     """``(d_result, d_lora, v, Σ_T dy)`` as in the module docstring; ``Σ dy`` is empty without bias."""
     if _use_triton(result, lora, magnitude, weight_norm):
         return compose_backward_triton(grad_out, result, lora, magnitude, weight_norm, bias, scaling)
-    acc = compute_dtype(grad_out, result, lora, magnitude, weight_norm, bias)
-    dy = grad_out.to(acc)
-    g = magnitude.to(acc) / weight_norm.to(acc)
-    token_dims = tuple(range(dy.dim() - 1))
-    base = result.to(acc) if bias is None else result.to(acc) - bias.to(acc)
-    v = (dy * (base + scaling * lora.to(acc))).sum(token_dims)
-    dy_sum = dy.sum(token_dims) if bias is not None else dy.new_empty(0)
-    return (g * dy).to(result.dtype), ((g * scaling) * dy).to(lora.dtype), v, dy_sum
+    return compose_backward_torch(grad_out, result, lora, magnitude, weight_norm, bias, scaling)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -383,12 +398,7 @@ def _backward(ctx, grad_out: Tensor):
     d_result, d_lora, v, dy_sum = torch.ops.dora_fused.compose_backward(
         grad_out, result, lora, magnitude, weight_norm, bias, ctx.scaling
     )
-    n = weight_norm.to(v.dtype)
-    d_magnitude = (v / n).to(magnitude.dtype) if needs[2] else None
-    d_norm = (-v * magnitude.to(v.dtype) / (n * n)).to(weight_norm.dtype) if needs[3] else None
-    d_bias = None
-    if needs[4] and bias is not None:
-        d_bias = ((1.0 - magnitude.to(v.dtype) / n) * dy_sum).to(bias.dtype)
+    d_magnitude, d_norm, d_bias = vector_grads(v, dy_sum, magnitude, weight_norm, bias, needs[2:5])
     return (
         d_result if needs[0] else None,
         d_lora if needs[1] else None,
