@@ -23,6 +23,19 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {k.removeprefix("_orig_mod."): p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
+def _assert_matches_eager(model, x: torch.Tensor, out: torch.Tensor, what: str) -> None:
+    """``out = compiled(x)`` against eager: the output, and the gradients of ``Σ out²`` to every parameter and x."""
+    out.square().sum().backward()
+    got = {**_grads(model), "x": x.grad.clone()}
+    model.zero_grad(set_to_none=True)
+    x_eager = x.detach().clone().requires_grad_()
+    want = model(x_eager)
+    want.square().sum().backward()
+    assert_close(out, want, rtol=1e-5, atol=1e-5, what=what)
+    for name, grad in {**_grads(model), "x": x_eager.grad}.items():
+        assert_close(got[name], grad, rtol=1e-4, atol=1e-5, what=f"d {name}")
+
+
 @pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
 def test_dropout_in_training_keeps_peft_semantics(inner):
     """With dropout active PEFT runs the base layer again on the dropped input: kept, composed around."""
@@ -247,15 +260,7 @@ def test_hand_written_dora_in_weight_space(variant):
     assert report.modules[0].ops[0] == (
         "torch:factored_row_norm_torch" if variant["detach"] else "torch:factored_row_norm_differentiable"
     )
-    out.square().sum().backward()
-    got = {**_grads(model), "x": x.grad.clone()}
-    model.zero_grad(set_to_none=True)
-    x_eager = x.detach().clone().requires_grad_()
-    want = model(x_eager)
-    want.square().sum().backward()
-    assert_close(out, want, rtol=1e-5, atol=1e-5, what="hand-written output")
-    for name, grad in {**_grads(model), "x": x_eager.grad}.items():
-        assert_close(got[name], grad, rtol=1e-4, atol=1e-5, what=f"d {name}")
+    _assert_matches_eager(model, x, out, "hand-written output")
 
 
 class PaperConventionDora(torch.nn.Module):
@@ -286,15 +291,7 @@ def test_hand_written_dora_in_the_papers_column_convention(detach, flat_magnitud
     out = torch.compile(model, backend="dora_fused")(x)
     [record] = dora_fused.last_report().modules
     assert record.status == "rewritten" and (record.d_out, record.d_in, record.rank) == (11, 13, 3)
-    out.square().sum().backward()
-    got = {**_grads(model), "x": x.grad.clone()}
-    model.zero_grad(set_to_none=True)
-    x_eager = x.detach().clone().requires_grad_()
-    want = model(x_eager)
-    want.square().sum().backward()
-    assert_close(out, want, rtol=1e-5, atol=1e-5, what="column convention output")
-    for name, grad in {**_grads(model), "x": x_eager.grad}.items():
-        assert_close(got[name], grad, rtol=1e-4, atol=1e-5, what=f"d {name}")
+    _assert_matches_eager(model, x, out, "column convention output")
 
 
 def test_vision_language_model_llava():
