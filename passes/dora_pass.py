@@ -14,9 +14,9 @@ from torch.fx import Graph, GraphModule, Node
 
 from dora_fused.report import KINDS, NON_PEFT_KINDS, ModuleRecord
 
-from .graph_view import example_value, mutated_tensor, op_of, strip
+from .graph_view import arg, example_value, mutated_tensor, op_of, strip
 from .heuristics import LayerFacts, OpsImpl, choose_ops
-from .matching import NORMS, NotDora, Unsupported
+from .matching import NotDora, Unsupported
 from .memory import dense_norm_bytes, rewritten_norm_bytes
 from .naming import module_path
 from .patterns import FORMS, Form
@@ -55,9 +55,18 @@ def _dtype(node: object) -> str | None:
 def _inputs(match: object) -> set[Node]:
     """Every graph value the replacement reads: the match's fields that are nodes."""
     low_rank = match.norm
-    values = [low_rank.weight, low_rank.lora_A, low_rank.lora_B, low_rank.scaling]
-    values += [getattr(match, f, None) for f in ("magnitude", "result", "lora", "bias", "base", "x", "scaling")]
+    values = [low_rank.weight, low_rank.lora_A, low_rank.lora_B, low_rank.scaling] if low_rank is not None else []
+    fields = ("magnitude", "result", "lora", "bias", "base", "x", "scaling", "weight_norm")
+    values += [getattr(match, f, None) for f in fields]
     return {v for v in values if isinstance(v, Node)}
+
+
+def _base_weight(match: object) -> Node | None:
+    """W of the layer: the norm's, or the base output's weight argument when no norm is in the graph."""
+    if match.norm is not None:
+        return match.norm.weight
+    result = getattr(match, "result", None)
+    return arg(result, 1, "weight") if op_of(result) in ("linear", "conv") else None
 
 
 def _mutated_in_span(graph: Graph, anchor: Node, match: object) -> str | None:
@@ -112,8 +121,11 @@ class DoraRewritePass:
 
     def _rewrite_all(self, graph: Graph) -> list[ModuleRecord]:
         records = []
-        anchors = [n for n in graph.nodes if op_of(n) in NORMS]
+        anchor_ops = {op for form in self.forms for op in form.anchors}
+        anchors = [n for n in graph.nodes if op_of(n) in anchor_ops]
         for anchor in anchors:
+            if getattr(anchor, "_erased", False):  # part of an earlier rewrite (fx marks erased nodes)
+                continue
             record = self._rewrite_one(graph, anchor)
             if record is not None:
                 records.append(record)
@@ -123,6 +135,8 @@ class DoraRewritePass:
         name, adapter = _layer_and_adapter(anchor)
         unsupported: tuple[str, Unsupported] | None = None  # the last form that got past NotDora, and why
         for form in self.forms:
+            if op_of(anchor) not in form.anchors:
+                continue
             try:
                 match = form.match(anchor)
             except NotDora:
@@ -142,21 +156,30 @@ class DoraRewritePass:
         return ModuleRecord(name, adapter, form_name, "skipped", reason=str(why), kind=kind)
 
     def _rewrite(self, graph: Graph, form: Form, match: object, name: str, adapter: str | None) -> ModuleRecord:
-        low_rank = match.norm
-        w, a = example_value(low_rank.weight), example_value(low_rank.lora_A)
-        inputs = (low_rank.weight, low_rank.lora_A, low_rank.lora_B, match.magnitude)
-        outputs = tuple(n for n in (getattr(match, "result", None), getattr(match, "lora", None)) if n is not None)
+        low_rank = match.norm  # None where the graph computes no norm (PEFT's cached norm)
+        weight = _base_weight(match)
+        lora_A = low_rank.lora_A if low_rank is not None else match.lora_A
+        lora_B = low_rank.lora_B if low_rank is not None else match.lora_B
+        w, a = example_value(weight), example_value(lora_A)
+        values = (weight, lora_A, lora_B, match.magnitude, getattr(match, "result", None), getattr(match, "lora", None))
         d_out, d_in = getattr(match, "layer_shape", (int(w.shape[0]), int(w.shape[1])))
+        scalings = (getattr(low_rank, "scaling", None), getattr(match, "scaling", None))
         facts = LayerFacts(
-            device=w.device,
+            device=a.device,
             d_out=d_out,
             d_in=d_in,
-            dtypes=tuple(example_value(n).dtype for n in (*inputs, *outputs)),
-            symbolic_scaling=isinstance(low_rank.scaling, Node) or isinstance(getattr(match, "scaling", None), Node),
+            dtypes=tuple(example_value(n).dtype for n in values if n is not None),
+            symbolic_scaling=any(isinstance(s, Node) for s in scalings),
+            channel_dim=getattr(match, "channel_dim", -1),
         )
         impl, why = choose_ops(self.ops, facts)
         ops = form.rewrite(graph, match, impl)
         rank = int(a.shape[0])
+        if low_rank is not None:
+            dense = dense_norm_bytes(d_out, d_in, rank, w.dtype, a.dtype, low_rank.identity_trick)
+            rewritten = rewritten_norm_bytes(d_out, d_in, rank, w.dtype, a.dtype, impl[0])
+        else:
+            dense = rewritten = None  # PEFT's cache holds the norm: no norm is computed
         return ModuleRecord(
             name,
             adapter,
@@ -165,12 +188,12 @@ class DoraRewritePass:
             d_out=facts.d_out,
             d_in=facts.d_in,
             rank=rank,
-            weight_dtype=_dtype(low_rank.weight),
-            adapter_dtype=_dtype(low_rank.lora_A),
+            weight_dtype=_dtype(weight),
+            adapter_dtype=_dtype(lora_A),
             magnitude_dtype=_dtype(match.magnitude),
             ops=ops,
             ops_reason=why,
-            kind=_kind(form.name, adapter),
-            dense_bytes=dense_norm_bytes(facts.d_out, facts.d_in, rank, w.dtype, a.dtype),
-            rewritten_bytes=rewritten_norm_bytes(facts.d_out, facts.d_in, rank, w.dtype, a.dtype, impl[0]),
+            kind=getattr(match, "kind", None) or _kind(form.name, adapter),
+            dense_bytes=dense,
+            rewritten_bytes=rewritten,
         )

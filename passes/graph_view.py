@@ -51,6 +51,10 @@ _FUNCTIONS: dict[object, str] = {
     operator.matmul: "matmul",
     torch.matmul: "matmul",
     torch.mm: "matmul",
+    torch.conv1d: "conv",
+    torch.conv2d: "conv",
+    torch.conv3d: "conv",
+    torch.transpose: "transpose",
 }
 
 _METHODS: dict[str, str] = {
@@ -69,6 +73,7 @@ _METHODS: dict[str, str] = {
     "matmul": "matmul",
     "mm": "matmul",
     "unsqueeze": "view",
+    "transpose": "transpose",
 }
 
 

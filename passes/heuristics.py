@@ -51,6 +51,7 @@ class LayerFacts:
     d_in: int
     dtypes: tuple[torch.dtype, ...]  # weight, adapters, magnitude, compose inputs
     symbolic_scaling: bool = False  # s is a traced SymFloat (torch.compile(dynamic=True))
+    channel_dim: int = -1  # where the output features are: -1 (Linear), 1 (Conv: channels first)
 
 
 Impl = Literal["triton", "torch"]
@@ -58,6 +59,14 @@ Impl = Literal["triton", "torch"]
 
 def choose_ops(preference: OpsImpl, layer: LayerFacts) -> tuple[tuple[Impl, Impl], str]:
     """(norm, compose) implementations for ``layer``, and why (one line, for the record)."""
+    (norm, compose), why = _choose(preference, layer)
+    if layer.channel_dim != -1 and compose == "triton":
+        # the Triton compose takes output features on the last dim
+        return (norm, "torch"), f"{why}; channels-first output: Inductor-fused compose"
+    return (norm, compose), why
+
+
+def _choose(preference: OpsImpl, layer: LayerFacts) -> tuple[tuple[Impl, Impl], str]:
     if layer.symbolic_scaling:
         # the ops take s as a float argument; the plain-torch functions take the traced SymFloat
         return ("torch", "torch"), "symbolic scaling (dynamic=True): plain-torch ops take the traced s"

@@ -7,11 +7,12 @@ fully recognized (the subgraph is left as it was and the reason recorded).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from torch.fx import Node
 
-from .graph_view import arg, example_value, is_scalar, is_symbolic_scalar, op_of, single_user, strip
+from .graph_view import arg, example_value, is_scalar, is_symbolic_scalar, op_of, strip
 
 __all__ = [
     "NORMS",
@@ -23,6 +24,7 @@ __all__ = [
     "match_row_norm",
     "norm_input",
     "row_norm_input",
+    "trailing_norm_input",
 ]
 
 CASTS = ("to", "float")
@@ -45,6 +47,12 @@ class LowRankSum:
     lora_B: Node  # [d_out, r]
     scaling: float | Node  # a Python float, or the node of a symbolic float (dynamic=True)
     nodes: list[Node] = field(default_factory=list)  # the dense path, for removal
+    identity_trick: bool = False  # B·A built as linear(linear(eye(d_in), A), B).T (memory estimate)
+
+    @property
+    def layer_shape(self) -> tuple[int, int]:
+        """``(d_out, d_in)`` of the rows the norm runs over (``W`` flattened past dim 0, as Conv weights are)."""
+        return int(example_value(self.lora_B).shape[0]), int(example_value(self.lora_A).shape[1])
 
 
 def commuted(node: Node, want_first) -> tuple[object, object] | None:
@@ -62,12 +70,11 @@ def commuted(node: Node, want_first) -> tuple[object, object] | None:
 NORMS = ("linalg_norm", "linalg_vector_norm", "norm")  # the row-norm spellings an anchor may have
 
 
-def norm_input(norm: Node) -> tuple[Node, int, bool]:
-    """``(X, dim, keepdim)`` of an L2 norm of a 2-D ``X`` over one dim, in any spelling; raises NotDora otherwise.
+def _norm_call(norm: Node) -> tuple[Node, object, object, bool]:
+    """``(X, ord, dim, keepdim)`` of a norm node in any spelling; raises NotDora if it is not a norm.
 
     ``linalg.norm(X, ord, dim, keepdim)``, ``linalg.vector_norm(X, ord, dim, keepdim)``,
-    ``X.norm(p, dim, keepdim)`` / ``torch.norm(X, p, dim, keepdim)``; ord/p 2 (or default).
-    ``dim`` is returned as 0 (columns: the DoRA paper's convention) or 1 (rows).
+    ``X.norm(p, dim, keepdim)`` / ``torch.norm(X, p, dim, keepdim)``.
     """
     kind = op_of(norm)
     if kind not in NORMS:
@@ -76,17 +83,41 @@ def norm_input(norm: Node) -> tuple[Node, int, bool]:
     if kind == "norm" and not isinstance(x, Node):
         x = arg(norm, 0, "input")
     ord_ = arg(norm, 1, "p" if kind == "norm" else "ord", 2 if kind != "linalg_norm" else None)
-    dim = arg(norm, 2, "dim")
-    keepdim = arg(norm, 3, "keepdim", False)
+    if ord_ not in (None, 2, 2.0):
+        raise NotDora("not an L2 norm")
+    if norm.kwargs.get("dtype") is not None:
+        raise Unsupported("row norm with a dtype argument is not a supported form yet")
+    return x, ord_, arg(norm, 2, "dim"), bool(arg(norm, 3, "keepdim", False))
+
+
+def norm_input(norm: Node) -> tuple[Node, int, bool]:
+    """``(X, dim, keepdim)`` of an L2 norm of a 2-D ``X`` over one dim, in any spelling; raises NotDora otherwise.
+
+    ``dim`` is returned as 0 (columns: the DoRA paper's convention) or 1 (rows).
+    """
+    x, _, dim, keepdim = _norm_call(norm)
     value = example_value(x)
     if value is None or value.dim() != 2:
         raise NotDora("norm of a tensor that is not 2-D")
     axis = {1: 1, -1: 1, 0: 0, -2: 0}.get(dim[0] if isinstance(dim, (tuple, list)) and len(dim) == 1 else dim)
-    if axis is None or ord_ not in (None, 2, 2.0):
+    if axis is None:
         raise NotDora("not an L2 norm over one dim")
-    if norm.kwargs.get("dtype") is not None:
-        raise Unsupported("row norm with a dtype argument is not a supported form yet")
-    return x, axis, bool(keepdim)
+    return x, axis, keepdim
+
+
+def trailing_norm_input(norm: Node) -> tuple[Node, bool]:
+    """``(X, keepdim)`` of an L2 norm of an N-D ``X`` (N >= 3) over every dim but the first; raises NotDora otherwise.
+
+    That is the row norm of ``X.reshape(X.shape[0], -1)``: PEFT's Conv DoRA spelling.
+    """
+    x, _, dim, keepdim = _norm_call(norm)
+    value = example_value(x)
+    if value is None or value.dim() < 3:
+        raise NotDora("norm of a tensor with fewer than 3 dims")
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    if sorted(d % value.dim() for d in dims if isinstance(d, int)) != list(range(1, value.dim())):
+        raise NotDora("not a norm over every dim but the first")
+    return x, keepdim
 
 
 def row_norm_input(norm: Node) -> tuple[Node, bool]:
@@ -188,21 +219,36 @@ def match_low_rank_sum(x: object, shared: tuple[Node, ...] = ()) -> LowRankSum:
     if scaling_pair is None:
         raise NotDora("norm input is not W + s·ΔW")
     scaling, delta = scaling_pair
-    lora_A, lora_B = _low_rank_product(strip(delta, (*CASTS, "detach"), nodes), nodes)
+    product = strip(delta, (*CASTS, "detach"), nodes)
+    reshaped = product if op_of(product) == "view" else None  # B·A reshaped to W's shape (PEFT's Conv DoRA)
+    if reshaped is not None:
+        nodes.append(reshaped)
+        product = reshaped.args[0]
+    identity_trick = op_of(product) == "t" and op_of(product.args[0]) == "linear"
+    lora_A, lora_B = _low_rank_product(product, nodes)
 
     weight_nodes: list[Node] = []
     weight = strip(weight_side, CASTS, weight_nodes)
     nodes.extend(weight_nodes)
     w, a, b = example_value(weight), example_value(lora_A), example_value(lora_B)
-    if w is None or w.dim() != 2 or tuple(w.shape) != (b.shape[0], a.shape[1]):
+    if w is None or w.dim() < 2 or (w.shape[0], math.prod(w.shape[1:])) != (b.shape[0], a.shape[1]):
         raise Unsupported("W + s·B·A with shapes that do not line up")
+    if w.shape != example_value(x).shape:
+        raise Unsupported("W + s·B·A broadcasts W")
+    if reshaped is not None and example_value(reshaped).shape != w.shape:
+        # a row-major [d_out, K] -> W.shape reshape keeps each output row's K values together
+        raise Unsupported("B·A is reshaped to another shape than W's")
+    if w.dim() > 2 and reshaped is None:
+        raise Unsupported("an N-D weight whose update is not a reshaped B·A")
     if not (w.dtype.is_floating_point and a.dtype.is_floating_point and b.dtype.is_floating_point):
         raise Unsupported("non-floating weight or adapter (quantized base?)")
     if len({w.device, a.device, b.device}) != 1:
         raise Unsupported("weight and adapters on different devices")
     for n in nodes:
-        # casts of W may feed other uses too (PEFT's second base matmul under dropout): they stay
-        if not single_user(n) and n not in weight_nodes and n not in shared:
+        # casts of W may feed other uses too (PEFT's second base matmul under dropout): they stay.
+        # A graph output is PEFT's DoRA cache storing B·A: that node stays, computed as before.
+        computed_users = [u for u in n.users if u.op != "output"]
+        if len(computed_users) > 1 and n not in weight_nodes and n not in shared:
             raise Unsupported(f"intermediate {n.name} of the dense norm path is used elsewhere")
     scaling = float(scaling) if is_scalar(scaling) else scaling  # a node: symbolic under dynamic=True
-    return LowRankSum(weight=weight, lora_A=lora_A, lora_B=lora_B, scaling=scaling, nodes=nodes)
+    return LowRankSum(weight, lora_A, lora_B, scaling, nodes, identity_trick)

@@ -6,7 +6,8 @@ dtypes alone (no activations, no allocator rounding). They are what
 
 Dense (PEFT, GUIDE §1), in the adapter dtype ``a``::
 
-    eye [d_in, d_in] + A(eye) [d_in, r] + B(A(eye)) [d_in, d_out] + (W + s·BA) [d_out, d_in]
+    B·A [d_out, d_in] + (W + s·BA) [d_out, d_in]
+    + eye [d_in, d_in] + A(eye) [d_in, r] with PEFT Linear's identity trick
     + W cast to ``a`` [d_out, d_in] when W's dtype differs
 
 Rewritten, ``norm="triton"`` (CUDA): ``U`` as ``T`` fp32 column blocks
@@ -29,9 +30,13 @@ def _size(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8
 
 
-def dense_norm_bytes(d_out: int, d_in: int, r: int, weight_dtype: torch.dtype, adapter_dtype: torch.dtype) -> int:
+def dense_norm_bytes(
+    d_out: int, d_in: int, r: int, weight_dtype: torch.dtype, adapter_dtype: torch.dtype, identity_trick: bool = True
+) -> int:
     a = _size(adapter_dtype)
-    total = (d_in * d_in + d_in * r + 2 * d_out * d_in) * a
+    total = 2 * d_out * d_in * a
+    if identity_trick:
+        total += (d_in * d_in + d_in * r) * a
     if weight_dtype != adapter_dtype:
         total += d_out * d_in * a
     return total

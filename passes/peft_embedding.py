@@ -25,8 +25,8 @@ from torch.fx import Graph, Node
 
 from .graph_view import example_value, is_scalar, is_symbolic_scalar, op_of
 from .matching import LowRankSum, NotDora, Unsupported, commuted, match_low_rank_sum, match_row_norm
-from .peft_linear import _scale_from_norm
-from .rewrite import TARGETS, erase_dead, insert_node
+from .peft_compose import scale_from_norm
+from .rewrite import TARGETS, erase_dead, insert_node, store_norm
 
 __all__ = ["FORM", "PeftEmbeddingMatch", "match_peft_embedding", "rewrite_peft_embedding"]
 
@@ -43,13 +43,15 @@ class PeftEmbeddingMatch:
     root: Node
     nodes: list[Node] = field(default_factory=list)
     form: str = FORM
+    stored: list[Node] = field(default_factory=list)  # norm values PEFT's DoRA cache keeps (graph outputs)
 
 
 def match_peft_embedding(anchor: Node) -> PeftEmbeddingMatch:
     """Match PEFT's DoRA Embedding around a row-norm ``anchor``; raises NotDora / Unsupported."""
     low_rank = match_low_rank_sum(match_row_norm(anchor))
     nodes: list[Node] = [*low_rank.nodes, anchor]
-    g, magnitude = _scale_from_norm(anchor, nodes)
+    stored: list[Node] = []
+    g, magnitude = scale_from_norm(anchor, nodes, stored)
     if len(g.users) != 2:
         raise NotDora("m / n is not used twice (the Embedding form scales the result and the LoRA output)")
     users = list(g.users)
@@ -87,7 +89,7 @@ def match_peft_embedding(anchor: Node) -> PeftEmbeddingMatch:
     if root_val.shape != r_val.shape:
         raise Unsupported("the DoRA scale broadcasts the output to another shape")
     nodes += [lora_mul, scaled, result_mul, root]
-    return PeftEmbeddingMatch(low_rank, magnitude, result, lora, scaling, root, nodes)
+    return PeftEmbeddingMatch(low_rank, magnitude, result, lora, scaling, root, nodes, stored=stored)
 
 
 def rewrite_peft_embedding(graph: Graph, match: PeftEmbeddingMatch, impl: tuple[str, str]) -> tuple[str, ...]:
@@ -102,6 +104,7 @@ def rewrite_peft_embedding(graph: Graph, match: PeftEmbeddingMatch, impl: tuple[
             for n in (low_rank.weight, low_rank.lora_A, low_rank.lora_B)
         ]
         norm = insert_node(graph, "call_function", norm_target, (*detached, low_rank.scaling), root)
+        store_norm(graph, match.stored, norm, root)
         args = (match.result, match.lora, match.magnitude, norm, None, match.scaling, dtype)
         composed = insert_node(graph, "call_function", compose_target, args, root)
     root.replace_all_uses_with(composed)

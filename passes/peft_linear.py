@@ -25,11 +25,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch.fx import Node
 
-from .graph_view import arg, example_value, is_scalar, is_symbolic_scalar, op_of, single_user, strip
-from .matching import CASTS, LowRankSum, Unsupported, commuted, match_low_rank_sum, match_row_norm
+from .graph_view import arg, example_value, op_of, strip
+from .matching import LowRankSum, Unsupported, match_low_rank_sum, match_row_norm
+from .peft_compose import match_compose, scale_from_norm
 
 __all__ = ["PeftLinearMatch", "match_peft_linear"]
 
@@ -48,121 +48,40 @@ class PeftLinearMatch:
     nodes: list[Node] = field(default_factory=list)  # everything from the norm to the root
     form: str = FORM
     base: Node | None = None  # a separate base output (dropout active: the base layer on the dropped input)
-
-
-def _only_user(node: Node) -> Node:
-    if not single_user(node):
-        raise Unsupported(f"{node.name} has {len(node.users)} users where DoRA has one")
-    return next(iter(node.users))
-
-
-def _scale_from_norm(norm: Node, nodes: list[Node]) -> tuple[Node, Node]:
-    """``g = view(m / detach(to(n)), 1, -1)``: returns (g, m)."""
-    user = _only_user(norm)
-    detached = False
-    while op_of(user) in (*CASTS, "detach"):
-        detached |= op_of(user) == "detach"
-        nodes.append(user)
-        user = _only_user(user)
-    if not detached:
-        raise Unsupported("row norm is not detached (only the detached DoRA norm is supported)")
-    if op_of(user) != "div" or len(user.args) != 2 or user.args[1] is not nodes[-1]:
-        raise Unsupported("row norm is not used as m / n")
-    magnitude = user.args[0]
-    nodes.append(user)
-    g = user
-    while op_of(next(iter(g.users), None)) == "view" and single_user(g):
-        g = next(iter(g.users))
-        nodes.append(g)
-    return g, magnitude
+    stored: list[Node] = field(default_factory=list)  # norm values PEFT's DoRA cache keeps (graph outputs)
 
 
 def match_peft_linear(anchor: Node) -> PeftLinearMatch:
     """Match PEFT's DoRA Linear around a row-norm ``anchor``; raises NotDora / Unsupported."""
     low_rank = match_low_rank_sum(match_row_norm(anchor))
     nodes: list[Node] = [*low_rank.nodes, anchor]
-    g, magnitude = _scale_from_norm(anchor, nodes)
+    stored: list[Node] = []
+    g, magnitude = scale_from_norm(anchor, nodes, stored)
 
     d_out = example_value(low_rank.weight).shape[0]
-    m_val, g_val = example_value(magnitude), example_value(g)
-    if m_val is None or tuple(m_val.shape) != (d_out,):
+    m_val = example_value(magnitude)
+    if m_val is None or tuple(m_val.shape) != (d_out,) or not m_val.dtype.is_floating_point:
         raise Unsupported("magnitude is not a [d_out] vector")
-    if g_val is None or g_val.shape[-1] != d_out or g_val.numel() != d_out:
-        raise Unsupported("m / n is not broadcast over the output features")
-
-    users = list(g.users)
-    if len(users) != 2:
-        raise Unsupported("m / n is not used as PEFT's compose uses it")
-    by_op = {op_of(u): u for u in users}
-    shifted, scaled = by_op.get("sub"), by_op.get("mul")
-    if shifted is None or scaled is None:
-        raise Unsupported("m / n is not used as (g - 1) and g·lora")
-    if len(shifted.args) != 2 or shifted.args[0] is not g or shifted.args[1] != 1:
-        raise Unsupported("m / n is not used as (g - 1)")
-
-    # (g - 1)·base
-    base_term = _only_user(shifted)
-    pair = commuted(base_term, lambda n: n is shifted) if op_of(base_term) == "mul" else None
-    if pair is None:
-        raise Unsupported("(g - 1) is not multiplied by the base output")
-    base = pair[1]
-    nodes += [shifted, base_term]
-
-    # (g·lora)·s
-    pair = commuted(scaled, lambda n: n is g)
-    if pair is None:
-        raise Unsupported("g is not multiplied by the LoRA output")
-    lora = pair[1]
-    lora_term = _only_user(scaled)
-    pair = commuted(lora_term, lambda a: is_scalar(a) or is_symbolic_scalar(a)) if op_of(lora_term) == "mul" else None
-    if pair is None:
-        raise Unsupported("g·lora is not multiplied by the scaling")
-    scaling = float(pair[0]) if is_scalar(pair[0]) else pair[0]
-    nodes += [scaled, lora_term]
-
-    # dora = (g-1)·base + g·lora·s ;  root = result + dora
-    dora = _only_user(base_term)
-    if op_of(dora) != "add" or set(dora.args) != {base_term, lora_term} or dora.kwargs:
-        raise Unsupported("the two DoRA terms are not summed")
-    root = _only_user(dora)
-    pair = commuted(root, lambda n: n is not dora) if op_of(root) == "add" else None
-    if pair is None or pair[1] is not dora:
-        raise Unsupported("the DoRA term is not added to the base result")
-    result = pair[0]
-    nodes += [dora, root]
-
-    bias = None
-    separate_base = None
-    if base is not result and not (op_of(base) == "sub" and len(base.args) == 2 and base.args[0] is result):
-        # dropout active: PEFT runs the base layer again on the dropped input; keep it, compose around it
-        b_val, r_val = example_value(base), example_value(result)
-        if b_val is None or r_val is None or b_val.shape != r_val.shape:
-            raise Unsupported("base output is neither the base result, result - bias, nor a base output")
-        separate_base = base
-    elif base is not result:
-        if base.kwargs:
-            raise Unsupported("result - bias with keyword arguments")
-        bias = base.args[1]
-        if not single_user(base):
-            raise Unsupported("result - bias is used elsewhere")
-        b_val = example_value(bias)
-        if b_val is None or tuple(b_val.shape) != (d_out,):
-            raise Unsupported("bias is not a [d_out] vector")
-        nodes.append(base)
-
-    _check_lora(lora, low_rank)
-    r_val, l_val = example_value(result), example_value(lora)
-    if r_val is None or l_val is None or r_val.shape != l_val.shape or r_val.shape[-1] != d_out:
-        raise Unsupported("base and LoRA outputs do not have the layer's output shape")
-    root_val = example_value(root)
-    if root_val is None or root_val.shape != r_val.shape:
-        raise Unsupported("the DoRA scale broadcasts the output to another shape")
-    values = [r_val, l_val, m_val] + [example_value(n) for n in (bias, separate_base) if n is not None]
-    if any(not v.dtype.is_floating_point for v in values):
-        raise Unsupported("non-floating compose inputs")
-    if len({v.device for v in values} | {example_value(low_rank.weight).device}) != 1:
+    compose = match_compose(g, d_out, nodes)
+    if compose.bias is not None and example_value(compose.bias).dim() != 1:
+        raise Unsupported("bias is not a [d_out] vector")
+    _check_lora(compose.lora, low_rank)
+    tensors = (compose.result, compose.lora, compose.bias, compose.base, magnitude, low_rank.weight)
+    devices = {example_value(n).device for n in tensors if n is not None}
+    if len(devices) != 1:
         raise Unsupported("compose inputs on different devices")
-    return PeftLinearMatch(low_rank, magnitude, result, lora, bias, scaling, root, nodes, base=separate_base)
+    return PeftLinearMatch(
+        low_rank,
+        magnitude,
+        compose.result,
+        compose.lora,
+        compose.bias,
+        compose.scaling,
+        compose.root,
+        nodes,
+        base=compose.base,
+        stored=stored,
+    )
 
 
 def _check_lora(lora: object, low_rank: LowRankSum) -> None:
@@ -178,10 +97,3 @@ def _check_lora(lora: object, low_rank: LowRankSum) -> None:
         or inner.args[1] is not low_rank.lora_A
     ):
         raise Unsupported("the LoRA output is not B(A(x)) with the norm's A and B")
-
-
-def output_dtype(node: Node) -> torch.dtype:
-    value = example_value(node)
-    if value is None:
-        raise Unsupported(f"no example value on {node.name}")
-    return value.dtype

@@ -14,9 +14,11 @@ from torch.fx import Graph, Node
 
 from dora_fused import kernels  # registers torch.ops.dora_fused.*
 
-from .peft_linear import PeftLinearMatch, output_dtype
+from .graph_view import example_value
+from .peft_compose import output_dtype
+from .peft_linear import PeftLinearMatch
 
-__all__ = ["TARGETS", "OpsChoice", "erase_dead", "insert_node", "rewrite_peft_linear"]
+__all__ = ["TARGETS", "OpsChoice", "erase_dead", "insert_node", "rewrite_peft_linear", "store_norm"]
 
 # (target, name for the record) of each op, per implementation
 TARGETS = {
@@ -63,6 +65,15 @@ def insert_node(graph: Graph, op: str, target: object, args: tuple, like: Node) 
     return node
 
 
+def store_norm(graph: Graph, stored: list[Node], norm: Node, like: Node) -> None:
+    """Where the graph returns a norm value (PEFT's DoRA cache stores it), return ``norm`` in its dtype and shape."""
+    for node in stored:
+        value = example_value(node)
+        cast = insert_node(graph, "call_method", "to", (norm, value.dtype), like)
+        shaped = insert_node(graph, "call_method", "view", (cast, *value.shape), like)
+        node.replace_all_uses_with(shaped, delete_user_cb=lambda user: user.op == "output")
+
+
 def erase_dead(graph: Graph, nodes: list[Node]) -> None:
     """Erase matched nodes left without users, consumers first."""
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -88,13 +99,8 @@ def rewrite_peft_linear(
             insert_node(graph, "call_method", "detach", (n,), root)
             for n in (low_rank.weight, low_rank.lora_A, low_rank.lora_B)
         ]
-        norm = insert_node(
-            graph,
-            "call_function",
-            norm_target,
-            (*detached, low_rank.scaling),
-            root,
-        )
+        norm = insert_node(graph, "call_function", norm_target, (*detached, low_rank.scaling), root)
+        store_norm(graph, match.stored, norm, root)
         if match.base is not None:
             compose_args = (match.result, match.base, match.lora, match.magnitude, norm, match.scaling)
         else:

@@ -24,7 +24,12 @@ __all__ = ["SCHEMA", "ModuleRecord", "RewriteReport", "clear_reports", "last_rep
 SCHEMA = "dora_fused.report/1"
 
 # kind of module, by the form that matched it (see dora_fused.passes.patterns), inside a PEFT layer or not
-KINDS = {"peft_linear": "PEFT Linear", "peft_embedding": "PEFT Embedding", "hand_written": "hand-written"}
+KINDS = {
+    "peft_linear": "PEFT Linear",
+    "peft_embedding": "PEFT Embedding",
+    "peft_conv": "PEFT Conv",
+    "hand_written": "hand-written",
+}
 NON_PEFT_KINDS = {"peft_linear": "torchtune-style", "hand_written": "hand-written"}  # outside PEFT layers
 
 

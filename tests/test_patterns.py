@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -177,7 +179,7 @@ def test_gpt2_fan_in_fan_out(train):
 
 
 @pytest.mark.parametrize("train", [False, True])
-def test_embedding_dora_is_rewritten_and_conv_left_alone_with_a_reason(train):
+def test_embedding_conv_and_linear_dora_are_all_rewritten(train):
     class Mixed(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -196,22 +198,85 @@ def test_embedding_dora_is_rewritten_and_conv_left_alone_with_a_reason(train):
     model.train(train)
     ids = torch.randint(0, 30, (2, 9))
     report = dora_fused.audit(model, ids)
-    assert set(report.rewritten) == {"base_model.model.emb", "base_model.model.lin"}
-    assert {m.kind for m in report.modules if m.status == "rewritten"} == {"PEFT Embedding", "PEFT Linear"}
-    [(name, reason)] = report.skipped
-    assert name == "base_model.model.conv" and "PEFT Conv is not supported yet" in reason
+    assert set(report.rewritten) == {"base_model.model.emb", "base_model.model.conv", "base_model.model.lin"}
+    assert {m.kind for m in report.modules} == {"PEFT Embedding", "PEFT Conv", "PEFT Linear"}
+    assert not report.skipped
+    reference = copy.deepcopy(model).double()  # fp64: the mixed model's gradients cancel heavily in fp32
     out = torch.compile(model, backend="dora_fused")(ids)
-    if train:
-        out.square().sum().backward()
-    got = _grads(model)
-    model.zero_grad(set_to_none=True)
     want = model(ids)
+    want64 = reference(ids)
     assert_close(out, want, rtol=2e-5, atol=2e-6, what="embedding + conv + linear")
     if train:
+        out.square().sum().backward()
+        got = _grads(model)
+        model.zero_grad(set_to_none=True)
         want.square().sum().backward()
-        assert got.keys() == _grads(model).keys()
-        for key, grad in _grads(model).items():
-            assert_close(got[key], grad, rtol=1e-4, atol=1e-6, what=key)
+        want64.square().sum().backward()
+        eager, exact = _grads(model), _grads(reference)
+        assert got.keys() == exact.keys()
+        for key, grad in exact.items():
+            # never less precise than eager: error against fp64 within 2x eager's (plus fp32 rounding)
+            ours, theirs = (got[key].double() - grad).abs().max(), (eager[key].double() - grad).abs().max()
+            assert ours <= 2 * theirs + 1e-6 * grad.abs().max(), f"{key}: {ours:.3g} vs eager {theirs:.3g}"
+
+
+class ConvNet(torch.nn.Module):
+    """One Conv{1,2,3}d with odd channels, kernel, stride and padding."""
+
+    def __init__(self, dims: int, bias: bool):
+        super().__init__()
+        conv = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[dims]
+        self.conv = conv(5, 7, 3, stride=2, padding=1, bias=bias)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize(
+    ("dims", "bias", "dropout", "adapter_dtype"),
+    [
+        (1, True, 0.0, torch.float32),
+        (2, True, 0.0, torch.float32),
+        (2, False, 0.0, torch.float32),
+        (3, True, 0.0, torch.float32),
+        (2, True, 0.25, torch.float32),
+        (2, True, 0.0, torch.float64),
+    ],
+)
+def test_peft_conv_dora_is_rewritten_with_exact_gradients(dims, bias, dropout, adapter_dtype):
+    """Conv DoRA: the norm over all but dim 0 is the factored row norm of W.reshape(C_out, -1)."""
+    torch.manual_seed(0)
+    model = get_peft_model(
+        ConvNet(dims, bias),
+        LoraConfig(r=3, target_modules=["conv"], use_dora=True, init_lora_weights=False, lora_dropout=dropout),
+    )
+    model = model.to(adapter_dtype).train()
+    perturb_magnitudes(model, 0.5)
+    x = torch.randn(2, 5, *[9, 6, 5][:dims], dtype=adapter_dtype, requires_grad=True)
+    torch.manual_seed(3)
+    out = torch.compile(model, backend=dora_fused.backend(inner="aot_eager"))(x)
+    [record] = dora_fused.last_report().modules
+    assert (record.name, record.status, record.kind) == ("base_model.model.conv", "rewritten", "PEFT Conv")
+    assert (record.d_out, record.d_in, record.rank) == (7, 5 * 3**dims, 3)
+    expected_compose = "torch:compose_with_base_reference" if dropout else "torch:compose_reference"
+    assert record.ops == ("torch:factored_row_norm_torch", expected_compose)
+    torch.manual_seed(3)  # aot_eager draws the same dropout mask as eager
+    _assert_matches_eager(model, x, out, f"conv{dims}d")
+
+
+def test_peft_conv_dora_on_a_bf16_base_with_fp32_adapters():
+    torch.manual_seed(0)
+    model = get_peft_model(
+        ConvNet(2, True), LoraConfig(r=4, target_modules=["conv"], use_dora=True, init_lora_weights=False)
+    )
+    perturb_magnitudes(model, 0.5)
+    model.base_model.model.conv.base_layer.to(torch.bfloat16)
+    x = torch.randn(3, 5, 11, 8, dtype=torch.bfloat16)
+    out = torch.compile(model, backend=dora_fused.backend(inner="aot_eager"))(x)
+    assert dora_fused.last_report().rewritten == ["base_model.model.conv"]
+    want = model(x)
+    assert out.dtype == want.dtype
+    assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2, what="bf16 conv output")
 
 
 @pytest.mark.parametrize("train", [False, True])
@@ -392,3 +457,63 @@ def test_an_in_place_write_before_the_dora_computation_does_not_block_the_rewrit
     out = torch.compile(module, backend="dora_fused")(x)
     assert dora_fused.last_report().rewritten == ["(root)"]
     assert_close(out, module(x), rtol=1e-5, atol=1e-5, what="input scaled in place first")
+
+
+class EmbedLinearConv(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(11, 6)
+        self.lin = torch.nn.Linear(6, 10)
+        self.conv = torch.nn.Conv1d(10, 4, 3)
+
+    def forward(self, ids):
+        return self.conv(self.lin(self.emb(ids)).transpose(1, 2))
+
+
+def test_peft_dora_caching_in_eval_is_rewritten_on_the_filling_call_and_after(monkeypatch):
+    """ENABLE_DORA_CACHING: the first call computes and stores the norm, later calls read it back.
+
+    The filling graph gets the factored norm (stored in PEFT's cache in the norm's place) while
+    the dense B·A PEFT also stores stays; the reading graphs have only the compose left to rewrite.
+    """
+    from peft.tuners.lora import dora
+
+    monkeypatch.setattr(dora, "ENABLE_DORA_CACHING", True)
+    torch.manual_seed(0)
+    config = LoraConfig(r=2, target_modules=["emb", "lin", "conv"], use_dora=True, init_lora_weights=False)
+    model = get_peft_model(EmbedLinearConv(), config).eval()
+    perturb_magnitudes(model, 0.5)
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend=dora_fused.backend(inner="aot_eager"))
+    ids = torch.randint(0, 11, (3, 7))
+
+    out = compiled(ids)
+    fill = dora_fused.last_report()
+    assert set(fill.rewritten) == {"base_model.model.emb", "base_model.model.lin", "base_model.model.conv"}
+    assert {m.form for m in fill.modules} == {"peft_embedding", "peft_linear", "peft_conv"}
+    assert_close(out, reference(ids), rtol=1e-4, atol=1e-5, what="the filling call")
+    for name in ("lin", "conv", "emb"):  # the norm we stored is the norm PEFT stored
+        ours = getattr(model.base_model.model, name).lora_magnitude_vector["default"]._dora_cache
+        theirs = getattr(reference.base_model.model, name).lora_magnitude_vector["default"]._dora_cache
+        assert ours.keys() == theirs.keys() == {"weight-norm-default", "lora-weight-default"}
+        for key in ours:
+            assert ours[key].shape == theirs[key].shape and ours[key].dtype == theirs[key].dtype
+            assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-5, what=f"{name} {key}")
+
+    dora_fused.clear_reports()
+    for _ in range(2):
+        assert_close(compiled(ids), reference(ids), rtol=1e-4, atol=1e-5, what="a call that reads the cache")
+    [cached] = dora_fused.reports()
+    assert {(m.name, m.form, m.kind) for m in cached.modules} == {
+        ("base_model.model.lin", "peft_cached_norm", "PEFT Linear"),
+        ("base_model.model.conv", "peft_cached_norm", "PEFT Conv"),
+    }
+    assert all(m.status == "rewritten" and m.ops == ("torch:compose_reference",) for m in cached.modules)
+
+    # PEFT empties its cache on train(); back in eval the norm is computed again from the new weights
+    with torch.no_grad():
+        for module in (model, reference):
+            module.base_model.model.lin.lora_B["default"].weight.mul_(-2.0)
+    for module in (model, reference):
+        module.train().eval()
+    assert_close(compiled(ids), reference(ids), rtol=1e-4, atol=1e-5, what="after train().eval()")

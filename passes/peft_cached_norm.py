@@ -1,0 +1,135 @@
+"""PEFT's DoRA Linear/Conv with a norm that PEFT's cache returns (``ENABLE_DORA_CACHING`` in eval).
+
+With ``peft.tuners.lora.dora.ENABLE_DORA_CACHING = True`` and the model in
+eval, PEFT computes the norm on the first call and stores it (that graph is
+matched by the norm forms, which store their own norm in its place); every
+later call reads it back, and Dynamo traces it as a graph input ``n``.
+Nothing is left to factor: only the compose remains. Search form::
+
+    g    = [view](m / detach(n))                 n: a graph input, [d_out] (Linear) or [1, C_out, 1, ...] (Conv)
+    out  = result + ((g - 1)·base + (g·lora)·s)  as in the Linear / Conv forms (``peft_compose``)
+    lora = linear(linear(x, A), B) | conv(conv(x, A), B)
+
+Replacement: the compose of the Linear / Conv form, with ``detach(n)`` as the norm.
+The Embedding compose is not matched here (its cached graph is left as traced).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch.fx import Graph, Node
+
+from dora_fused import kernels
+
+from .graph_view import arg, example_value, op_of, single_user, strip
+from .matching import CASTS, NotDora, Unsupported
+from .peft_compose import match_compose, output_dtype
+from .rewrite import TARGETS, erase_dead, insert_node
+
+__all__ = ["ANCHORS", "FORM", "CachedNormMatch", "match_cached_norm", "rewrite_cached_norm"]
+
+FORM = "peft_cached_norm"
+ANCHORS = ("div",)
+_LORA_OPS = {-1: "linear", 1: "conv"}  # channel dim -> the op of the LoRA path
+
+
+@dataclass
+class CachedNormMatch:
+    weight_norm: Node  # the cached norm, a graph input
+    magnitude: Node
+    lora_A: Node
+    lora_B: Node
+    result: Node
+    lora: Node
+    bias: Node | None
+    scaling: float | Node
+    root: Node
+    channel_dim: int  # -1 (Linear) or 1 (Conv)
+    nodes: list[Node] = field(default_factory=list)
+    form: str = FORM
+    base: Node | None = None
+    norm: None = None  # no norm is computed in this graph
+
+    @property
+    def layer_shape(self) -> tuple[int, int]:
+        a, b = example_value(self.lora_A), example_value(self.lora_B)
+        return int(b.shape[0]), int(a[0].numel())
+
+    @property
+    def kind(self) -> str:
+        return "PEFT Linear" if self.channel_dim == -1 else "PEFT Conv"
+
+
+def _lora_factors(lora: Node, op: str) -> tuple[Node, Node]:
+    """``(A, B)`` of ``op(op(x, A), B)`` without biases; raises Unsupported."""
+    inner = lora.args[0] if op_of(lora) == op and lora.args else None
+    if op_of(lora) != op or op_of(inner) != op or arg(lora, 2, "bias") is not None or arg(inner, 2, "bias") is not None:
+        raise Unsupported(f"the LoRA output is not {op}({op}(x, A), B)")
+    return arg(inner, 1, "weight"), arg(lora, 1, "weight")
+
+
+def match_cached_norm(anchor: Node) -> CachedNormMatch:
+    """Match ``m / detach(n)`` with a graph-input ``n`` and PEFT's compose around it; raises NotDora / Unsupported."""
+    if op_of(anchor) != "div" or len(anchor.args) != 2 or anchor.kwargs:
+        raise NotDora("not m / n")
+    magnitude, denominator = anchor.args
+    chain: list[Node] = []
+    weight_norm = strip(denominator, (*CASTS, "detach"), chain)
+    if op_of(weight_norm) != "input" or not any(op_of(n) == "detach" for n in chain):
+        raise NotDora("the divisor is not a detached graph input")  # a computed norm is the norm forms' job
+    m_val, n_val = example_value(magnitude), example_value(weight_norm)
+    if m_val is None or n_val is None or m_val.numel() != n_val.numel() or m_val.dim() not in (1, n_val.dim()):
+        raise NotDora("m and n are not vectors of one size")
+    g, nodes = anchor, [anchor]
+    while op_of(next(iter(g.users), None)) == "view" and single_user(g):
+        g = next(iter(g.users))
+        nodes.append(g)
+    if {op_of(u) for u in g.users} != {"sub", "mul"} or len(g.users) != 2:
+        raise NotDora("m / n is not used as (g - 1) and g·lora")
+    g_val = example_value(g)
+    d_out = m_val.numel()
+    channel_dim = -1 if g_val.dim() == 2 and g_val.shape[0] == 1 else 1
+    if channel_dim == 1 and (g_val.dim() < 3 or g_val.shape[1] != d_out):
+        raise Unsupported("m / n is broadcast neither as PEFT's Linear nor as its Conv")
+    compose = match_compose(g, d_out, nodes, channel_dim)
+    lora_A, lora_B = _lora_factors(compose.lora, _LORA_OPS[channel_dim])
+    if channel_dim == -1 and (m_val.dim() != 1 or n_val.dim() != 1):
+        raise Unsupported("a cached Linear norm that is not a [d_out] vector")
+    if channel_dim == -1 and compose.bias is not None and example_value(compose.bias).dim() != 1:
+        raise Unsupported("bias is not a [d_out] vector")
+    tensors = (compose.result, compose.lora, compose.bias, compose.base, magnitude, weight_norm)
+    if len({example_value(n).device for n in tensors if n is not None}) != 1:
+        raise Unsupported("compose inputs on different devices")
+    return CachedNormMatch(
+        weight_norm,
+        magnitude,
+        lora_A,
+        lora_B,
+        compose.result,
+        compose.lora,
+        compose.bias,
+        compose.scaling,
+        compose.root,
+        channel_dim,
+        [*chain, *nodes],
+        base=compose.base,
+    )
+
+
+def rewrite_cached_norm(graph: Graph, match: CachedNormMatch, impl: tuple[str, str]) -> tuple[str, ...]:
+    """Insert the compose with the cached norm before the root; retarget its users."""
+    target, name = TARGETS["compose"][impl[1]]
+    if match.base is not None:  # dropout active (only in training, where PEFT does not cache; kept for safety)
+        target, name = kernels.compose_with_base_reference, "torch:compose_with_base_reference"
+    root = match.root
+    with graph.inserting_before(root):
+        norm = insert_node(graph, "call_method", "detach", (match.weight_norm,), root)
+        if match.base is not None:
+            args = (match.result, match.base, match.lora, match.magnitude, norm, match.scaling)
+        else:
+            args = (match.result, match.lora, match.magnitude, norm, match.bias, match.scaling)
+        composed = insert_node(graph, "call_function", target, (*args, output_dtype(root)), root)
+    root.replace_all_uses_with(composed)
+    erase_dead(graph, match.nodes)
+    return (name,)

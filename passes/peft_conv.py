@@ -1,0 +1,148 @@
+"""PEFT's DoRA Conv1d/2d/3d (``peft.tuners.lora.dora._DoraConvNdLayer`` via ``lora.Conv*d``).
+
+Search form, as Dynamo traces peft 0.21 (``W`` is ``[C_out, C_in/groups, *k]``,
+``K = W[0].numel()``, ``m`` is ``[1, C_out, 1, ...]``)::
+
+    ΔW   = reshape(mm(view(B, [-1, r]), view(A, [r, -1])), W.shape)
+    n    = detach(transpose(norm(W + s·detach(ΔW), dim=(1, ..., N-1), keepdim=True), 1, 0))   [1, C_out, 1, ...]
+    g    = m / n
+    out  = result + ((g - 1)·base + (g·lora)·s)     base = result - view(b, 1, -1, 1, ...) | result | a second conv
+    lora = conv(conv(x, A), B)                        (A, B: the parameters the norm's views read)
+
+The norm over every dim but the first is the row norm of ``W.reshape(C_out, K)``,
+and ``view(B, [C_out, r]) · view(A, [r, K])`` is the low-rank update of those
+rows, so the factored norm applies unchanged.
+
+Replacement::
+
+    n   = factored_row_norm(detach(W).reshape(C_out, -1), detach(view(A)), detach(view(B)), s)   # fp32 [C_out]
+    out = compose_reference(result, lora, m, n.view(m.shape), view(b) | None, s, dtype(out))
+    out = compose_with_base_reference(result, base, lora, m, n.view(m.shape), s, dtype(out))   # dropout active
+
+The compose broadcasts ``g`` over dim 1 (channels first), so it is the
+plain-torch compose that Inductor fuses into one pointwise kernel; the Triton
+compose kernels take output features on the last dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch.fx import Graph, Node
+
+from dora_fused import kernels
+
+from .graph_view import arg, example_value, op_of, strip
+from .matching import LowRankSum, Unsupported, match_low_rank_sum, trailing_norm_input
+from .peft_compose import match_compose, only_user, output_dtype, scale_from_norm
+from .rewrite import TARGETS, erase_dead, insert_node, store_norm
+
+__all__ = ["FORM", "PeftConvMatch", "match_peft_conv", "rewrite_peft_conv"]
+
+FORM = "peft_conv"
+CHANNEL_DIM = 1
+
+
+@dataclass
+class PeftConvMatch:
+    norm: LowRankSum
+    magnitude: Node  # [1, C_out, 1, ...]
+    result: Node
+    lora: Node
+    bias: Node | None  # the [1, C_out, 1, ...] view PEFT subtracts
+    scaling: float | Node
+    root: Node
+    nodes: list[Node] = field(default_factory=list)
+    form: str = FORM
+    base: Node | None = None  # a separate base output (dropout active)
+    channel_dim: int = CHANNEL_DIM
+    stored: list[Node] = field(default_factory=list)  # norm values PEFT's DoRA cache keeps (graph outputs)
+
+    @property
+    def layer_shape(self) -> tuple[int, int]:
+        """``(C_out, K)``: the rows the norm runs over."""
+        return self.norm.layer_shape
+
+
+def _transposed_norm(anchor: Node, nodes: list[Node]) -> Node:
+    """``transpose(norm, 1, 0)`` (or ``0, 1``): PEFT turns the ``[C_out, 1, ...]`` norm into ``[1, C_out, ...]``."""
+    user = only_user(anchor)
+    if op_of(user) != "transpose" or sorted(user.args[1:]) != [0, 1] or user.kwargs:
+        raise Unsupported("the Conv norm is not transposed to [1, C_out, ...]")
+    nodes.append(user)
+    return user
+
+
+def _check_lora(lora: Node, low_rank: LowRankSum) -> None:
+    """The LoRA output must be ``conv(conv(x, A), B)`` with the parameters behind the norm's views of A and B."""
+    lora_A, lora_B = strip(low_rank.lora_A, ("view",)), strip(low_rank.lora_B, ("view",))
+    inner = lora.args[0] if op_of(lora) == "conv" and lora.args else None
+    if (
+        op_of(lora) != "conv"
+        or arg(lora, 1, "weight") is not lora_B
+        or arg(lora, 2, "bias") is not None
+        or op_of(inner) != "conv"
+        or arg(inner, 1, "weight") is not lora_A
+        or arg(inner, 2, "bias") is not None
+    ):
+        raise Unsupported("the LoRA output is not conv(conv(x, A), B) with the norm's A and B")
+
+
+def match_peft_conv(anchor: Node) -> PeftConvMatch:
+    """Match PEFT's Conv DoRA around a norm ``anchor`` over all but the first dim; raises NotDora / Unsupported."""
+    x, keepdim = trailing_norm_input(anchor)
+    low_rank = match_low_rank_sum(x)
+    if not keepdim:
+        raise Unsupported("Conv norm without keepdim")
+    nodes: list[Node] = [*low_rank.nodes, anchor]
+    stored: list[Node] = []
+    g, magnitude = scale_from_norm(_transposed_norm(anchor, nodes), nodes, stored)
+    d_out = low_rank.layer_shape[0]
+    m_val, g_val = example_value(magnitude), example_value(g)
+    if m_val is None or g_val is None or m_val.shape != g_val.shape or not m_val.dtype.is_floating_point:
+        raise Unsupported("magnitude is not a [1, C_out, 1, ...] vector")
+    compose = match_compose(g, d_out, nodes, channel_dim=CHANNEL_DIM)
+    if compose.bias is not None and example_value(compose.bias).shape != g_val.shape:
+        raise Unsupported("bias is not viewed as [1, C_out, 1, ...]")
+    _check_lora(compose.lora, low_rank)
+    tensors = (compose.result, compose.lora, compose.bias, compose.base, magnitude, low_rank.weight)
+    if len({example_value(n).device for n in tensors if n is not None}) != 1:
+        raise Unsupported("compose inputs on different devices")
+    return PeftConvMatch(
+        low_rank,
+        magnitude,
+        compose.result,
+        compose.lora,
+        compose.bias,
+        compose.scaling,
+        compose.root,
+        nodes,
+        base=compose.base,
+        stored=stored,
+    )
+
+
+def rewrite_peft_conv(graph: Graph, match: PeftConvMatch, impl: tuple[str, str]) -> tuple[str, ...]:
+    """Insert the factored norm of W's rows and the channels-first plain-torch compose before the root."""
+    norm_target, norm_name = TARGETS["norm"][impl[0]]
+    low_rank, root = match.norm, match.root
+    d_out = low_rank.layer_shape[0]
+    with graph.inserting_before(root):
+        weight = insert_node(graph, "call_method", "detach", (low_rank.weight,), root)
+        rows = insert_node(graph, "call_method", "reshape", (weight, d_out, -1), root)
+        lora_A = insert_node(graph, "call_method", "detach", (low_rank.lora_A,), root)
+        lora_B = insert_node(graph, "call_method", "detach", (low_rank.lora_B,), root)
+        norm = insert_node(graph, "call_function", norm_target, (rows, lora_A, lora_B, low_rank.scaling), root)
+        store_norm(graph, match.stored, norm, root)
+        shape = tuple(example_value(match.magnitude).shape)
+        norm = insert_node(graph, "call_method", "view", (norm, *shape), root)
+        if match.base is not None:
+            target, name = kernels.compose_with_base_reference, "torch:compose_with_base_reference"
+            args = (match.result, match.base, match.lora, match.magnitude, norm, match.scaling)
+        else:
+            target, name = kernels.compose_reference, "torch:compose_reference"
+            args = (match.result, match.lora, match.magnitude, norm, match.bias, match.scaling)
+        composed = insert_node(graph, "call_function", target, (*args, output_dtype(root)), root)
+    root.replace_all_uses_with(composed)
+    erase_dead(graph, match.nodes)
+    return norm_name, name
