@@ -152,3 +152,41 @@ def test_no_stale_norm_after_parameters_change(ops):
             got, want = compiled(x), model(x)
         assert not torch.equal(before, got)
         assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item(), what="after edit")
+
+
+@pytest.mark.parametrize("ops", ["auto", "triton"])
+def test_conv_and_cached_norm_on_cuda(ops, monkeypatch):
+    """Conv2d DoRA (Triton norm on the reshaped weight) and PEFT's cached norm, bf16 base with fp32 adapters."""
+    from peft.tuners.lora import dora
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(64, 96, 3, padding=1)
+            self.lin = torch.nn.Linear(96, 80)
+
+        def forward(self, x):
+            return self.lin(self.conv(x).mean((2, 3)))
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=8, target_modules=["conv", "lin"], use_dora=True, init_lora_weights=False)
+    model = get_peft_model(Net(), config).cuda()
+    for layer in (model.base_model.model.conv, model.base_model.model.lin):
+        layer.base_layer.to(torch.bfloat16)
+    x = torch.randn(4, 64, 15, 13, device="cuda", dtype=torch.bfloat16)
+    exact = copy.deepcopy(model).double()(x.double())
+    backend = dora_fused.backend(ops=ops)
+    ours = torch.compile(model, backend=backend)(x)
+    report = dora_fused.last_report()
+    assert set(report.rewritten) == {"base_model.model.conv", "base_model.model.lin"}
+    if ops == "triton":
+        assert all(r.ops[0] == "dora_fused.factored_row_norm" for r in report.modules)
+    assert relative_error(ours, exact) <= 1.1 * relative_error(model(x), exact) + 1e-6
+
+    monkeypatch.setattr(dora, "ENABLE_DORA_CACHING", True)
+    model.eval()
+    compiled = torch.compile(model, backend=backend)
+    for _ in range(3):  # fill the cache, then read it back
+        ours = compiled(x)
+    assert {r.form for r in dora_fused.last_report().modules} == {"peft_cached_norm"}
+    assert relative_error(ours, exact) <= 1.1 * relative_error(model(x), exact) + 1e-6
