@@ -175,13 +175,14 @@ def test_conv_and_cached_norm_on_cuda(ops, monkeypatch):
         layer.base_layer.to(torch.bfloat16)
     x = torch.randn(4, 64, 15, 13, device="cuda", dtype=torch.bfloat16)
     exact = copy.deepcopy(model).double()(x.double())
+    peft_error = relative_error(model(x), exact)
     backend = dora_fused.backend(ops=ops)
     ours = torch.compile(model, backend=backend)(x)
     report = dora_fused.last_report()
     assert set(report.rewritten) == {"base_model.model.conv", "base_model.model.lin"}
     if ops == "triton":
         assert all(r.ops[0] == "dora_fused.factored_row_norm" for r in report.modules)
-    assert relative_error(ours, exact) <= 1.1 * relative_error(model(x), exact) + 1e-6
+    assert relative_error(ours, exact) <= 1.1 * peft_error + 1e-6
 
     monkeypatch.setattr(dora, "ENABLE_DORA_CACHING", True)
     model.eval()
@@ -189,4 +190,4 @@ def test_conv_and_cached_norm_on_cuda(ops, monkeypatch):
     for _ in range(3):  # fill the cache, then read it back
         ours = compiled(x)
     assert {r.form for r in dora_fused.last_report().modules} == {"peft_cached_norm"}
-    assert relative_error(ours, exact) <= 1.1 * relative_error(model(x), exact) + 1e-6
+    assert relative_error(ours, exact) <= 1.1 * peft_error + 1e-6
