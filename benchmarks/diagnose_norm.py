@@ -27,12 +27,14 @@ def main() -> None:
             t = terms.shape[0] // r
             u_sum = sum(u[:, i * r : (i + 1) * r].double() for i in range(t)) / scale.double()
             g = fn.gram_fp32(a)
+            g_tc = fn.gram_triton(a)
             exact_n = fn.dense_row_norm_reference(w64, a64, b64, 1.0)
             # the assembly in fp64 from the same U and G
             g64 = g.double()
             asm64 = ((w64 * w64).sum(1) + 2 * (b64 * u_sum).sum(1) + ((b64 @ g64) * b64).sum(1)).sqrt()
             line = [
-                f"{str(wdt)[6:]}/{str(adt)[6:]} r={r:3d} U {rel(u_sum, w64 @ a64.T):.1e} G {rel(g, a64 @ a64.T):.1e}"
+                f"{str(wdt)[6:]}/{str(adt)[6:]} r={r:3d} U {rel(u_sum, w64 @ a64.T):.1e} G {rel(g, a64 @ a64.T):.1e} "
+                f"G split-K TC {rel(g_tc, a64 @ a64.T):.1e}"
             ]
             line.append(f"asm64 {((asm64 - exact_n).abs() / exact_n).max():.1e}")
             for bn in (16, 128):

@@ -46,6 +46,7 @@ __all__ = [
     "factored_row_norm_torch",
     "factored_row_norm_triton",
     "gram_fp32",
+    "gram_triton",
     "split_terms",
     "triton_supports_norm",
 ]
@@ -170,21 +171,21 @@ def factored_row_norm_torch(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scal
 
 
 @triton.jit
-def _split_dot(x, y, acc, X_TERMS: tl.constexpr, Y_TERMS: tl.constexpr):
-    """``acc + x @ y`` for ``x [M, K]``, ``y [K, N]``; ``X_TERMS == 0`` means a native 16-bit dot."""
-    if X_TERMS == 0:
-        return tl.dot(x, y, acc)
-    xf = x.to(tl.float32)
-    x0 = xf.to(tl.bfloat16)
-    x_rest = xf - x0.to(tl.float32)
-    x1 = x_rest.to(tl.bfloat16)
-    x2 = (x_rest - x1.to(tl.float32)).to(tl.bfloat16)
-    yf = y.to(tl.float32)
-    y0 = yf.to(tl.bfloat16)
-    y_rest = yf - y0.to(tl.float32)
-    y1 = y_rest.to(tl.bfloat16)
-    y2 = (y_rest - y1.to(tl.float32)).to(tl.bfloat16)
-    # smallest products first
+def _bf16_terms(v, TERMS: tl.constexpr):
+    """``v`` as up to three bf16 terms ``v0 + v1 + v2`` (each the rounding of what the previous left)."""
+    vf = v.to(tl.float32)
+    v0 = vf.to(tl.bfloat16)
+    if TERMS == 1:
+        return v0, v0, v0
+    rest = vf - v0.to(tl.float32)
+    v1 = rest.to(tl.bfloat16)
+    v2 = (rest - v1.to(tl.float32)).to(tl.bfloat16)
+    return v0, v1, v2
+
+
+@triton.jit
+def _dot_terms(x0, x1, x2, y0, y1, y2, acc, X_TERMS: tl.constexpr, Y_TERMS: tl.constexpr):
+    """``acc + (Σ x_i) @ (Σ y_j)`` over the term products with ``i + j <= 2``, smallest first."""
     if X_TERMS > 1 and Y_TERMS > 1:
         acc = tl.dot(x1, y1, acc)
     if X_TERMS > 2:
@@ -196,6 +197,52 @@ def _split_dot(x, y, acc, X_TERMS: tl.constexpr, Y_TERMS: tl.constexpr):
     if Y_TERMS > 1:
         acc = tl.dot(x0, y1, acc)
     return tl.dot(x0, y0, acc)
+
+
+@triton.jit
+def _split_dot(x, y, acc, X_TERMS: tl.constexpr, Y_TERMS: tl.constexpr):
+    """``acc + x @ y`` for ``x [M, K]``, ``y [K, N]``; ``X_TERMS == 0`` means a native 16-bit dot."""
+    if X_TERMS == 0:
+        return tl.dot(x, y, acc)
+    x0, x1, x2 = _bf16_terms(x, X_TERMS)
+    y0, y1, y2 = _bf16_terms(y, Y_TERMS)
+    return _dot_terms(x0, x1, x2, y0, y1, y2, acc, X_TERMS, Y_TERMS)
+
+
+@triton.jit
+def _gram_partial_kernel(
+    A,
+    PARTIAL,
+    r,
+    d_in,
+    k_per_split,
+    stride_ar,
+    stride_ak,
+    A_TERMS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``PARTIAL[split] = A[:, K_split] · A[:, K_split]ᵀ`` for this program's ``[BLOCK_R, BLOCK_R]`` tile.
+
+    Each split covers ``k_per_split`` columns of ``A``: tensor-core accumulation
+    runs over that many products only, and the splits are summed in fp32 outside.
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    split = tl.program_id(2)
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, d_in)
+    acc = tl.zeros([BLOCK_R, BLOCK_R], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < k_end
+        x_mask = (rows < r)[:, None] & kmask[None, :]
+        y_mask = (cols < r)[None, :] & kmask[:, None]
+        x = tl.load(A + rows[:, None] * stride_ar + ks[None, :] * stride_ak, mask=x_mask, other=0.0)
+        y = tl.load(A + cols[None, :] * stride_ar + ks[:, None] * stride_ak, mask=y_mask, other=0.0)
+        acc = _split_dot(x, y, acc, A_TERMS, A_TERMS)
+    out = PARTIAL + split * r * r + rows[:, None] * r + cols[None, :]
+    tl.store(out, acc, mask=(rows < r)[:, None] & (cols < r)[None, :])
 
 
 @triton.jit
@@ -227,7 +274,9 @@ def _norm_assemble_kernel(
 
     ``U = W·Aᵀ`` arrives as ``U_TERMS`` column blocks of ``[d_out, U_TERMS·r]``
     (one per bf16/fp16 term of A), summed smallest first and divided by
-    ``U_SCALE``; ``‖W_i‖²`` streams W's rows; ``B·G`` is formed in registers.
+    ``U_SCALE``; ``‖W_i‖²`` streams W's rows; ``B·G`` is formed in registers from
+    ``G``'s three bf16 terms (``G [3, r, r]``, split once outside) and ``B``'s
+    ``B_TERMS`` bf16 terms.
     """
     s = tl.cast(scaling, tl.float32)  # Inductor passes Python floats as fp64
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -260,8 +309,13 @@ def _norm_assemble_kernel(
             b_k = tl.load(
                 B + rows[:, None] * stride_bo + ks[None, :] * stride_br, mask=rmask[:, None] & kmask[None, :], other=0.0
             )
-            g_k = tl.load(G + ks[:, None] * r + cols[None, :], mask=kmask[:, None] & (cols < r)[None, :], other=0.0)
-            bg = _split_dot(b_k, g_k, bg, B_TERMS, 3)
+            g_offsets = G + ks[:, None] * r + cols[None, :]
+            g_mask = kmask[:, None] & (cols < r)[None, :]
+            g0 = tl.load(g_offsets, mask=g_mask, other=0.0)
+            g1 = tl.load(g_offsets + r * r, mask=g_mask, other=0.0)
+            g2 = tl.load(g_offsets + 2 * r * r, mask=g_mask, other=0.0)
+            b0, b1, b2 = _bf16_terms(b_k, B_TERMS)
+            bg = _dot_terms(b0, b1, b2, g0, g1, g2, bg, B_TERMS, 3)
         b = tl.load(B + rows[:, None] * stride_bo + cols[None, :] * stride_br, mask=tile_mask, other=0.0).to(tl.float32)
         total += tl.sum(b * ((2.0 * s) * u + (s * s) * bg), axis=1)
     tl.store(NORM + rows, tl.sqrt_rn(tl.maximum(w_squared + total, 0.0)), mask=rmask)
@@ -310,14 +364,48 @@ def adapter_terms(lora_A: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
 
 
 def gram_fp32(lora_A: Tensor) -> Tensor:
-    """``G = A·Aᵀ`` as an fp32 product (``[r, r]``: small, and it sets the Gram term's accuracy).
+    """``G = A·Aᵀ`` as an fp32 product (the reference for ``gram_triton``).
 
-    Measured on an H100: tensor-core products with fp32 output accumulate with a
-    relative error near 1e-5 of max(G) over d_in = 4096, which made the norm 3x
-    less accurate than fp32 at r = 384; an fp32 product keeps it at fp32 level.
+    Measured on an H100: one tensor-core product with fp32 output accumulates
+    over all of ``d_in`` with a relative error near 1e-5 of max(G) at d_in = 4096,
+    which made the norm 3x less accurate than fp32 at r = 384.
     """
     a = lora_A.float()
     return a @ a.T
+
+
+GRAM_SPLIT_K = 256  # columns of A per tensor-core accumulation in gram_triton
+GRAM_MAX_SPLITS = 32  # at most this many [r, r] partials (bounds the working memory)
+
+
+def gram_triton(lora_A: Tensor, split_k: int = GRAM_SPLIT_K) -> Tensor:
+    """``G = A·Aᵀ`` in fp32 on tensor cores, accumulated over at most ``split_k`` columns at a time.
+
+    An fp32 ``A`` enters as three exact bf16 terms per tile (the products with
+    term orders adding up to at most 2); bf16/fp16 ``A`` as it is. Each split of
+    ``d_in`` is one tensor-core accumulation into its own ``[r, r]`` partial, and
+    the partials are summed in fp32 in a fixed order (deterministic).
+    """
+    r, d_in = lora_A.shape
+    split_k = max(split_k, triton.cdiv(d_in, GRAM_MAX_SPLITS))
+    splits = triton.cdiv(d_in, split_k)
+    partial = torch.empty(splits, r, r, dtype=torch.float32, device=lora_A.device)
+    block_r, block_k = (16, 32) if r <= 16 else (64, 64)
+    grid = (triton.cdiv(r, block_r), triton.cdiv(r, block_r), splits)
+    wrap_triton(_gram_partial_kernel)[grid](
+        lora_A,
+        partial,
+        r,
+        d_in,
+        split_k,
+        lora_A.stride(0),
+        lora_A.stride(1),
+        A_TERMS=0 if lora_A.dtype in (torch.bfloat16, torch.float16) else 3,
+        BLOCK_R=block_r,
+        BLOCK_K=block_k,
+        num_warps=4,
+    )
+    return partial.sum(0)
 
 
 def factored_row_norm_triton(
@@ -327,9 +415,10 @@ def factored_row_norm_triton(
 
     - ``U = W·Aᵀ``: ``W`` read once in its own dtype (bf16/fp16: tensor cores with
       fp32 output, fp32 ``A`` split into exact terms stacked into one product);
-    - ``G = A·Aᵀ`` at fp32 accuracy;
+    - ``G = A·Aᵀ`` at fp32 accuracy on tensor cores (``gram_triton``), split once
+      into three bf16 terms;
     - the assembly kernel: ``‖W‖²`` streamed from W, ``U`` terms summed, ``B·G`` in
-      registers, clamp, correctly rounded square root.
+      registers from the terms, clamp, correctly rounded square root.
 
     Working memory: ``U`` (``T·d_out·r`` fp32, T ≤ 3), ``A``'s terms and ``G``:
     ``O(d_out·r + r²)``. ``config`` overrides the assembly tile sizes (benchmarks).
@@ -342,7 +431,7 @@ def factored_row_norm_triton(
         a_terms, scale = adapter_terms(lora_A, weight.dtype)
         u = _mm_fp32(weight, a_terms.T)
         u_terms = a_terms.shape[0] // r
-    gram = gram_fp32(lora_A)
+    gram_terms = torch.stack(split_terms(gram_triton(lora_A), torch.bfloat16, 3))
     cfg = dict(config) if config is not None else {"BLOCK_M": 32, "BLOCK_K": 128, "BLOCK_R": 32, "num_warps": 4}
     cfg.setdefault("BLOCK_N", min(128, max(16, triton.next_power_of_2(r))))
     norm = torch.empty(d_out, dtype=torch.float32, device=weight.device)
@@ -351,7 +440,7 @@ def factored_row_norm_triton(
         u,
         scale,
         lora_B,
-        gram,
+        gram_terms,
         norm,
         d_out,
         d_in,

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 
 import dora_fused
 from dora_fused.kernels import compose, factored_row_norm
-from dora_fused.kernels.factored_norm import dense_row_norm_reference
+from dora_fused.kernels.factored_norm import dense_row_norm_reference, gram_fp32, gram_triton
 
 pytestmark = pytest.mark.gpu
 
@@ -32,6 +32,18 @@ def test_factored_norm_full_size(d_in, d_out, r, dtype, adapter_dtype):
     exact = dense_row_norm_reference(w.double(), a.double(), b.double(), 1.0)
     # U = W·Aᵀ accumulates over d_in on tensor cores in fp32 (error ~ √d_in·2⁻²⁴ of its terms)
     assert_close(got, exact, rtol=4e-6, atol=0, what="factored norm")
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("d_in", [4096, 14336])
+def test_gram_full_size_is_fp32_exact(d_in, adapter_dtype):
+    """Split-K tensor-core Gram at full size: as accurate as an fp32 product (the bound of the CPU test)."""
+    gen = torch.Generator(device="cuda").manual_seed(d_in)
+    a = (torch.randn(384, d_in, device="cuda", generator=gen) / d_in**0.5).to(adapter_dtype)
+    exact = a.double() @ a.double().T
+    scale = (a.double().abs() @ a.double().abs().T).max().item()
+    for gram in (gram_triton, gram_fp32):
+        assert_close(gram(a), exact, rtol=0, atol=4e-7 * scale, what=gram.__name__)
 
 
 def test_compose_full_size_matches_fp64():

@@ -26,6 +26,7 @@ from dora_fused.kernels.factored_norm import (
     dense_row_norm_reference,
     factored_row_norm_triton,
     gram_fp32,
+    gram_triton,
 )
 
 DEVICES = [
@@ -72,13 +73,15 @@ def test_norm_kernel_matches_fp64(device, shape, dtype, adapter_dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("r,d_in", [(1, 1), (5, 300), (40, 33), (70, 129)])
-def test_gram_is_fp32_exact(device, adapter_dtype, r, d_in):
+@pytest.mark.parametrize("r,d_in", [(1, 1), (5, 300), (40, 33), (70, 129), (17, 2100)])
+@pytest.mark.parametrize("gram", [gram_fp32, gram_triton])
+def test_gram_is_fp32_exact(device, adapter_dtype, r, d_in, gram):
+    """``A·Aᵀ`` to fp32 accuracy; d_in = 2100 makes gram_triton sum several ragged split-K partials."""
     gen = _gen(device, r, d_in, adapter_dtype)
     a = (torch.randn(r, d_in, device=device, generator=gen) * torch.rand(d_in, device=device, generator=gen)).to(
         adapter_dtype
     )
-    got = gram_fp32(a)
+    got = gram(a)
     exact = a.double() @ a.double().T
     scale = (a.double().abs() @ a.double().abs().T).max().item()
     assert_close(got, exact, rtol=0, atol=4e-7 * scale, what="A·Aᵀ")
