@@ -39,6 +39,7 @@ from torch.library import triton_op, wrap_triton
 __all__ = [
     "accumulation_dtype",
     "adapter_terms",
+    "bf16_terms_triton",
     "dense_row_norm_reference",
     "factored_row_norm",
     "factored_row_norm_differentiable",
@@ -46,6 +47,7 @@ __all__ = [
     "factored_row_norm_torch",
     "factored_row_norm_triton",
     "gram_fp32",
+    "gram_terms_triton",
     "gram_triton",
     "split_terms",
     "triton_supports_norm",
@@ -210,39 +212,59 @@ def _split_dot(x, y, acc, X_TERMS: tl.constexpr, Y_TERMS: tl.constexpr):
 
 
 @triton.jit
-def _gram_partial_kernel(
+def _gram_terms_kernel(
     A,
-    PARTIAL,
+    G_TERMS,
     r,
     d_in,
-    k_per_split,
     stride_ar,
     stride_ak,
     A_TERMS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """``PARTIAL[split] = A[:, K_split] · A[:, K_split]ᵀ`` for this program's ``[BLOCK_R, BLOCK_R]`` tile.
+    """This program's ``[BLOCK_R, BLOCK_R]`` tile of ``G = A·Aᵀ``, stored as three bf16 terms ``G_TERMS[3, r, r]``.
 
-    Each split covers ``k_per_split`` columns of ``A``: tensor-core accumulation
-    runs over that many products only, and the splits are summed in fp32 outside.
+    Tensor cores multiply; each ``BLOCK_K`` chunk of ``d_in`` is one tensor-core
+    accumulation started from zero (two half-chunk dots, so the compiler keeps
+    the add below instead of folding it into the dot), added to the running sum
+    in fp32. Long tensor-core accumulations lose bits (see ``gram_fp32``); these
+    cover ``BLOCK_K`` columns.
     """
+    HALF: tl.constexpr = BLOCK_K // 2
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    split = tl.program_id(2)
-    k_start = split * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, d_in)
     acc = tl.zeros([BLOCK_R, BLOCK_R], dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < k_end
-        x_mask = (rows < r)[:, None] & kmask[None, :]
-        y_mask = (cols < r)[None, :] & kmask[:, None]
-        x = tl.load(A + rows[:, None] * stride_ar + ks[None, :] * stride_ak, mask=x_mask, other=0.0)
-        y = tl.load(A + cols[None, :] * stride_ar + ks[:, None] * stride_ak, mask=y_mask, other=0.0)
-        acc = _split_dot(x, y, acc, A_TERMS, A_TERMS)
-    out = PARTIAL + split * r * r + rows[:, None] * r + cols[None, :]
-    tl.store(out, acc, mask=(rows < r)[:, None] & (cols < r)[None, :])
+    for k0 in range(0, d_in, BLOCK_K):
+        part = tl.zeros([BLOCK_R, BLOCK_R], dtype=tl.float32)
+        for h in tl.static_range(2):
+            ks = k0 + h * HALF + tl.arange(0, HALF)
+            x_mask = (rows < r)[:, None] & (ks < d_in)[None, :]
+            y_mask = (cols < r)[None, :] & (ks < d_in)[:, None]
+            x = tl.load(A + rows[:, None] * stride_ar + ks[None, :] * stride_ak, mask=x_mask, other=0.0)
+            y = tl.load(A + cols[None, :] * stride_ar + ks[:, None] * stride_ak, mask=y_mask, other=0.0)
+            part = _split_dot(x, y, part, A_TERMS, A_TERMS)
+        acc += part
+    g0, g1, g2 = _bf16_terms(acc, 3)
+    out = G_TERMS + rows[:, None] * r + cols[None, :]
+    mask = (rows < r)[:, None] & (cols < r)[None, :]
+    tl.store(out, g0, mask=mask)
+    tl.store(out + r * r, g1, mask=mask)
+    tl.store(out + 2 * r * r, g2, mask=mask)
+
+
+@triton.jit
+def _bf16_split_kernel(X, TERMS, rows, cols, stride_xr, stride_xc, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``TERMS[t·rows + i, j]`` = the ``t``-th bf16 term of ``X[i, j]`` (three terms carry fp32 exactly)."""
+    rs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rs < rows)[:, None] & (cs < cols)[None, :]
+    x = tl.load(X + rs[:, None] * stride_xr + cs[None, :] * stride_xc, mask=mask, other=0.0)
+    t0, t1, t2 = _bf16_terms(x, 3)
+    out = TERMS + rs[:, None] * cols + cs[None, :]
+    tl.store(out, t0, mask=mask)
+    tl.store(out + rows * cols, t1, mask=mask)
+    tl.store(out + 2 * rows * cols, t2, mask=mask)
 
 
 @triton.jit
@@ -347,12 +369,15 @@ def adapter_terms(lora_A: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``A`` as stacked ``dtype`` terms ``[T·r, d_in]`` and a scale: ``A = Σ_t terms_t / scale``.
 
     One term when ``A`` already has ``dtype``; otherwise three, each the rounding
-    of what the previous left (exact to fp32's 24 bits). fp16 terms are taken of
-    ``A·scale`` with a power-of-two scale that puts ``max|A|`` near 2^14, so the
-    small terms stay above fp16's underflow (bf16 has fp32's range: scale 1).
+    of what the previous left (exact to fp32's 24 bits). bf16 terms come from one
+    Triton kernel. fp16 terms are taken of ``A·scale`` with a power-of-two scale
+    that puts ``max|A|`` near 2^14, so the small terms stay above fp16's
+    underflow (bf16 has fp32's range: scale 1).
     """
     if lora_A.dtype == dtype:
         return lora_A, torch.ones(1, dtype=torch.float32, device=lora_A.device)
+    if dtype == torch.bfloat16 and lora_A.dtype == torch.float32:
+        return bf16_terms_triton(lora_A), torch.ones(1, dtype=torch.float32, device=lora_A.device)
     a = lora_A.float()
     if dtype == torch.float16:
         peak = a.abs().amax().clamp_min(2.0**-100)
@@ -361,6 +386,15 @@ def adapter_terms(lora_A: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     else:
         scale = torch.ones(1, dtype=torch.float32, device=lora_A.device)
     return torch.cat(split_terms(a, dtype, 3)), scale
+
+
+def bf16_terms_triton(x: Tensor) -> Tensor:
+    """An fp32 ``[rows, cols]`` matrix as its three bf16 terms stacked ``[3·rows, cols]`` (one kernel)."""
+    rows, cols = x.shape
+    terms = torch.empty(3 * rows, cols, dtype=torch.bfloat16, device=x.device)
+    grid = (triton.cdiv(rows, 32), triton.cdiv(cols, 128))
+    wrap_triton(_bf16_split_kernel)[grid](x, terms, rows, cols, x.stride(0), x.stride(1), BLOCK_R=32, BLOCK_C=128)
+    return terms
 
 
 def gram_fp32(lora_A: Tensor) -> Tensor:
@@ -374,38 +408,35 @@ def gram_fp32(lora_A: Tensor) -> Tensor:
     return a @ a.T
 
 
-GRAM_SPLIT_K = 256  # columns of A per tensor-core accumulation in gram_triton
-GRAM_MAX_SPLITS = 32  # at most this many [r, r] partials (bounds the working memory)
+def gram_terms_triton(lora_A: Tensor) -> Tensor:
+    """``G = A·Aᵀ`` at fp32 accuracy as three bf16 terms ``[3, r, r]`` (``G = Σ_t terms[t]``), one kernel.
 
-
-def gram_triton(lora_A: Tensor, split_k: int = GRAM_SPLIT_K) -> Tensor:
-    """``G = A·Aᵀ`` in fp32 on tensor cores, accumulated over at most ``split_k`` columns at a time.
-
-    An fp32 ``A`` enters as three exact bf16 terms per tile (the products with
-    term orders adding up to at most 2); bf16/fp16 ``A`` as it is. Each split of
-    ``d_in`` is one tensor-core accumulation into its own ``[r, r]`` partial, and
-    the partials are summed in fp32 in a fixed order (deterministic).
+    Tensor cores with fp32 accumulation over chunks of ``d_in`` (see the kernel);
+    an fp32 ``A`` enters as three exact bf16 terms per tile (the products whose
+    term orders add up to at most 2), bf16/fp16 ``A`` as it is.
     """
     r, d_in = lora_A.shape
-    split_k = max(split_k, triton.cdiv(d_in, GRAM_MAX_SPLITS))
-    splits = triton.cdiv(d_in, split_k)
-    partial = torch.empty(splits, r, r, dtype=torch.float32, device=lora_A.device)
-    block_r, block_k = (16, 32) if r <= 16 else (64, 64)
-    grid = (triton.cdiv(r, block_r), triton.cdiv(r, block_r), splits)
-    wrap_triton(_gram_partial_kernel)[grid](
+    terms = torch.empty(3, r, r, dtype=torch.bfloat16, device=lora_A.device)
+    block_r = 16 if r <= 16 else 32
+    wrap_triton(_gram_terms_kernel)[(triton.cdiv(r, block_r), triton.cdiv(r, block_r))](
         lora_A,
-        partial,
+        terms,
         r,
         d_in,
-        split_k,
         lora_A.stride(0),
         lora_A.stride(1),
         A_TERMS=0 if lora_A.dtype in (torch.bfloat16, torch.float16) else 3,
         BLOCK_R=block_r,
-        BLOCK_K=block_k,
+        BLOCK_K=64,
         num_warps=4,
     )
-    return partial.sum(0)
+    return terms
+
+
+def gram_triton(lora_A: Tensor) -> Tensor:
+    """``G = A·Aᵀ`` in fp32 from ``gram_terms_triton`` (tests and diagnostics)."""
+    terms = gram_terms_triton(lora_A).float()
+    return (terms[2] + terms[1]) + terms[0]
 
 
 def factored_row_norm_triton(
@@ -415,8 +446,8 @@ def factored_row_norm_triton(
 
     - ``U = W·Aᵀ``: ``W`` read once in its own dtype (bf16/fp16: tensor cores with
       fp32 output, fp32 ``A`` split into exact terms stacked into one product);
-    - ``G = A·Aᵀ`` at fp32 accuracy on tensor cores (``gram_triton``), split once
-      into three bf16 terms;
+    - ``G = A·Aᵀ`` at fp32 accuracy on tensor cores, written as three bf16 terms
+      (``gram_terms_triton``);
     - the assembly kernel: ``‖W‖²`` streamed from W, ``U`` terms summed, ``B·G`` in
       registers from the terms, clamp, correctly rounded square root.
 
@@ -431,7 +462,7 @@ def factored_row_norm_triton(
         a_terms, scale = adapter_terms(lora_A, weight.dtype)
         u = _mm_fp32(weight, a_terms.T)
         u_terms = a_terms.shape[0] // r
-    gram_terms = torch.stack(split_terms(gram_triton(lora_A), torch.bfloat16, 3))
+    gram_terms = gram_terms_triton(lora_A)
     cfg = dict(config) if config is not None else {"BLOCK_M": 32, "BLOCK_K": 128, "BLOCK_R": 32, "num_warps": 4}
     cfg.setdefault("BLOCK_N", min(128, max(16, triton.next_power_of_2(r))))
     norm = torch.empty(d_out, dtype=torch.float32, device=weight.device)

@@ -76,7 +76,7 @@ def test_norm_kernel_matches_fp64(device, shape, dtype, adapter_dtype):
 @pytest.mark.parametrize("r,d_in", [(1, 1), (5, 300), (40, 33), (70, 129), (17, 2100)])
 @pytest.mark.parametrize("gram", [gram_fp32, gram_triton])
 def test_gram_is_fp32_exact(device, adapter_dtype, r, d_in, gram):
-    """``A·Aᵀ`` to fp32 accuracy; d_in = 2100 makes gram_triton sum several ragged split-K partials."""
+    """``A·Aᵀ`` to fp32 accuracy; d_in = 2100 makes gram_triton add many chunks, the last one ragged."""
     gen = _gen(device, r, d_in, adapter_dtype)
     a = (torch.randn(r, d_in, device=device, generator=gen) * torch.rand(d_in, device=device, generator=gen)).to(
         adapter_dtype
