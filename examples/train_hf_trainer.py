@@ -54,7 +54,7 @@ class RandomTokens(torch.utils.data.Dataset):
 
 def main() -> None:
     model = build_model()
-    model.compile(backend="dora_fused")  # in place; torch.compile(model, ...) also works (see docs/integrations.md)
+    model.compile(backend="dora_fused")  # in place (torch.compile(model) breaks save_model: docs/integrations.md)
 
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
