@@ -18,7 +18,9 @@ from .report import SCHEMA, ModuleRecord, RewriteReport, clear_reports, last_rep
 enable_peft_tracing()
 configure_from_env()
 
-from .backend import DoraFusedBackend, audit, backend, dora_fused  # noqa: E402
+from .backend import DoraFusedBackend, audit, backend, dora_fused, register_name  # noqa: E402
+
+register_name()
 
 __all__ = [
     "SCHEMA",

@@ -146,6 +146,16 @@ def dora_fused(
     return _default(gm, example_inputs, mode=mode, options=options)
 
 
+def register_name() -> None:
+    """Register ``"dora_fused"`` with Dynamo, for imports that bypass the installed entry point (PYTHONPATH)."""
+    from torch._dynamo.backends.registry import register_backend
+
+    try:
+        register_backend(dora_fused, name="dora_fused")
+    except AssertionError:  # already registered (the entry point was loaded first)
+        pass
+
+
 def audit(model: torch.nn.Module, *args: Any, **kwargs: Any) -> RewriteReport:
     """Trace ``model(*args, **kwargs)`` as ``torch.compile(model, backend="dora_fused")`` would and report.
 
