@@ -147,12 +147,20 @@ def dora_fused(
 
 
 def register_name() -> None:
-    """Register ``"dora_fused"`` with Dynamo, for imports that bypass the installed entry point (PYTHONPATH)."""
+    """Register ``"dora_fused"`` with Dynamo when no installed entry point provides it (e.g. on PYTHONPATH).
+
+    With the package installed, Dynamo loads the name from the entry point on
+    first use; registering it here as well would make that load a duplicate.
+    """
+    from importlib.metadata import entry_points
+
     from torch._dynamo.backends.registry import register_backend
 
+    if any(ep.name == "dora_fused" for ep in entry_points(group="torch_dynamo_backends")):
+        return
     try:
         register_backend(dora_fused, name="dora_fused")
-    except AssertionError:  # already registered (the entry point was loaded first)
+    except AssertionError:  # already registered
         pass
 
 
