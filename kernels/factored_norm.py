@@ -47,6 +47,7 @@ __all__ = [
     "factored_row_norm_torch",
     "factored_row_norm_triton",
     "gram_fp32",
+    "gram_splits",
     "gram_terms_triton",
     "gram_triton",
     "split_terms",
@@ -212,45 +213,59 @@ def _split_dot(x, y, acc, X_TERMS: tl.constexpr, Y_TERMS: tl.constexpr):
 
 
 @triton.jit
-def _gram_terms_kernel(
+def _gram_partial_kernel(
     A,
-    G_TERMS,
+    PARTIAL,
     r,
     d_in,
+    k_per_split,
     stride_ar,
     stride_ak,
     A_TERMS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """This program's ``[BLOCK_R, BLOCK_R]`` tile of ``G = A·Aᵀ``, stored as three bf16 terms ``G_TERMS[3, r, r]``.
+    """``PARTIAL[split]``'s ``[BLOCK_R, BLOCK_R]`` tile of ``A[:, K_split] · A[:, K_split]ᵀ`` (fp32).
 
-    Tensor cores multiply; each ``BLOCK_K`` chunk of ``d_in`` is one tensor-core
+    Tensor cores multiply; each ``BLOCK_K`` chunk is one tensor-core
     accumulation started from zero (two half-chunk dots, so the compiler keeps
     the add below instead of folding it into the dot), added to the running sum
     in fp32. Long tensor-core accumulations lose bits (see ``gram_fp32``); these
-    cover ``BLOCK_K`` columns.
+    cover one chunk.
     """
     HALF: tl.constexpr = BLOCK_K // 2
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    split = tl.program_id(2)
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, d_in)
     acc = tl.zeros([BLOCK_R, BLOCK_R], dtype=tl.float32)
-    for k0 in range(0, d_in, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         part = tl.zeros([BLOCK_R, BLOCK_R], dtype=tl.float32)
         for h in tl.static_range(2):
             ks = k0 + h * HALF + tl.arange(0, HALF)
-            x_mask = (rows < r)[:, None] & (ks < d_in)[None, :]
-            y_mask = (cols < r)[None, :] & (ks < d_in)[:, None]
+            x_mask = (rows < r)[:, None] & (ks < k_end)[None, :]
+            y_mask = (cols < r)[None, :] & (ks < k_end)[:, None]
             x = tl.load(A + rows[:, None] * stride_ar + ks[None, :] * stride_ak, mask=x_mask, other=0.0)
             y = tl.load(A + cols[None, :] * stride_ar + ks[:, None] * stride_ak, mask=y_mask, other=0.0)
             part = _split_dot(x, y, part, A_TERMS, A_TERMS)
         acc += part
-    g0, g1, g2 = _bf16_terms(acc, 3)
-    out = G_TERMS + rows[:, None] * r + cols[None, :]
-    mask = (rows < r)[:, None] & (cols < r)[None, :]
-    tl.store(out, g0, mask=mask)
-    tl.store(out + r * r, g1, mask=mask)
-    tl.store(out + 2 * r * r, g2, mask=mask)
+    out = PARTIAL + split * r * r + rows[:, None] * r + cols[None, :]
+    tl.store(out, acc, mask=(rows < r)[:, None] & (cols < r)[None, :])
+
+
+@triton.jit
+def _gram_terms_kernel(PARTIAL, G_TERMS, size, splits, BLOCK: tl.constexpr):
+    """``G = Σ_split PARTIAL[split]`` in a fixed order (deterministic), stored as three bf16 terms."""
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < size
+    g = tl.zeros([BLOCK], dtype=tl.float32)
+    for split in range(0, splits):
+        g += tl.load(PARTIAL + split * size + offsets, mask=mask, other=0.0)
+    g0, g1, g2 = _bf16_terms(g, 3)
+    tl.store(G_TERMS + offsets, g0, mask=mask)
+    tl.store(G_TERMS + size + offsets, g1, mask=mask)
+    tl.store(G_TERMS + 2 * size + offsets, g2, mask=mask)
 
 
 @triton.jit
@@ -408,28 +423,46 @@ def gram_fp32(lora_A: Tensor) -> Tensor:
     return a @ a.T
 
 
-def gram_terms_triton(lora_A: Tensor) -> Tensor:
-    """``G = A·Aᵀ`` at fp32 accuracy as three bf16 terms ``[3, r, r]`` (``G = Σ_t terms[t]``), one kernel.
+_GRAM_PROGRAMS = 264  # about two programs per H100 SM: tiles x splits aims at this many
+_GRAM_MIN_SPLIT = 256  # columns of A per split at least
 
-    Tensor cores with fp32 accumulation over chunks of ``d_in`` (see the kernel);
-    an fp32 ``A`` enters as three exact bf16 terms per tile (the products whose
-    term orders add up to at most 2), bf16/fp16 ``A`` as it is.
+
+def gram_splits(r: int, d_in: int) -> int:
+    """How many split-K partials ``gram_terms_triton`` sums for an ``[r, d_in]`` A."""
+    tiles = triton.cdiv(r, 16 if r <= 16 else 32) ** 2
+    return max(1, min(triton.cdiv(_GRAM_PROGRAMS, tiles), triton.cdiv(d_in, _GRAM_MIN_SPLIT)))
+
+
+def gram_terms_triton(lora_A: Tensor) -> Tensor:
+    """``G = A·Aᵀ`` at fp32 accuracy as three bf16 terms ``[3, r, r]`` (``G = Σ_t terms[t]``).
+
+    Two kernels: split-K partial products on tensor cores (fp32 adds between
+    short chunk accumulations; an fp32 ``A`` enters as three exact bf16 terms
+    per tile, keeping the products whose term orders add up to at most 2), then
+    the fixed-order sum of the splits, split into bf16 terms. Splits are added
+    only where the ``[r, r]`` tiles alone leave the GPU idle (small ``r``).
     """
     r, d_in = lora_A.shape
-    terms = torch.empty(3, r, r, dtype=torch.bfloat16, device=lora_A.device)
     block_r = 16 if r <= 16 else 32
-    wrap_triton(_gram_terms_kernel)[(triton.cdiv(r, block_r), triton.cdiv(r, block_r))](
+    splits = gram_splits(r, d_in)
+    k_per_split = triton.cdiv(d_in, splits)
+    partial = torch.empty(splits, r, r, dtype=torch.float32, device=lora_A.device)
+    native = lora_A.dtype in (torch.bfloat16, torch.float16)
+    wrap_triton(_gram_partial_kernel)[(triton.cdiv(r, block_r), triton.cdiv(r, block_r), splits)](
         lora_A,
-        terms,
+        partial,
         r,
         d_in,
+        k_per_split,
         lora_A.stride(0),
         lora_A.stride(1),
-        A_TERMS=0 if lora_A.dtype in (torch.bfloat16, torch.float16) else 3,
+        A_TERMS=0 if native else 3,
         BLOCK_R=block_r,
-        BLOCK_K=64,
+        BLOCK_K=64 if native else 32,
         num_warps=4,
     )
+    terms = torch.empty(3, r, r, dtype=torch.bfloat16, device=lora_A.device)
+    wrap_triton(_gram_terms_kernel)[(triton.cdiv(r * r, 1024),)](partial, terms, r * r, splits, BLOCK=1024)
     return terms
 
 

@@ -12,7 +12,8 @@ Dense (PEFT, GUIDE §1), in the adapter dtype ``a``::
 
 Rewritten, ``norm="triton"`` (CUDA): ``U`` as ``T`` fp32 column blocks
 ``[d_out, T·r]`` (T = 3 when a 16-bit W meets fp32 adapters, else 1), A's
-16-bit terms ``[T·r, d_in]`` when T = 3, ``G`` as three bf16 terms, the norm.
+16-bit terms ``[T·r, d_in]`` when T = 3, ``G``'s split-K partials and its three
+bf16 terms, the norm.
 ``norm="torch"``: rows of W promoted to fp32 at most ``CHUNK_BYTES`` at a time
 with their ``U`` and ``B·G`` rows, ``G`` and the fp32 copy of A, the norm.
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from dora_fused.kernels.factored_norm import CHUNK_BYTES
+from dora_fused.kernels.factored_norm import CHUNK_BYTES, gram_splits
 
 __all__ = ["dense_norm_bytes", "rewritten_norm_bytes"]
 
@@ -49,7 +50,7 @@ def rewritten_norm_bytes(
     if norm == "triton":
         terms = 3 if weight_dtype != torch.float32 and adapter_dtype != weight_dtype else 1
         a_terms = terms * r * d_in * _size(weight_dtype) if terms > 1 else 0
-        gram = 3 * r * r * 2  # G as three bf16 terms
+        gram = 3 * r * r * 2 + gram_splits(r, d_in) * r * r * fp32  # G's bf16 terms, its split-K partials
         return terms * d_out * r * fp32 + a_terms + gram + d_out * fp32
     shared = r * r * fp32 + r * d_in * fp32 + d_out * fp32  # G, fp32 copy of A, the norm
     rows = max(1, min(d_out, CHUNK_BYTES // max(1, d_in * fp32)))
