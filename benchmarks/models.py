@@ -104,6 +104,8 @@ MODELS = {
             max_position_embeddings=32768,
             rms_norm_eps=1e-6,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+            bos_token_id=None,  # the released ids lie outside the 32000-token vocabulary
+            eos_token_id=None,
         ),
         vision=dict(embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14),
         image_size=672,  # 48 × 48 patches of 14 pixels, 2 × 2 merged: 576 image tokens
@@ -134,6 +136,8 @@ TINY_MODELS = {  # --tiny: the same families at toy sizes (odd dimensions, as in
             num_key_value_heads=2,
             max_position_embeddings=64,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 2, 2]},
+            bos_token_id=None,
+            eos_token_id=None,
         ),
         vision=dict(embed_dim=32, hidden_size=48, num_heads=2, mlp_ratio=2, patch_size=4),
         image_size=16,  # 4 × 4 patches, 2 × 2 merged: 4 image tokens
@@ -345,6 +349,8 @@ def run_reference(cases: list[Case], args, device: torch.device) -> None:
     spec = model_spec(cases[0], args)
     started = time.perf_counter()
     row = base_row(cases[0], spec, args, REFERENCE)
+    if os.path.exists(reference_path(cases[0], args)):  # never compare with an earlier run's file
+        os.remove(reference_path(cases[0], args))
     try:
         model = build_peft(spec, cases[0].adapters, device).double()
         inputs = make_inputs(spec, args, 1, device, torch.float64)[0]
@@ -564,6 +570,8 @@ def run_mode(case: Case, spec: dict, model, fn, args, device, reference, counter
 def run_worker(args) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.tiny and device.type == "cpu":
+        torch.set_num_threads(1)  # toy tensors gain nothing from intra-op threads, and stall on a busy machine
     record_environment(args)
     cases = sorted((CASES_BY_NAME[n] for n in args.cases.split(",")), key=lambda c: MODES.index(c.mode))
     if args.worker == REFERENCE:
@@ -571,7 +579,7 @@ def run_worker(args) -> None:
         return
     spec = model_spec(cases[0], args)
     path = reference_path(cases[0], args)
-    reference = torch.load(path) if os.path.exists(path) else None
+    reference = torch.load(path) if os.path.exists(path) and not args.no_reference else None
     counters = Counters()
     start = time.perf_counter()
     model, fn = make_contender(args.worker, spec, cases[0].adapters, args, device)
@@ -587,7 +595,13 @@ def run_worker(args) -> None:
         attn_implementation=getattr(model.config, "_attn_implementation", None),
         dora_fused_imported="dora_fused" in sys.modules,
     )
+    previous = None
     for case in cases:
+        # Each case compiles as in a fresh process (Dynamo's recompile limit counts every variant a
+        # process compiled), except train-accum4 right after train: the same graph, reused.
+        if previous is not None and (previous.mode, case.mode) != ("train", "train-accum4"):
+            torch._dynamo.reset()
+        previous = case
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name in initial:
@@ -698,7 +712,7 @@ def worker_command(args, contender: str, cases: list[Case]) -> list[str]:
     command += ["--layers", str(args.layers), "--seq", str(args.seq), "--batch", str(args.batch)]
     command += ["--repeats", str(args.repeats), "--warmup", str(args.warmup), "--inner", args.inner]
     command += ["--argv", args.argv]
-    return command + (["--tiny"] if args.tiny else [])
+    return command + (["--tiny"] if args.tiny else []) + (["--no-reference"] if args.no_reference else [])
 
 
 def spawn(command: list[str], timeout: float | None) -> tuple[int | None, list[str]]:
