@@ -256,7 +256,8 @@ def build_base(spec: dict, device: torch.device) -> torch.nn.Module:
                 tie_word_embeddings=False,
             )
             model = transformers.Qwen2VLForConditionalGeneration(config)
-    return model.to(BASE_DTYPE)
+    # bf16 parameters; rotary frequencies stay fp32, as from_pretrained(dtype=torch.bfloat16) leaves them
+    return model.to(device)
 
 
 def target_modules(spec: dict) -> str:
@@ -354,15 +355,13 @@ def run_reference(cases: list[Case], args, device: torch.device) -> None:
     try:
         model = build_peft(spec, cases[0].adapters, device).double()
         inputs = make_inputs(spec, args, 1, device, torch.float64)[0]
-        training = any(case.mode != "infer" for case in cases)
-        if training:  # the same math; holds one layer's fp64 activations at a time instead of all
-            enable_checkpointing(model)
-        model.train(training)
-        with torch.set_grad_enabled(training):
-            out = model(**inputs)
-            if training:
-                out.loss.backward()
-        checked = set(grad_check_names(model)) if training else set()
+        # Always forward and backward (a later --resume may add training cases of this model).
+        # Checkpointing: the same math, holding one layer's fp64 activations at a time instead of all.
+        enable_checkpointing(model)
+        model.train()
+        out = model(**inputs)
+        out.loss.backward()
+        checked = set(grad_check_names(model))
         saved = dict(
             logits=out.logits[:, -1].detach().cpu(),
             grads={name: p.grad.cpu() for name, p in model.named_parameters() if name in checked},

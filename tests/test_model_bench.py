@@ -102,7 +102,7 @@ def test_tables(run):
     spec.loader.exec_module(table)
     text = table.tables(run["data"])
     for case in CASES:
-        assert text.count(f"| {case} |") == 3  # time, memory, compile/accuracy
+        assert text.count(f"| {case} |") == 4  # time, memory, compile, accuracy
     assert "| 14/14 |" in text
 
 
