@@ -60,6 +60,14 @@ def _num(row: dict | None, key: str, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
 
+def _time(row: dict | None) -> str:
+    """Median ms; for training, the whole step with its forward+backward part in parentheses."""
+    text = _num(row, "ms", ".1f")
+    if _status(row) is None and row.get("fwd_bwd_ms") is not None:
+        text += f" ({row['fwd_bwd_ms']:.1f})"
+    return text
+
+
 def _ratio(a: dict | None, b: dict | None, key: str = "ms") -> str:
     if _status(a) is not None or _status(b) is not None or not a.get(key) or not b.get(key):
         return "—"
@@ -91,17 +99,23 @@ def tables(data: dict) -> str:
     lines.append("")
 
     head = " | ".join(LABELS[c] for c in present)
+    polyfill = "inductor_polyfill" in present
     lines += [
-        "**Time** (median ms per call: prefill for `infer`, whole optimizer step for `train*`)",
+        "**Time** (median ms per call: prefill for `infer`; for `train*` the whole optimizer step, its "
+        "forward+backward in parentheses; speedups from these medians, > 1: dora_fused faster)",
         "",
-        f"| case | setup | {head} | dora_fused vs PEFT eager | vs torch.compile | dora_fused ÷ LoRA |",
-        "|---|---|" + "---|" * (len(present) + 3),
+        f"| case | setup | {head} | dora_fused vs PEFT eager | vs torch.compile | "
+        + ("vs torch.compile + polyfill | " if polyfill else "")
+        + "dora_fused ÷ LoRA |",
+        "|---|---|" + "---|" * (len(present) + 3 + polyfill),
     ]
     for case, by in chosen.items():
         any_row = next(iter(by.values()))
         d = by.get("dora_fused")
-        cells = [_num(by.get(c), "ms", ".1f") for c in present]
-        ratios = [_ratio(by.get("peft_eager"), d), _ratio(by.get("inductor"), d), _ratio(d, by.get("lora_inductor"))]
+        cells = [_time(by.get(c)) for c in present]
+        ratios = [_ratio(by.get("peft_eager"), d), _ratio(by.get("inductor"), d)]
+        ratios += [_ratio(by.get("inductor_polyfill"), d)] if polyfill else []
+        ratios += [_ratio(d, by.get("lora_inductor"))]
         lines.append(f"| {case} | {_describe(any_row)} | " + " | ".join(cells + ratios) + " |")
 
     lines += [
