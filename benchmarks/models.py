@@ -677,12 +677,16 @@ def done_pairs(args) -> set[tuple[str, str]]:
     """With --resume: the (case, contender) pairs --out already holds a good row for, at these settings."""
     if not args.resume:
         return set()
-    same = dict(tiny=args.tiny, device=args.device_kind, layers=None, seq=args.seq, batch=args.batch)
-    return {
-        (r["case"], r["contender"])
-        for r in load_results(args.out)["rows"]
-        if r.get("status") == "ok" and all(r.get(k) == v for k, v in same.items() if v is not None)
-    }
+    done = set()
+    for row in load_results(args.out)["rows"]:
+        case = CASES_BY_NAME.get(row["case"])
+        if case is None or row.get("status") != "ok":
+            continue
+        same = dict(tiny=args.tiny, device=args.device_kind, seq=args.seq, batch=args.batch, inner=args.inner)
+        same["layers"] = model_spec(case, args)["layers"]
+        if all(row.get(k) == v for k, v in same.items()):
+            done.add((row["case"], row["contender"]))
+    return done
 
 
 def plan(args) -> list[tuple[str, list[Case]]]:
@@ -693,15 +697,17 @@ def plan(args) -> list[tuple[str, list[Case]]]:
     done = done_pairs(args)
     steps = []
     for cases in groups.values():
-        needs_reference = not cases[0].full and not args.no_reference and DORA_MATH & set(args.contender_list)
-        if needs_reference and not (args.resume and os.path.exists(reference_path(cases[0], args))):
-            steps.append((REFERENCE, cases))
+        group_steps = []
         for contender in args.contender_list:
             todo = [c for c in cases if (c.name, contender) not in done]
             if contender in INFER_ONLY:
                 todo = [c for c in todo if c.mode == "infer"]
             if todo:
-                steps.append((contender, todo))
+                group_steps.append((contender, todo))
+        needs_reference = not cases[0].full and not args.no_reference and DORA_MATH & {k for k, _ in group_steps}
+        if needs_reference and not (args.resume and os.path.exists(reference_path(cases[0], args))):
+            group_steps.insert(0, (REFERENCE, cases))
+        steps += group_steps
     return steps
 
 
