@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-from datetime import date
 
 import torch
 import torch.nn as nn
 from peft import LoraConfig, get_peft_model
 
 import dora_fused
+
+from timing import PeakMemory, environment, summarize, time_calls
 
 SHAPES = [(4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096)]  # (d_in, d_out)
 
@@ -45,24 +44,12 @@ def build(d_in: int, d_out: int, r: int, adapter_fp32: bool, dora: bool = True) 
 
 
 def measure(fn, reps: int, warmup: int) -> tuple[float, float, float, float]:
-    for _ in range(warmup):
+    """Median, 10% and 90% quantile ms of ``reps`` calls after ``warmup``; peak MB of one more call."""
+    times, _ = time_calls(fn, reps, warmup)
+    with PeakMemory() as mem:
         fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
-    q = statistics.quantiles(times, n=10)
-    return statistics.median(times), q[0], q[-1], peak_mb
+    stats = summarize(times)
+    return stats["ms"], stats["q10"], stats["q90"], mem.peak_mb
 
 
 def main() -> None:
@@ -157,20 +144,7 @@ def run_case(d_in: int, d_out: int, rank: int, adapter_fp32: bool, args) -> list
 
 
 def meta(args) -> dict:
-    info = dict(
-        gpu=torch.cuda.get_device_name(),
-        torch=torch.__version__,
-        cuda=torch.version.cuda,
-        python=platform.python_version(),
-        date=str(date.today()),
-        tokens=args.tokens,
-        reps=args.reps,
-    )
-    import peft
-    import triton
-
-    info.update(peft=peft.__version__, triton=triton.__version__)
-    return info
+    return dict(environment(), tokens=args.tokens, reps=args.reps)
 
 
 def print_table(rows: list[dict], args, info: dict) -> None:

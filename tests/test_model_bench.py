@@ -1,0 +1,142 @@
+"""benchmarks/models.py end to end in --tiny mode on the CPU.
+
+One run of the harness (one process per contender and the fp64 reference, compiled contenders
+through aot_eager) on a tiny Llama (inference and a training step) and a tiny Qwen2-VL (image +
+text inference). The timings are toy numbers; what is checked is the mechanism: every row and
+field, the error against fp64 (dora_fused no further from it than PEFT eager), the rewrite of
+every DoRA module, the markdown tables, the resume and the time budget.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+LLAMA = ["llama8b-r384-fp32ad-infer", "llama8b-r384-fp32ad-train"]
+VLM = ["qwen2vl7b-r384-fp32ad-infer"]
+CASES = LLAMA + VLM
+CONTENDERS = {"dora_fused", "peft_eager", "merged"}  # merged: on the Llama only, to keep the test short
+DORA_MODULES = 14  # 7 linear layers × 2 decoder layers, in both tiny models
+# relative error against fp64 of the last position's logits / the checked gradients, bf16 base:
+# PEFT eager's own is about 6e-3; dora_fused may be at most RATIO × PEFT's, plus SLACK
+MAX_ERROR, RATIO, SLACK = 0.03, 1.1, 1e-4
+
+
+def _harness(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(BENCH / "models.py"), "--tiny", "--inner", "aot_eager", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=True)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("models_bench")
+    out = tmp / "models.json"
+    args = ["--out", str(out), "--work-dir", str(tmp / "work"), "--repeats", "2"]
+    llama = [*args, "--cases", ",".join(LLAMA), "--contenders", "dora_fused,peft_eager,merged"]
+    vlm = [*args, "--cases", ",".join(VLM), "--contenders", "dora_fused,peft_eager"]
+    _harness(*llama)
+    _harness(*vlm)  # appends to the same file
+    return dict(out=out, llama_args=llama, data=json.loads(out.read_text()))
+
+
+def _rows(data: dict) -> dict[tuple[str, str], dict]:
+    return {(r["case"], r["contender"]): r for r in data["rows"]}
+
+
+def test_every_case_and_contender_has_a_good_row(run):
+    rows = _rows(run["data"])
+    expected = {(case, c) for case in CASES for c in CONTENDERS if c != "merged" or case == LLAMA[0]}
+    expected |= {(case, "fp64_ref") for case in CASES}
+    assert set(rows) == expected
+    bad = {key: (row["status"], row.get("error", "")[-500:]) for key, row in rows.items() if row["status"] != "ok"}
+    assert not bad
+
+
+def test_fields(run):
+    runs = run["data"]["meta"]["runs"].values()
+    assert len(runs) == 2
+    assert all(env["torch"] and env["peft"] and env["transformers"] and env["tiny"] is True for env in runs)
+    for (_, contender), row in _rows(run["data"]).items():
+        if contender == "fp64_ref":
+            continue
+        assert row["layers"] == 2 and row["r"] == 8 and row["adapters"] == "fp32ad" and row["seq"] == 32
+        assert len(row["times"]) == 2 and all(t > 0 for t in row["times"])
+        assert row["q10"] <= row["ms"] <= row["q90"]
+        assert row["first_call_s"] > 0 and row["compile_s"] >= 0 and row["tokens_per_s"] > 0
+        assert row["graphs_compiled_timed"] == 0  # nothing recompiles while timed
+        assert row["weights_gb"] > 0 and "peak_gb" not in row  # no CUDA: no peak memory
+        if row["mode"] == "train":
+            assert 0 < row["fwd_bwd_ms"] <= row["ms"]
+        assert row["dora_fused_imported"] == (contender == "dora_fused")  # the other processes never import it
+
+
+def test_errors_against_fp64(run):
+    rows = _rows(run["data"])
+    for case in CASES:
+        peft, ours = rows[case, "peft_eager"], rows[case, "dora_fused"]
+        keys = ["rel_err"] + (["grad_rel_err"] if case.endswith("-train") else [])
+        for key in keys:
+            assert 0 < peft[key] < MAX_ERROR, (case, key, peft[key])
+            assert ours[key] <= RATIO * peft[key] + SLACK, (case, key, ours[key], peft[key])
+    assert 0 < rows[LLAMA[0], "merged"]["rel_err"] < MAX_ERROR  # bf16 merged weights: their own rounding
+
+
+def test_dora_fused_rewrote_every_module(run):
+    rows = _rows(run["data"])
+    for case in CASES:
+        row = rows[case, "dora_fused"]
+        assert row["dora_modules"] == DORA_MODULES
+        assert row["rewritten"] == DORA_MODULES and row["left_alone"] == 0
+        assert "rewritten" not in rows[case, "peft_eager"]
+
+
+def test_tables(run):
+    spec = importlib.util.spec_from_file_location("models_table", BENCH / "models_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    text = table.tables(run["data"])
+    for case in CASES:
+        assert text.count(f"| {case} |") == 4  # time, memory, compile, accuracy
+    assert "| 14/14 |" in text
+
+
+def test_plots(run, tmp_path):
+    pytest.importorskip("matplotlib")
+    subprocess.run(
+        [sys.executable, str(BENCH / "plot_models.py"), str(run["out"]), "--out", str(tmp_path / "m")],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    assert (tmp_path / "m_speedup.png").stat().st_size > 0 and (tmp_path / "m_memory.png").stat().st_size > 0
+
+
+@pytest.fixture
+def harness(monkeypatch):
+    """benchmarks/models.py imported in this process (for its planning, without workers)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("models_bench_harness", BENCH / "models.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_resume_plans_nothing_already_measured(run, harness):
+    args = ["--tiny", "--inner", "aot_eager", *run["llama_args"]]
+    assert harness.plan(harness.parse_args(args))  # without --resume: everything again
+    assert harness.plan(harness.parse_args([*args, "--resume"])) == []
+
+
+def test_time_budget_starts_nothing_when_spent(tmp_path, harness):
+    out = tmp_path / "budget.json"
+    args = ["--tiny", "--out", str(out), "--cases", CASES[0], "--contenders", "peft_eager", "--time-budget", "0"]
+    harness.run_all(harness.parse_args([*args, "--no-reference"]))
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["status"] == "skipped: time budget" and row["case"] == CASES[0]
