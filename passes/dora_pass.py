@@ -20,7 +20,7 @@ from .matching import NotDora, Unsupported
 from .memory import dense_norm_bytes, rewritten_norm_bytes
 from .naming import module_path
 from .patterns import FORMS, Form
-from .snapshot import restore, snapshot
+from .snapshot import ModuleSnapshot, graph_modules
 
 __all__ = ["DoraRewritePass", "PassOutcome"]
 
@@ -29,9 +29,13 @@ _MAGNITUDE = ".lora_magnitude_vector."
 
 @dataclass
 class PassOutcome:
-    original: Graph  # copy of the graph before the pass: what to compile if the rewritten one fails
+    original: ModuleSnapshot  # the graphs before the pass: what to compile if the rewritten ones fail
     records: list[ModuleRecord] = field(default_factory=list)
-    error: str | None = None  # the pass raised; the graph is the original
+    error: str | None = None  # the pass raised; the graphs are the originals
+
+    def restore(self, gm: GraphModule) -> None:
+        """Put back the graphs as they were before the pass (``gm``'s and its subgraphs')."""
+        self.original.restore(gm)
 
     @property
     def changed(self) -> bool:
@@ -109,13 +113,20 @@ class DoraRewritePass:
         return digest.hexdigest()
 
     def __call__(self, gm: GraphModule) -> PassOutcome:
-        outcome = PassOutcome(original=snapshot(gm.graph))
+        """Rewrite ``gm``'s graph and its higher-order-op subgraphs (activation-checkpoint bodies)."""
+        outcome = PassOutcome(original=ModuleSnapshot(gm))
         try:
-            outcome.records = self._rewrite_all(gm.graph)
+            for _, sub in graph_modules(gm):
+                records = self._rewrite_all(sub.graph)
+                if records:
+                    sub.graph.lint()
+                    sub.recompile()
+                outcome.records += records
             gm.graph.lint()
             gm.recompile()
         except Exception as error:
-            restore(gm, outcome.original)
+            outcome.restore(gm)
+            outcome.records = []
             outcome.error = f"{type(error).__name__}: {error}"
         return outcome
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch.fx import Graph, GraphModule, Node
 
-__all__ = ["restore", "snapshot"]
+__all__ = ["ModuleSnapshot", "graph_modules", "restore", "snapshot"]
 
 
 def snapshot(graph: Graph) -> Graph:
@@ -28,3 +28,20 @@ def snapshot(graph: Graph) -> Graph:
 def restore(gm: GraphModule, graph: Graph) -> None:
     gm.graph = graph
     gm.recompile()
+
+
+def graph_modules(gm: GraphModule) -> list[tuple[str, GraphModule]]:
+    """``gm`` and the graphs it calls through higher-order ops (e.g. activation-checkpoint bodies)."""
+    return [(name, sub) for name, sub in gm.named_modules() if isinstance(sub, GraphModule)]
+
+
+class ModuleSnapshot:
+    """Copies of the graphs of ``gm`` and of every subgraph module, to restore together."""
+
+    def __init__(self, gm: GraphModule) -> None:
+        self.graphs = {name: snapshot(sub.graph) for name, sub in graph_modules(gm)}
+
+    def restore(self, gm: GraphModule) -> None:
+        for name, sub in graph_modules(gm):
+            if name in self.graphs:
+                restore(sub, self.graphs[name])

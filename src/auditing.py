@@ -22,7 +22,6 @@ from torch.fx import GraphModule
 from dora_fused.passes import DoraRewritePass
 from dora_fused.passes.memory import dense_norm_bytes
 from dora_fused.passes.naming import module_path
-from dora_fused.passes.snapshot import restore
 
 from .logs import graph_break_reasons, short_reason
 from .report import ModuleRecord, RewriteReport
@@ -44,7 +43,7 @@ class _Recorder:
         outcome = self.rewrite_pass(gm)
         report.modules, report.error = outcome.records, outcome.error
         if outcome.error is None:
-            restore(gm, outcome.original)
+            outcome.restore(gm)
         self.reports.append(report)
         return gm.forward
 

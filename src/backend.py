@@ -22,7 +22,6 @@ from torch.fx import GraphModule
 
 from dora_fused.passes import DoraRewritePass
 from dora_fused.passes.heuristics import OpsImpl
-from dora_fused.passes.snapshot import restore
 
 from .auditing import audit_model
 from .logs import graph_break_reasons, log_report
@@ -98,7 +97,7 @@ class DoraFusedBackend:
                 else m
                 for m in report.modules
             ]
-            restore(gm, outcome.original)
+            outcome.restore(gm)
             compiled = self._compile_inner(gm, example_inputs, mode, options)
         log_report(_record(report))
         return compiled

@@ -517,3 +517,23 @@ def test_peft_dora_caching_in_eval_is_rewritten_on_the_filling_call_and_after(mo
     for module in (model, reference):
         module.train().eval()
     assert_close(compiled(ids), reference(ids), rtol=1e-4, atol=1e-5, what="after train().eval()")
+
+
+def test_gradient_checkpointing_bodies_are_rewritten(monkeypatch):
+    """With activation checkpointing the layers sit in checkpoint subgraphs (a higher-order op): rewritten there."""
+    monkeypatch.setattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint", True)
+    model = tiny_llama_dora(torch.float32, torch.float32).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    embeds = torch.randn(1, 5, TINY_LLAMA["hidden_size"], requires_grad=True)
+    assert set(dora_fused.audit(model, inputs_embeds=embeds).rewritten) == dora_module_names(model)
+    dora_fused.clear_reports()
+    out = torch.compile(model, backend=dora_fused.backend(inner="aot_eager"))(inputs_embeds=embeds).logits
+    assert sum(len(r.rewritten) for r in dora_fused.reports()) == len(dora_module_names(model))
+    out.square().mean().backward()
+    got = _grads(model)
+    model.zero_grad(set_to_none=True)
+    want = model(inputs_embeds=embeds).logits
+    want.square().mean().backward()
+    assert_close(out, want, rtol=1e-5, atol=1e-6, what="logits")
+    for name, grad in _grads(model).items():
+        assert_close(got[name], grad, rtol=1e-4, atol=1e-6, what=name)
