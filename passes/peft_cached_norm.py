@@ -54,7 +54,7 @@ class CachedNormMatch:
     @property
     def layer_shape(self) -> tuple[int, int]:
         a, b = example_value(self.lora_A), example_value(self.lora_B)
-        return int(b.shape[0]), int(a[0].numel())
+        return int(b.shape[0]), int(a.shape[1])
 
     @property
     def kind(self) -> str:
@@ -98,22 +98,9 @@ def match_cached_norm(anchor: Node) -> CachedNormMatch:
         raise Unsupported("a cached Linear norm that is not a [d_out] vector")
     if channel_dim == -1 and compose.bias is not None and example_value(compose.bias).dim() != 1:
         raise Unsupported("bias is not a [d_out] vector")
-    tensors = (compose.result, compose.lora, compose.bias, compose.base, magnitude, weight_norm)
-    if len({example_value(n).device for n in tensors if n is not None}) != 1:
-        raise Unsupported("compose inputs on different devices")
+    compose.check_one_device(magnitude, weight_norm)
     return CachedNormMatch(
-        weight_norm,
-        magnitude,
-        lora_A,
-        lora_B,
-        compose.result,
-        compose.lora,
-        compose.bias,
-        compose.scaling,
-        compose.root,
-        channel_dim,
-        [*chain, *nodes],
-        base=compose.base,
+        weight_norm, magnitude, lora_A, lora_B, channel_dim=channel_dim, nodes=[*chain, *nodes], **compose.fields()
     )
 
 

@@ -72,6 +72,18 @@ class ComposeMatch:
     scaling: float | Node
     root: Node
 
+    def fields(self) -> dict[str, object]:
+        """The match fields a form's match object takes from the compose (same names)."""
+        return dict(
+            result=self.result, lora=self.lora, bias=self.bias, base=self.base, scaling=self.scaling, root=self.root
+        )
+
+    def check_one_device(self, *others: Node) -> None:
+        """The compose's inputs and ``others`` (magnitude, weight, ...) must share one device."""
+        tensors = (self.result, self.lora, self.bias, self.base, *others)
+        if len({example_value(n).device for n in tensors if n is not None}) != 1:
+            raise Unsupported("compose inputs on different devices")
+
 
 def match_compose(g: Node, d_out: int, nodes: list[Node], channel_dim: int = -1) -> ComposeMatch:
     """Match PEFT's DoRA compose from ``g = m / n`` on (shared by the Linear and Conv forms).

@@ -105,21 +105,8 @@ def match_peft_conv(anchor: Node) -> PeftConvMatch:
     if compose.bias is not None and example_value(compose.bias).shape != g_val.shape:
         raise Unsupported("bias is not viewed as [1, C_out, 1, ...]")
     _check_lora(compose.lora, low_rank)
-    tensors = (compose.result, compose.lora, compose.bias, compose.base, magnitude, low_rank.weight)
-    if len({example_value(n).device for n in tensors if n is not None}) != 1:
-        raise Unsupported("compose inputs on different devices")
-    return PeftConvMatch(
-        low_rank,
-        magnitude,
-        compose.result,
-        compose.lora,
-        compose.bias,
-        compose.scaling,
-        compose.root,
-        nodes,
-        base=compose.base,
-        stored=stored,
-    )
+    compose.check_one_device(magnitude, low_rank.weight)
+    return PeftConvMatch(low_rank, magnitude, nodes=nodes, stored=stored, **compose.fields())
 
 
 def rewrite_peft_conv(graph: Graph, match: PeftConvMatch, impl: tuple[str, str]) -> tuple[str, ...]:

@@ -66,22 +66,8 @@ def match_peft_linear(anchor: Node) -> PeftLinearMatch:
     if compose.bias is not None and example_value(compose.bias).dim() != 1:
         raise Unsupported("bias is not a [d_out] vector")
     _check_lora(compose.lora, low_rank)
-    tensors = (compose.result, compose.lora, compose.bias, compose.base, magnitude, low_rank.weight)
-    devices = {example_value(n).device for n in tensors if n is not None}
-    if len(devices) != 1:
-        raise Unsupported("compose inputs on different devices")
-    return PeftLinearMatch(
-        low_rank,
-        magnitude,
-        compose.result,
-        compose.lora,
-        compose.bias,
-        compose.scaling,
-        compose.root,
-        nodes,
-        base=compose.base,
-        stored=stored,
-    )
+    compose.check_one_device(magnitude, low_rank.weight)
+    return PeftLinearMatch(low_rank, magnitude, nodes=nodes, stored=stored, **compose.fields())
 
 
 def _check_lora(lora: object, low_rank: LowRankSum) -> None:
