@@ -16,6 +16,7 @@ The Embedding compose is not matched here (its cached graph is left as traced).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from torch.fx import Graph, Node
@@ -54,7 +55,7 @@ class CachedNormMatch:
     @property
     def layer_shape(self) -> tuple[int, int]:
         a, b = example_value(self.lora_A), example_value(self.lora_B)
-        return int(b.shape[0]), int(a.shape[1])
+        return int(b.shape[0]), math.prod(a.shape[1:])  # Conv: A is [r, C_in, *k]
 
     @property
     def kind(self) -> str:

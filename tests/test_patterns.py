@@ -505,9 +505,9 @@ def test_peft_dora_caching_in_eval_is_rewritten_on_the_filling_call_and_after(mo
     for _ in range(2):
         assert_close(compiled(ids), reference(ids), rtol=1e-4, atol=1e-5, what="a call that reads the cache")
     [cached] = dora_fused.reports()
-    assert {(m.name, m.form, m.kind) for m in cached.modules} == {
-        ("base_model.model.lin", "peft_cached_norm", "PEFT Linear"),
-        ("base_model.model.conv", "peft_cached_norm", "PEFT Conv"),
+    assert {(m.name, m.form, m.kind, m.d_out, m.d_in) for m in cached.modules} == {
+        ("base_model.model.lin", "peft_cached_norm", "PEFT Linear", 10, 6),
+        ("base_model.model.conv", "peft_cached_norm", "PEFT Conv", 4, 30),  # C_in · k
     }
     linear_compose = "dora_fused.compose" if ops == "triton" else "torch:compose_reference"
     assert {m.kind: m.ops for m in cached.modules} == {
