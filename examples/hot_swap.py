@@ -23,24 +23,15 @@ import tempfile
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, load_peft_weights, set_peft_model_state_dict
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_llama import perturb_magnitudes, tiny_llama_config
+from transformers import LlamaForCausalLM
 
 import dora_fused
-
-CONFIG = LlamaConfig(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=176,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
 
 
 def base_model() -> torch.nn.Module:
     torch.manual_seed(0)  # the same base weights every time
-    return LlamaForCausalLM(CONFIG).eval()
+    return LlamaForCausalLM(tiny_llama_config()).eval()
 
 
 def save_random_adapter(path: str, seed: int) -> None:
@@ -49,10 +40,7 @@ def save_random_adapter(path: str, seed: int) -> None:
     torch.manual_seed(seed)
     lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", use_dora=True, init_lora_weights=False)
     model = get_peft_model(model, lora)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                param.mul_(torch.empty_like(param).uniform_(0.5, 1.5))
+    perturb_magnitudes(model)
     model.save_pretrained(path)
 
 

@@ -23,7 +23,8 @@ import tempfile
 import litserve as ls
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from tiny_llama import perturb_magnitudes, tiny_llama_config
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 
 @torch.no_grad()
@@ -68,22 +69,11 @@ class DoraLM(ls.LitAPI):
 def save_tiny_model(root: str) -> tuple[str, str]:
     """A tiny random-init Llama and a DoRA adapter off its identity init, saved as a user would have them."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
+    config = tiny_llama_config()
     LlamaForCausalLM(config).save_pretrained(f"{root}/base")
     lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", use_dora=True, init_lora_weights=False)
     model = get_peft_model(LlamaForCausalLM.from_pretrained(f"{root}/base"), lora)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                param.mul_(torch.empty_like(param).uniform_(0.5, 1.5))
+    perturb_magnitudes(model)
     model.save_pretrained(f"{root}/adapter")
     return f"{root}/base", f"{root}/adapter"
 

@@ -12,29 +12,19 @@ import copy
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_llama import perturb_magnitudes, tiny_llama_config
+from transformers import LlamaForCausalLM
 
 import dora_fused  # optional: backend="dora_fused" is found by name; imported here for last_report()
 
 
 def build() -> torch.nn.Module:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
+    config = tiny_llama_config()
     model = LlamaForCausalLM(config)
     lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", use_dora=True, init_lora_weights=False)
     model = get_peft_model(model, lora)
-    with torch.no_grad():  # move magnitudes off ||W|| so the DoRA scale is not 1
-        for name, param in model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                param.mul_(torch.empty_like(param).uniform_(0.5, 1.5))
+    perturb_magnitudes(model)
     return model
 
 

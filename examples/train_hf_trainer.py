@@ -19,22 +19,15 @@ import tempfile
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from tiny_llama import tiny_llama_config
+from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
 import dora_fused  # optional: backend="dora_fused" is found by name; imported here for last_report()
 
 
 def build_model() -> torch.nn.Module:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
+    config = tiny_llama_config()
     lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", use_dora=True, lora_dropout=0.0)
     return get_peft_model(LlamaForCausalLM(config), lora)
 
