@@ -21,12 +21,10 @@ from dataclasses import dataclass, field
 
 from torch.fx import Graph, Node
 
-from dora_fused import kernels
-
 from .graph_view import arg, example_value, op_of, single_user, strip
 from .matching import CASTS, NotDora, Unsupported
-from .peft_compose import match_compose, output_dtype
-from .rewrite import TARGETS, erase_dead, insert_node
+from .peft_compose import match_compose
+from .rewrite import insert_compose, insert_node, replace_root
 
 __all__ = ["ANCHORS", "FORM", "CachedNormMatch", "match_cached_norm", "rewrite_cached_norm"]
 
@@ -107,17 +105,8 @@ def match_cached_norm(anchor: Node) -> CachedNormMatch:
 
 def rewrite_cached_norm(graph: Graph, match: CachedNormMatch, impl: tuple[str, str]) -> tuple[str, ...]:
     """Insert the compose with the cached norm before the root; retarget its users."""
-    target, name = TARGETS["compose"][impl[1]]
-    if match.base is not None:  # dropout active (only in training, where PEFT does not cache; kept for safety)
-        target, name = kernels.compose_with_base_reference, "torch:compose_with_base_reference"
-    root = match.root
-    with graph.inserting_before(root):
-        norm = insert_node(graph, "call_method", "detach", (match.weight_norm,), root)
-        if match.base is not None:
-            args = (match.result, match.base, match.lora, match.magnitude, norm, match.scaling)
-        else:
-            args = (match.result, match.lora, match.magnitude, norm, match.bias, match.scaling)
-        composed = insert_node(graph, "call_function", target, (*args, output_dtype(root)), root)
-    root.replace_all_uses_with(composed)
-    erase_dead(graph, match.nodes)
-    return (name,)
+    with graph.inserting_before(match.root):
+        norm = insert_node(graph, "call_method", "detach", (match.weight_norm,), match.root)
+        composed, compose_name = insert_compose(graph, match, norm, impl[1], match.root)
+    replace_root(graph, match, composed)
+    return (compose_name,)

@@ -30,12 +30,10 @@ from dataclasses import dataclass, field
 
 from torch.fx import Graph, Node
 
-from dora_fused import kernels
-
 from .graph_view import arg, example_value, op_of, strip
 from .matching import LowRankSum, Unsupported, match_low_rank_sum, trailing_norm_input
-from .peft_compose import match_compose, only_user, output_dtype, scale_from_norm
-from .rewrite import TARGETS, erase_dead, insert_node, store_norm
+from .peft_compose import match_compose, only_user, scale_from_norm
+from .rewrite import TARGETS, insert_compose, insert_node, insert_norm, replace_root
 
 __all__ = ["FORM", "PeftConvMatch", "match_peft_conv", "rewrite_peft_conv"]
 
@@ -112,24 +110,10 @@ def match_peft_conv(anchor: Node) -> PeftConvMatch:
 def rewrite_peft_conv(graph: Graph, match: PeftConvMatch, impl: tuple[str, str]) -> tuple[str, ...]:
     """Insert the factored norm of W's rows and the channels-first plain-torch compose before the root."""
     norm_target, norm_name = TARGETS["norm"][impl[0]]
-    low_rank, root = match.norm, match.root
-    d_out = low_rank.layer_shape[0]
-    with graph.inserting_before(root):
-        weight = insert_node(graph, "call_method", "detach", (low_rank.weight,), root)
-        rows = insert_node(graph, "call_method", "reshape", (weight, d_out, -1), root)
-        lora_A = insert_node(graph, "call_method", "detach", (low_rank.lora_A,), root)
-        lora_B = insert_node(graph, "call_method", "detach", (low_rank.lora_B,), root)
-        norm = insert_node(graph, "call_function", norm_target, (rows, lora_A, lora_B, low_rank.scaling), root)
-        store_norm(graph, match.stored, norm, root)
+    with graph.inserting_before(match.root):
+        norm = insert_norm(graph, match, norm_target, match.root)
         shape = tuple(example_value(match.magnitude).shape)
-        norm = insert_node(graph, "call_method", "view", (norm, *shape), root)
-        if match.base is not None:
-            target, name = kernels.compose_with_base_reference, "torch:compose_with_base_reference"
-            args = (match.result, match.base, match.lora, match.magnitude, norm, match.scaling)
-        else:
-            target, name = kernels.compose_reference, "torch:compose_reference"
-            args = (match.result, match.lora, match.magnitude, norm, match.bias, match.scaling)
-        composed = insert_node(graph, "call_function", target, (*args, output_dtype(root)), root)
-    root.replace_all_uses_with(composed)
-    erase_dead(graph, match.nodes)
-    return norm_name, name
+        norm = insert_node(graph, "call_method", "view", (norm, *shape), match.root)
+        composed, compose_name = insert_compose(graph, match, norm, "torch", match.root)
+    replace_root(graph, match, composed)
+    return norm_name, compose_name

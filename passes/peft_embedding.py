@@ -26,7 +26,7 @@ from torch.fx import Graph, Node
 from .graph_view import example_value, is_scalar, is_symbolic_scalar, op_of
 from .matching import LowRankSum, NotDora, Unsupported, commuted, match_low_rank_sum, match_row_norm
 from .peft_compose import scale_from_norm
-from .rewrite import TARGETS, erase_dead, insert_node, store_norm
+from .rewrite import TARGETS, insert_compose, insert_norm, replace_root
 
 __all__ = ["FORM", "PeftEmbeddingMatch", "match_peft_embedding", "rewrite_peft_embedding"]
 
@@ -95,18 +95,8 @@ def match_peft_embedding(anchor: Node) -> PeftEmbeddingMatch:
 def rewrite_peft_embedding(graph: Graph, match: PeftEmbeddingMatch, impl: tuple[str, str]) -> tuple[str, ...]:
     """Insert the factored norm and the compose before the root; retarget its users."""
     norm_target, norm_name = TARGETS["norm"][impl[0]]
-    compose_target, compose_name = TARGETS["compose"][impl[1]]
-    low_rank, root = match.norm, match.root
-    dtype = example_value(root).dtype
-    with graph.inserting_before(root):
-        detached = [
-            insert_node(graph, "call_method", "detach", (n,), root)
-            for n in (low_rank.weight, low_rank.lora_A, low_rank.lora_B)
-        ]
-        norm = insert_node(graph, "call_function", norm_target, (*detached, low_rank.scaling), root)
-        store_norm(graph, match.stored, norm, root)
-        args = (match.result, match.lora, match.magnitude, norm, None, match.scaling, dtype)
-        composed = insert_node(graph, "call_function", compose_target, args, root)
-    root.replace_all_uses_with(composed)
-    erase_dead(graph, match.nodes)
+    with graph.inserting_before(match.root):
+        norm = insert_norm(graph, match, norm_target, match.root)
+        composed, compose_name = insert_compose(graph, match, norm, impl[1], match.root)
+    replace_root(graph, match, composed)
     return norm_name, compose_name

@@ -18,7 +18,17 @@ from .graph_view import example_value
 from .peft_compose import output_dtype
 from .peft_linear import PeftLinearMatch
 
-__all__ = ["TARGETS", "OpsChoice", "erase_dead", "insert_node", "rewrite_peft_linear", "store_norm"]
+__all__ = [
+    "TARGETS",
+    "OpsChoice",
+    "erase_dead",
+    "insert_compose",
+    "insert_node",
+    "insert_norm",
+    "replace_root",
+    "rewrite_peft_linear",
+    "store_norm",
+]
 
 # (target, name for the record) of each op, per implementation
 TARGETS = {
@@ -82,6 +92,44 @@ def erase_dead(graph: Graph, nodes: list[Node]) -> None:
             graph.erase_node(node)
 
 
+def insert_norm(graph: Graph, match: object, target: object, like: Node) -> Node:
+    """``target(detach(W) as rows, detach(A), detach(B), s)`` for ``match.norm``; stored norms take its value.
+
+    An N-D ``W`` (Conv) is reshaped to its ``[d_out, K]`` rows. Call under ``graph.inserting_before``.
+    """
+    low_rank = match.norm
+    weight = insert_node(graph, "call_method", "detach", (low_rank.weight,), like)
+    if example_value(low_rank.weight).dim() > 2:
+        weight = insert_node(graph, "call_method", "reshape", (weight, low_rank.layer_shape[0], -1), like)
+    lora_A = insert_node(graph, "call_method", "detach", (low_rank.lora_A,), like)
+    lora_B = insert_node(graph, "call_method", "detach", (low_rank.lora_B,), like)
+    norm = insert_node(graph, "call_function", target, (weight, lora_A, lora_B, low_rank.scaling), like)
+    store_norm(graph, getattr(match, "stored", []), norm, like)
+    return norm
+
+
+def insert_compose(graph: Graph, match: object, norm: Node, impl: str, like: Node) -> tuple[Node, str]:
+    """The compose of ``TARGETS["compose"][impl]`` for ``match`` with ``norm``, and its name for the record.
+
+    With a separate base output (dropout active) only the plain-torch
+    ``compose_with_base_reference`` applies. Call under ``graph.inserting_before``.
+    """
+    base, bias = getattr(match, "base", None), getattr(match, "bias", None)
+    if base is not None:
+        target, name = kernels.compose_with_base_reference, "torch:compose_with_base_reference"
+        args = (match.result, base, match.lora, match.magnitude, norm, match.scaling)
+    else:
+        target, name = TARGETS["compose"][impl]
+        args = (match.result, match.lora, match.magnitude, norm, bias, match.scaling)
+    return insert_node(graph, "call_function", target, (*args, output_dtype(match.root)), like), name
+
+
+def replace_root(graph: Graph, match: object, composed: Node) -> None:
+    """Move the root's users to ``composed`` and erase what the match left unused."""
+    match.root.replace_all_uses_with(composed)
+    erase_dead(graph, match.nodes)
+
+
 def rewrite_peft_linear(
     graph: Graph, match: PeftLinearMatch, impl: OpsChoice = ("triton", "triton")
 ) -> tuple[str, ...]:
@@ -90,22 +138,8 @@ def rewrite_peft_linear(
     Returns the names of what was inserted, for the record.
     """
     norm_target, norm_name = TARGETS["norm"][impl[0]]
-    compose_target, compose_name = TARGETS["compose"][impl[1]]
-    if match.base is not None:  # dropout active: only the plain-torch compose takes a separate base
-        compose_target, compose_name = kernels.compose_with_base_reference, "torch:compose_with_base_reference"
-    low_rank, root = match.norm, match.root
-    with graph.inserting_before(root):
-        detached = [
-            insert_node(graph, "call_method", "detach", (n,), root)
-            for n in (low_rank.weight, low_rank.lora_A, low_rank.lora_B)
-        ]
-        norm = insert_node(graph, "call_function", norm_target, (*detached, low_rank.scaling), root)
-        store_norm(graph, match.stored, norm, root)
-        if match.base is not None:
-            compose_args = (match.result, match.base, match.lora, match.magnitude, norm, match.scaling)
-        else:
-            compose_args = (match.result, match.lora, match.magnitude, norm, match.bias, match.scaling)
-        composed = insert_node(graph, "call_function", compose_target, (*compose_args, output_dtype(root)), root)
-    root.replace_all_uses_with(composed)
-    erase_dead(graph, match.nodes)
+    with graph.inserting_before(match.root):
+        norm = insert_norm(graph, match, norm_target, match.root)
+        composed, compose_name = insert_compose(graph, match, norm, impl[1], match.root)
+    replace_root(graph, match, composed)
     return norm_name, compose_name
