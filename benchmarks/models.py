@@ -53,11 +53,13 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import fcntl
 import fnmatch
 import gc
 import json
 import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -391,6 +393,8 @@ def base_row(case: Case, spec: dict, args, contender: str) -> dict:
         tiny=args.tiny,
         device=args.device_kind,
         inner=args.inner,
+        compile_scope=args.compile_scope,
+        parallel=args.parallel,
         status="running",
     )
 
@@ -403,14 +407,47 @@ def make_contender(contender: str, spec: dict, adapters: str, args, device: torc
     if contender == "peft_eager":
         return model, model
     if contender in ("inductor", "lora_inductor", "merged"):
-        return model, torch.compile(model, backend=args.inner)
-    import dora_fused
+        backend = args.inner
+    else:
+        import dora_fused
 
-    if contender == "dora_fused":
-        backend = "dora_fused" if args.inner == "inductor" else dora_fused.backend(inner=args.inner)
-    else:  # inductor_polyfill
-        backend = dora_fused.backend(inner=args.inner, rewrite=False)
+        if contender == "dora_fused":
+            backend = "dora_fused" if args.inner == "inductor" else dora_fused.backend(inner=args.inner)
+        else:  # inductor_polyfill
+            backend = dora_fused.backend(inner=args.inner, rewrite=False)
+    if args.compile_scope == "block":
+        compile_blocks(model, backend)
+        return model, model
     return model, torch.compile(model, backend=backend)
+
+
+def compile_blocks(model: torch.nn.Module, backend) -> None:
+    """Regional compilation: compile the call of each repeated block (the classes transformers lists
+    in ``_no_split_modules``: decoder layers, vision blocks); the rest of the model runs eagerly.
+
+    The block's own ``__call__`` is what gets compiled, not its ``forward``: with gradient
+    checkpointing that call is where transformers checkpoints the block, and Dynamo runs a frame
+    eagerly when it starts under a checkpoint's saved-tensor hooks (``module.compile()`` would be
+    silently eager there). Each block class is swapped for a subclass whose ``__call__`` is the
+    compiled one; its blocks share one compiled graph, so 32 layers compile about as fast as one.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(inner._no_split_modules or ())
+    swapped: dict[type, type] = {}
+    for module in list(inner.modules()):
+        cls = type(module)
+        if cls.__name__ not in names:
+            continue
+        if cls not in swapped:
+            compiled = torch.compile(cls.__call__, backend=backend)
+
+            def call(self, *args, _compiled=compiled, **kwargs):
+                return _compiled(self, *args, **kwargs)
+
+            swapped[cls] = type(cls.__name__, (cls,), {"__call__": call})
+        module.__class__ = swapped[cls]
+    if not swapped:
+        raise RuntimeError(f"no repeated blocks ({sorted(names)}) found to compile")
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -485,6 +522,31 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
 
 
+# Lines a worker started with --turns writes to ask its parent for the device, and to hand it back.
+TURN_READY, TURN_DONE = "@@turn-ready", "@@turn-done"
+
+
+@contextlib.contextmanager
+def device_turn(args, case: Case):
+    """With --turns: wait for the parent's "go" before the timed part, and for its "next" after it.
+
+    The parent grants one turn at a time, and only while every other worker of the batch waits:
+    nobody compiles or runs while a worker times. Waiting for "next" keeps a worker from compiling
+    its next case while the others still time this one. Without --turns: no waiting.
+    """
+    if not args.turns:
+        yield
+        return
+    print(f"{TURN_READY} {case.name}", flush=True)
+    if sys.stdin.readline().strip() != "go":
+        raise RuntimeError("the parent ended the run")
+    try:
+        yield
+    finally:
+        print(f"{TURN_DONE} {case.name}", flush=True)
+        sys.stdin.readline()  # "next", or end of input
+
+
 def run_mode(case: Case, spec: dict, model, fn, args, device, reference, counters: Counters) -> dict:
     row = base_row(case, spec, args, args.worker)
     training = case.mode != "infer"
@@ -537,18 +599,21 @@ def run_mode(case: Case, spec: dict, model, fn, args, device, reference, counter
             with torch.no_grad():
                 fn(**infer_inputs, logits_to_keep=1)
 
-    warmup_s = []
-    for _ in range(args.warmup):
-        start = time.perf_counter()
-        call(lambda: None)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        warmup_s.append(time.perf_counter() - start)
-    row.update(warmup_s=warmup_s, **counters.since())  # graphs and rewrites of the first call and the warm-up
+    with device_turn(args, case):  # with --parallel: no other process compiles or runs meanwhile
+        row["turn_start"] = time.time()
+        warmup_s = []
+        for _ in range(args.warmup):
+            start = time.perf_counter()
+            call(lambda: None)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            warmup_s.append(time.perf_counter() - start)
+        row.update(warmup_s=warmup_s, **counters.since())  # graphs and rewrites of the first call and the warm-up
 
-    counters.mark()
-    with PeakMemory() as mem:
-        times, splits = time_calls(call, args.repeats, laps=True)
+        counters.mark()
+        with PeakMemory() as mem:
+            times, splits = time_calls(call, args.repeats, laps=True)
+        row["turn_end"] = time.time()
     stats = summarize(times)
     row.update(stats, times=times, graphs_compiled_timed=counters.since()["graphs_compiled"])
     if training:
@@ -650,17 +715,27 @@ def _write(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def locked(path: str):
+    """Exclusive access to the results file among the processes that write it at once."""
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def append_row(path: str, row: dict) -> None:
-    data = load_results(path)
-    data["rows"].append(row)
-    _write(path, data)
+    with locked(path):
+        data = load_results(path)
+        data["rows"].append(row)
+        _write(path, data)
 
 
 def record_environment(args) -> None:
-    data = load_results(args.out)
-    if args.run_id not in data["meta"]["runs"]:
-        data["meta"]["runs"][args.run_id] = dict(environment(), argv=args.argv, tiny=args.tiny)
-        _write(args.out, data)
+    with locked(args.out):
+        data = load_results(args.out)
+        if args.run_id not in data["meta"]["runs"]:
+            data["meta"]["runs"][args.run_id] = dict(environment(), argv=args.argv, tiny=args.tiny)
+            _write(args.out, data)
 
 
 # --- the parent: one process per (model, contender) -------------------------------------------------
@@ -683,19 +758,22 @@ def done_pairs(args) -> set[tuple[str, str]]:
         if case is None or row.get("status") != "ok":
             continue
         same = dict(tiny=args.tiny, device=args.device_kind, seq=args.seq, batch=args.batch, inner=args.inner)
+        same["compile_scope"] = args.compile_scope
         same["layers"] = model_spec(case, args)["layers"]
-        if all(row.get(k) == v for k, v in same.items()):
+        if all(row.get(k, "model" if k == "compile_scope" else None) == v for k, v in same.items()):
             done.add((row["case"], row["contender"]))
     return done
 
 
-def plan(args) -> list[tuple[str, list[Case]]]:
-    """(contender, cases) per process, in run order: groups by priority, the reference first in each."""
+def plan(args) -> list[list[tuple[str, list[Case]]]]:
+    """Batches of (contender, cases) processes, run one batch after the other, --parallel processes
+    per batch: first the fp64 references the selected groups need, then every contender process,
+    groups in priority order. One process per (model group, contender)."""
     groups: dict[tuple, list[Case]] = {}
     for case in sorted(select_cases(args), key=lambda c: (c.priority, CASES.index(c))):
         groups.setdefault(case.group, []).append(case)
     done = done_pairs(args)
-    steps = []
+    references, steps = [], []
     for cases in groups.values():
         group_steps = []
         for contender in args.contender_list:
@@ -706,9 +784,10 @@ def plan(args) -> list[tuple[str, list[Case]]]:
                 group_steps.append((contender, todo))
         needs_reference = not cases[0].full and not args.no_reference and DORA_MATH & {k for k, _ in group_steps}
         if needs_reference and not (args.resume and os.path.exists(reference_path(cases[0], args))):
-            group_steps.insert(0, (REFERENCE, cases))
+            references.append((REFERENCE, cases))
         steps += group_steps
-    return steps
+    chunk = max(1, args.parallel)
+    return [part[i : i + chunk] for part in (references, steps) for i in range(0, len(part), chunk)]
 
 
 def worker_command(args, contender: str, cases: list[Case]) -> list[str]:
@@ -716,55 +795,121 @@ def worker_command(args, contender: str, cases: list[Case]) -> list[str]:
     command += ["--cases", ",".join(c.name for c in cases), "--out", args.out, "--work-dir", args.work_dir]
     command += ["--layers", str(args.layers), "--seq", str(args.seq), "--batch", str(args.batch)]
     command += ["--repeats", str(args.repeats), "--warmup", str(args.warmup), "--inner", args.inner]
-    command += ["--argv", args.argv]
+    command += ["--compile-scope", args.compile_scope, "--parallel", str(args.parallel), "--argv", args.argv]
+    command += ["--turns"]
     return command + (["--tiny"] if args.tiny else []) + (["--no-reference"] if args.no_reference else [])
 
 
-def spawn(command: list[str], timeout: float | None) -> tuple[int | None, list[str]]:
-    """Run a worker, echo its output, keep its last lines; kill its process group on timeout (rc None)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
-    )
-    tail: collections.deque[str] = collections.deque(maxlen=40)
+class Worker:
+    """One worker process: echoes its output, keeps its last lines, reports turn requests and its exit."""
 
-    def pump():
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            tail.append(line.rstrip())
+    def __init__(self, args, contender: str, cases: list[Case], events: queue.Queue) -> None:
+        self.contender, self.cases = contender, cases
+        self.tail: collections.deque[str] = collections.deque(maxlen=40)
+        self.proc = subprocess.Popen(
+            worker_command(args, contender, cases),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            start_new_session=True,
+        )
+        threading.Thread(target=self._pump, args=(events,), daemon=True).start()
 
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        rc = None
-    reader.join(timeout=5)
-    return rc, list(tail)
+    def _pump(self, events: queue.Queue) -> None:
+        for line in self.proc.stdout:
+            if line.startswith(TURN_READY):
+                events.put((self, "ready"))
+            elif line.startswith(TURN_DONE):
+                events.put((self, "done"))
+            else:
+                sys.stdout.write(line)
+                self.tail.append(line.rstrip())
+        events.put((self, "exit"))
+
+    def send(self, word: str) -> None:
+        with contextlib.suppress(OSError):  # it may have died meanwhile: its exit event follows
+            self.proc.stdin.write(word + "\n")
+            self.proc.stdin.flush()
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def run_batch(args, steps: list[tuple[str, list[Case]]], deadline: float | None) -> None:
+    """Run these workers at once; their timed parts one at a time, while nobody else compiles or runs.
+
+    A worker is "busy" (building, compiling, its first call), "ready" (asks for the device),
+    "timing" (holds it) or "waiting" (timed, waits for the others). The parent grants the device
+    to the longest-ready worker when nobody is busy or timing, and lets everybody go on ("next")
+    once all have timed. Past the deadline every worker is killed.
+    """
+    events: queue.Queue = queue.Queue()
+    state = {Worker(args, contender, cases, events): "busy" for contender, cases in steps}
+    statuses = {worker: None for worker in state}
+    ready: list[Worker] = []
+    while state:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            worker, event = events.get(timeout=timeout)
+        except queue.Empty:
+            for worker in state:
+                worker.kill()
+                statuses[worker] = "timeout"
+            deadline = None
+            continue
+        if event == "ready":
+            state[worker] = "ready"
+            ready.append(worker)
+        elif event == "done":
+            state[worker] = "waiting"
+        else:  # exit
+            state.pop(worker)
+            if worker in ready:
+                ready.remove(worker)
+            rc = worker.proc.wait()
+            statuses[worker] = statuses[worker] or (None if rc == 0 else f"crashed: exit code {rc}")
+        if any(s in ("busy", "timing") for s in state.values()):
+            continue
+        if ready:
+            worker = ready.pop(0)
+            state[worker] = "timing"
+            worker.send("go")
+        elif state:  # everybody has timed this round
+            for worker in state:
+                state[worker] = "busy"
+                worker.send("next")
+    for worker, status in statuses.items():
+        record_missing(args, worker.contender, worker.cases, status or "crashed: no row", list(worker.tail))
+
+
+def record_missing(args, contender: str, cases: list[Case], status: str, tail: list[str]) -> None:
+    """A row per case this run has no row for: why it did not finish."""
+    rows = load_results(args.out)["rows"] if os.path.exists(args.out) else []
+    got = {r["case"] for r in rows if r.get("run_id") == args.run_id and r["contender"] == contender}
+    for case in cases:
+        if case.name not in got:
+            row = base_row(case, model_spec(case, args), args, contender)
+            row.update(status=status, error="\n".join(tail[-15:]))
+            append_row(args.out, row)
+            print(f"[{contender}] {case.name}: {status}", flush=True)
 
 
 def run_all(args) -> None:
-    steps = plan(args)
+    batches = plan(args)
     start = time.monotonic()
-    print(f"{len(steps)} processes: " + "; ".join(f"{k} × {len(c)}" for k, c in steps), flush=True)
-    for contender, cases in steps:
+    listing = "; ".join(" + ".join(f"{k} × {len(c)}" for k, c in batch) for batch in batches)
+    print(f"{sum(map(len, batches))} processes in {len(batches)} batches: {listing}", flush=True)
+    for batch in batches:
         left = None if args.time_budget is None else args.time_budget - (time.monotonic() - start)
-        print(f"== {contender}: {', '.join(c.name for c in cases)}", flush=True)
+        print("== " + "; ".join(f"{k}: {', '.join(c.name for c in cases)}" for k, cases in batch), flush=True)
         if left is not None and left < args.min_start:
-            status, tail = "skipped: time budget", []
-        else:
-            rc, tail = spawn(worker_command(args, contender, cases), left)
-            status = "timeout" if rc is None else f"crashed: exit code {rc}"
-        rows = load_results(args.out)["rows"] if os.path.exists(args.out) else []
-        got = {r["case"] for r in rows if r.get("run_id") == args.run_id and r["contender"] == contender}
-        for case in cases:
-            if case.name not in got:
-                row = base_row(case, model_spec(case, args), args, contender)
-                row.update(status=status, error="\n".join(tail[-15:]))
-                append_row(args.out, row)
-                print(f"[{contender}] {case.name}: {status}", flush=True)
+            for contender, cases in batch:
+                record_missing(args, contender, cases, "skipped: time budget", [])
+            continue
+        run_batch(args, batch, None if left is None else time.monotonic() + left)
     print(f"done in {time.monotonic() - start:.0f} s; results in {args.out}", flush=True)
 
 
@@ -784,6 +929,16 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--time-budget", type=float, default=None, help="seconds; no process starts after it")
     parser.add_argument("--min-start", type=float, default=20.0, help="no process starts with fewer seconds left")
     parser.add_argument("--resume", action="store_true", help="skip (case, contender) pairs already ok in --out")
+    parser.add_argument(
+        "--parallel", type=int, default=1, help="processes at once: their compiles overlap, their timed calls never do"
+    )
+    parser.add_argument(
+        "--compile-scope",
+        choices=("model", "block"),
+        default="model",
+        help="torch.compile the whole model, or each repeated block (decoder layer, vision block) in place",
+    )
+    parser.add_argument("--turns", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tiny", action="store_true", help="toy sizes: the whole harness in seconds on a CPU")
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "dora_fused_models_bench"))
     parser.add_argument("--list", action="store_true", help="print the case matrix and exit")

@@ -78,7 +78,8 @@ def _describe(any_row: dict) -> str:
     adapters = "bf16 base + fp32 adapters" if any_row["adapters"] == "fp32ad" else "all-bf16"
     tokens = f"{any_row['batch']}×{any_row['seq']}"
     micro = any_row.get("micro_batches") or (4 if any_row["mode"] == "train-accum4" else 1)
-    return f"{any_row['layers']} layers, r={any_row['r']}, {adapters}, {tokens} tokens" + (
+    scope = " (each layer compiled)" if any_row.get("compile_scope") == "block" else ""
+    return f"{any_row['layers']} layers{scope}, r={any_row['r']}, {adapters}, {tokens} tokens" + (
         f" × {micro} micro-batches" if micro > 1 else ""
     )
 
@@ -141,7 +142,8 @@ def tables(data: dict) -> str:
         "time; rewritten: DoRA modules dora_fused rewrote / DoRA modules; graphs: Dynamo graphs compiled, with "
         "recompile-limit hits in parentheses)",
         "",
-        "| case | " + " | ".join(f"compile s: {LABELS[c]}" for c in compiled)
+        "| case | "
+        + " | ".join(f"compile s: {LABELS[c]}" for c in compiled)
         + " | rewritten | graphs: torch.compile | graphs: dora_fused |",
         "|---|" + "---|" * (len(compiled) + 3),
     ]
@@ -151,6 +153,8 @@ def tables(data: dict) -> str:
             rewritten = _status(d)
         elif d.get("graphs_compiled") == 0:  # the process had compiled this graph for an earlier case
             rewritten = "graph reused"
+        elif d.get("compile_scope") == "block":  # one graph shared by every decoder layer
+            rewritten = f"{d.get('rewritten', '—')}/{d.get('dora_modules', 0) // max(1, d['layers'])} per layer"
         else:
             rewritten = f"{d.get('rewritten', '—')}/{d.get('dora_modules', '—')}"
 

@@ -91,9 +91,7 @@ def plot(data: dict, out: str, title: str) -> list[str]:
             ax.text(j, highest * 1.03, f"{mine / base:.2f}×", ha="center", va="bottom", fontsize=8)
     ax.set_ylim(0, highest * 1.15)
     ax.set_ylabel("peak GB above resident")
-    ax.set_title(
-        f"{title}\npeak memory above resident (numbers: dora_fused ÷ torch.compile)"
-    )
+    ax.set_title(f"{title}\npeak memory above resident (numbers: dora_fused ÷ torch.compile)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     path = f"{out}_memory.png"

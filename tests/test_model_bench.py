@@ -10,6 +10,7 @@ every DoRA module, the markdown tables, the resume and the time budget.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import subprocess
 import sys
@@ -38,7 +39,8 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("models_bench")
     out = tmp / "models.json"
     args = ["--out", str(out), "--work-dir", str(tmp / "work"), "--repeats", "2"]
-    llama = [*args, "--cases", ",".join(LLAMA), "--contenders", "dora_fused,peft_eager,merged"]
+    # three processes at once: their compiles overlap, their timed calls must not
+    llama = [*args, "--cases", ",".join(LLAMA), "--contenders", "dora_fused,peft_eager,merged", "--parallel", "3"]
     vlm = [*args, "--cases", ",".join(VLM), "--contenders", "dora_fused,peft_eager"]
     _harness(*llama)
     _harness(*vlm)  # appends to the same file
@@ -74,6 +76,30 @@ def test_fields(run):
         if row["mode"] == "train":
             assert 0 < row["fwd_bwd_ms"] <= row["ms"]
         assert row["dora_fused_imported"] == (contender == "dora_fused")  # the other processes never import it
+
+
+def test_parallel_processes_never_time_at_once(run):
+    windows = sorted((r["turn_start"], r["turn_end"]) for r in run["data"]["rows"] if r["contender"] != "fp64_ref")
+    assert len(windows) == 2 * len(LLAMA) + 1 + 2 * len(VLM)
+    assert all(start < end <= next_start for (start, end), (next_start, _) in itertools.pairwise(windows))
+    assert {r["parallel"] for r in run["data"]["rows"] if r["case"] in LLAMA} == {3}
+
+
+def test_block_scope_compiles_each_layer_once_with_checkpointing(tmp_path):
+    """--compile-scope block: the decoder layers share one compiled graph, rewritten, checkpointing included."""
+    out = tmp_path / "block.json"
+    args = ["--out", str(out), "--work-dir", str(tmp_path / "work"), "--repeats", "1", "--warmup", "1"]
+    cases = "llama8b-full-r384-fp32ad-infer,llama8b-full-r384-fp32ad-train-gc"
+    _harness(*args, "--cases", cases, "--contenders", "dora_fused", "--compile-scope", "block")
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"infer", "train-gc"} and all(r["status"] == "ok" for r in rows.values())
+    for row in rows.values():
+        assert row["layers"] == 3 and row["compile_scope"] == "block" and row["dora_modules"] == 21
+        assert row["rewritten"] == 7  # the 7 linear layers of the one graph all 3 decoder layers share
+        assert row["graph_breaks"] == 0 and row["recompile_limit_hits"] == 0
+    assert rows["infer"]["graphs_compiled"] == 1
+    # checkpointing inside the compiled call (a checkpointed forward, its recompute and backward)
+    assert 1 <= rows["train-gc"]["graphs_compiled"] <= 2
 
 
 def test_errors_against_fp64(run):
