@@ -9,6 +9,8 @@ inference is the merged model.
     python benchmarks/models.py --out results.json                       # every case, every contender
     python benchmarks/models.py --out r.json --cases 'llama8b-r384-*' --contenders dora_fused,inductor
     python benchmarks/models.py --out r.json --priority 2 --time-budget 540 --resume
+    python benchmarks/models.py --out r.json --parallel 4           # 4 processes compile at once, time one by one
+    python benchmarks/models.py --out r.json --cases 'llama8b-full-*' --compile-scope block   # 32 layers
     python benchmarks/models.py --list                                  # the case matrix
     python benchmarks/models.py --tiny --inner aot_eager --out /tmp/t.json   # CPU, seconds
     python benchmarks/models_table.py results.json                       # markdown tables
@@ -581,6 +583,7 @@ def run_mode(case: Case, spec: dict, model, fn, args, device, reference, counter
     model.zero_grad(set_to_none=True)
 
     optimizer = None
+    marks: dict[str, object] = {}
     if training:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
 
@@ -589,6 +592,8 @@ def run_mode(case: Case, spec: dict, model, fn, args, device, reference, counter
                 loss = fn(**batch).loss
                 (loss / micro if micro > 1 else loss).backward()
             lap()
+            if marks.get("timed") and "fwd_bwd" not in marks and device.type == "cuda":
+                marks["fwd_bwd"] = torch.cuda.max_memory_allocated()  # the first timed call's, before its step
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -611,6 +616,7 @@ def run_mode(case: Case, spec: dict, model, fn, args, device, reference, counter
         row.update(warmup_s=warmup_s, **counters.since())  # graphs and rewrites of the first call and the warm-up
 
         counters.mark()
+        marks["timed"] = True
         with PeakMemory() as mem:
             times, splits = time_calls(call, args.repeats, laps=True)
         row["turn_end"] = time.time()
@@ -627,6 +633,8 @@ def run_mode(case: Case, spec: dict, model, fn, args, device, reference, counter
     row["tokens_per_s"] = row["tokens"] / (stats["ms"] / 1e3)
     if mem.peak is not None:
         row.update(peak_gb=mem.peak / 2**30, resident_gb=mem.resident / 2**30)
+        if "fwd_bwd" in marks:  # the step's peak without the optimizer's (gradients included)
+            row["peak_fwd_bwd_gb"] = (marks["fwd_bwd"] - mem.resident) / 2**30
     row["status"] = "ok"
     return row
 
@@ -766,8 +774,8 @@ def done_pairs(args) -> set[tuple[str, str]]:
 
 
 def plan(args) -> list[list[tuple[str, list[Case]]]]:
-    """Batches of (contender, cases) processes, run one batch after the other, --parallel processes
-    per batch: first the fp64 references the selected groups need, then every contender process,
+    """Batches of (contender, cases) processes, run one batch after the other: first the fp64
+    references the selected groups need, then every contender process, --parallel per batch,
     groups in priority order. One process per (model group, contender)."""
     groups: dict[tuple, list[Case]] = {}
     for case in sorted(select_cases(args), key=lambda c: (c.priority, CASES.index(c))):
@@ -786,8 +794,10 @@ def plan(args) -> list[list[tuple[str, list[Case]]]]:
         if needs_reference and not (args.resume and os.path.exists(reference_path(cases[0], args))):
             references.append((REFERENCE, cases))
         steps += group_steps
+    # the fp64 references one at a time (each holds a float64 copy of the model: about 30 GB for two
+    # 8B-shaped layers at r = 384), the contenders --parallel at a time
     chunk = max(1, args.parallel)
-    return [part[i : i + chunk] for part in (references, steps) for i in range(0, len(part), chunk)]
+    return [[step] for step in references] + [steps[i : i + chunk] for i in range(0, len(steps), chunk)]
 
 
 def worker_command(args, contender: str, cases: list[Case]) -> list[str]:

@@ -135,6 +135,26 @@ def tables(data: dict) -> str:
             + " |"
         )
 
+    split = [(case, by) for case, by in chosen.items() if any(r.get("peak_fwd_bwd_gb") for r in by.values())]
+    if split:
+        lines += [
+            "",
+            "**Training peak, split** (GB above the resident set: the peak of the first timed step's forward+backward, "
+            "its adapter gradients included, and of the whole step, the optimizer's included)",
+            "",
+            "| case | " + " | ".join(f"{LABELS[c]}: fwd+bwd / step" for c in present if c != "merged") + " |",
+            "|---|" + "---|" * len([c for c in present if c != "merged"]),
+        ]
+        for case, by in split:
+            cells = []
+            for c in present:
+                if c == "merged":
+                    continue
+                row = by.get(c)
+                both = _status(row) is None and row.get("peak_fwd_bwd_gb") is not None
+                cells.append(f"{row['peak_fwd_bwd_gb']:.2f} / {row['peak_gb']:.2f}" if both else "—")
+            lines.append(f"| {case} | " + " | ".join(cells) + " |")
+
     compiled = [c for c in present if c != "peft_eager"]
     lines += [
         "",

@@ -5,7 +5,13 @@ fake implementation for tracing and a pure-torch implementation that runs on
 any device; each module also exports its reference math.
 """
 
-from .compose import compose, compose_backward_reference, compose_reference, compose_with_base_reference
+from .compose import (
+    compose,
+    compose_backward_reference,
+    compose_reference,
+    compose_torch,
+    compose_with_base_reference,
+)
 from .factored_norm import (
     dense_row_norm_reference,
     factored_row_norm,
@@ -18,6 +24,7 @@ __all__ = [
     "compose",
     "compose_backward_reference",
     "compose_reference",
+    "compose_torch",
     "compose_with_base_reference",
     "dense_row_norm_reference",
     "factored_row_norm",

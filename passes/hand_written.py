@@ -183,11 +183,9 @@ def rewrite_hand_written(graph: Graph, match: HandWrittenMatch, impl: tuple[str,
             base = insert_node(graph, "call_function", linear, (match.x, low_rank.weight), root)
             down = insert_node(graph, "call_function", linear, (match.x, low_rank.lora_A), root)
             lora = insert_node(graph, "call_function", linear, (down, low_rank.lora_B), root)
-        out = insert_node(
-            graph, "call_function", kernels.compose_reference, (base, lora, m, norm, None, s, dtype), root
-        )
+        out = insert_node(graph, "call_function", kernels.compose_torch, (base, lora, m, norm, None, s, dtype), root)
         if match.bias is not None:
             out = insert_node(graph, "call_function", torch.add, (out, match.bias), root)
     root.replace_all_uses_with(out)
     erase_dead(graph, [*match.nodes, root])
-    return norm_name, "torch:compose_reference"
+    return norm_name, "torch:compose_torch"

@@ -9,8 +9,9 @@ each of the two ops to insert for one module. Both compute the same math:
   call, CUDA-graph safe); the compose has a one-pass Triton backward. Off CUDA
   their bodies are plain torch.
 - ``"torch"``: ``dora_fused.kernels.factored_row_norm_torch`` and
-  ``compose_reference``, plain torch ops that Inductor fuses with the rest of
-  the graph (cuBLAS for the products, Inductor kernels for the rest).
+  ``compose_torch`` (``compose_reference`` with a hand-written backward), plain
+  torch ops that Inductor fuses with the rest of the graph (cuBLAS for the
+  products, Inductor kernels for the rest).
 
 ``"auto"``, measured on an H100 (docs/benchmarks.md):
 
@@ -18,7 +19,7 @@ each of the two ops to insert for one module. Both compute the same math:
   ``MIN_TRITON_WEIGHT`` weights, else ``"torch"`` (off CUDA there are no
   device kernels, fp64 has no tensor-core path, and in the smallest layers the
   launches cost more than the kernels save);
-- compose: ``"torch"``. Inductor fuses ``compose_reference`` into one pointwise
+- compose: ``"torch"``. Inductor fuses ``compose_torch`` into one pointwise
   kernel forward and one backward at the same bandwidth as the Triton kernels
   (both at the copy bandwidth), and, unlike an op with its own output, it writes
   the output over the dead base output's buffer: one ``[tokens, d_out]`` buffer

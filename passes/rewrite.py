@@ -38,7 +38,7 @@ TARGETS = {
     },
     "compose": {
         "triton": (torch.ops.dora_fused.compose.default, "dora_fused.compose"),
-        "torch": (kernels.compose_reference, "torch:compose_reference"),
+        "torch": (kernels.compose_torch, "torch:compose_torch"),
     },
 }
 

@@ -167,7 +167,7 @@ _OP_LABELS = {
     "dora_fused.factored_row_norm": "norm: triton",
     "torch:factored_row_norm_torch": "norm: torch",
     "dora_fused.compose": "compose: triton",
-    "torch:compose_reference": "compose: torch",
+    "torch:compose_torch": "compose: torch",
 }
 
 

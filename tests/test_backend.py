@@ -275,7 +275,7 @@ def test_record_gives_names_shapes_rank_and_dtypes():
         assert (record.d_out, record.d_in) == tuple(layer.base_layer.weight.shape)
         assert record.rank == 5
         assert (record.weight_dtype, record.adapter_dtype, record.magnitude_dtype) == ("bfloat16", "float32", "float32")
-        assert record.ops == ("torch:factored_row_norm_torch", "torch:compose_reference")
+        assert record.ops == ("torch:factored_row_norm_torch", "torch:compose_torch")
         assert record.ops_reason.startswith("auto:")
     assert "rewritten" in str(report) and "base_model.model.model.layers.0.self_attn.q_proj" in str(report)
 
@@ -322,3 +322,30 @@ def test_several_active_adapters_compose_in_peft_order(train):
             if param.grad is not None:
                 scale = param.grad.abs().max().item()  # fp32 sums that cancel: tolerance relative to the tensor
                 assert_close(got[name].grad, param.grad, rtol=2e-5, atol=2e-6 * scale, what=name)
+
+
+def test_bf16_backward_keeps_the_output_gradient_in_bf16():
+    """The rewritten compose's backward reads dy in bf16: Inductor materializes no fp32
+    [tokens, d_out] tensor in a bf16 MLP's backward (torch.compile of PEFT keeps it bf16 too)."""
+    from torch._inductor.utils import run_and_get_code
+
+    class MLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate_proj, self.up_proj = nn.Linear(48, 88, bias=False), nn.Linear(48, 88, bias=False)
+            self.down_proj = nn.Linear(88, 48, bias=False)
+
+        def forward(self, x):
+            return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    torch.manual_seed(0)
+    targets = ["gate_proj", "up_proj", "down_proj"]
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=targets, use_dora=True, init_lora_weights=False)
+    model = get_peft_model(MLP().to(torch.bfloat16), config, autocast_adapter_dtype=False)
+    compiled = torch.compile(model, backend="dora_fused")
+    x = torch.randn(1, 64, 48, dtype=torch.bfloat16, requires_grad=True)
+    _, code = run_and_get_code(lambda: compiled(x).float().sum().backward())
+    text = "\n".join(code)
+    assert "(1, 64, 88), (5632, 88, 1), torch.bfloat16" in text  # the token-sized buffers, found
+    assert "(1, 64, 88), (5632, 88, 1), torch.float32" not in text
+    assert "(64, 88), (88, 1), torch.float32" not in text

@@ -166,3 +166,26 @@ def test_time_budget_starts_nothing_when_spent(tmp_path, harness):
     harness.run_all(harness.parse_args([*args, "--no-reference"]))
     [row] = json.loads(out.read_text())["rows"]
     assert row["status"] == "skipped: time budget" and row["case"] == CASES[0]
+
+
+def test_memory_peak_replay_finds_what_is_alive_at_the_peak(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("memory_peak", BENCH / "memory_peak.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    trace = [
+        dict(action="alloc", addr=1, size=100),
+        dict(action="free_requested", addr=99, size=5),  # allocated before recording: ignored
+        dict(action="alloc", addr=2, size=50),
+        dict(action="free_requested", addr=1, size=100),
+        dict(action="free_completed", addr=1, size=100),  # the same block: counted once
+        dict(action="alloc", addr=3, size=70),
+        dict(action="alloc", addr=4, size=20),  # 50 + 70 + 20 = 140: the peak
+        dict(action="free_requested", addr=3, size=70),
+        dict(action="alloc", addr=5, size=60),  # 50 + 20 + 60 = 130
+    ]
+    peak, alive = module.replay_peak(trace)
+    assert peak == 150  # 100 + 50, before block 1 was freed
+    assert sorted(e["addr"] for e in alive) == [1, 2]
+    peak, alive = module.replay_peak(trace[2:])
+    assert peak == 140 and sorted(e["addr"] for e in alive) == [2, 3, 4]

@@ -258,7 +258,7 @@ def test_peft_conv_dora_is_rewritten_with_exact_gradients(dims, bias, dropout, a
     [record] = dora_fused.last_report().modules
     assert (record.name, record.status, record.kind) == ("base_model.model.conv", "rewritten", "PEFT Conv")
     assert (record.d_out, record.d_in, record.rank) == (7, 5 * 3**dims, 3)
-    expected_compose = "torch:compose_with_base_reference" if dropout else "torch:compose_reference"
+    expected_compose = "torch:compose_with_base_reference" if dropout else "torch:compose_torch"
     assert record.ops == ("torch:factored_row_norm_torch", expected_compose)
     torch.manual_seed(3)  # aot_eager draws the same dropout mask as eager
     _assert_matches_eager(model, x, out, f"conv{dims}d")
@@ -509,10 +509,10 @@ def test_peft_dora_caching_in_eval_is_rewritten_on_the_filling_call_and_after(mo
         ("base_model.model.lin", "peft_cached_norm", "PEFT Linear", 10, 6),
         ("base_model.model.conv", "peft_cached_norm", "PEFT Conv", 4, 30),  # C_in · k
     }
-    linear_compose = "dora_fused.compose" if ops == "triton" else "torch:compose_reference"
+    linear_compose = "dora_fused.compose" if ops == "triton" else "torch:compose_torch"
     assert {m.kind: m.ops for m in cached.modules} == {
         "PEFT Linear": (linear_compose,),
-        "PEFT Conv": ("torch:compose_reference",),  # channels-first: the plain-torch compose
+        "PEFT Conv": ("torch:compose_torch",),  # channels-first: the plain-torch compose
     }
 
     # PEFT empties its cache on train(); back in eval the norm is computed again from the new weights
