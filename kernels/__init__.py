@@ -11,6 +11,7 @@ from .compose import (
     compose_reference,
     compose_torch,
     compose_with_base_reference,
+    compose_with_base_torch,
 )
 from .factored_norm import (
     dense_row_norm_reference,
@@ -26,6 +27,7 @@ __all__ = [
     "compose_reference",
     "compose_torch",
     "compose_with_base_reference",
+    "compose_with_base_torch",
     "dense_row_norm_reference",
     "factored_row_norm",
     "factored_row_norm_differentiable",

@@ -47,6 +47,7 @@ __all__ = [
     "compose_reference",
     "compose_torch",
     "compose_with_base_reference",
+    "compose_with_base_torch",
     "compute_dtype",
     "triton_supports_compose",
 ]
@@ -477,6 +478,53 @@ def compose_torch(
     dtype (same values, half the memory in bf16).
     """
     return _TorchCompose.apply(result, lora, magnitude, weight_norm, bias, scaling, out_dtype)
+
+
+class _TorchComposeWithBase(torch.autograd.Function):
+    """``compose_with_base_reference`` forward; its backward reads ``dy`` in its own dtype too."""
+
+    @staticmethod
+    def forward(result, base, lora, magnitude, weight_norm, scaling, out_dtype):
+        return compose_with_base_reference(result, base, lora, magnitude, weight_norm, scaling, out_dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        result, base, lora, magnitude, weight_norm, scaling, _ = inputs
+        ctx.scaling = scaling
+        ctx.save_for_backward(result, base, lora, magnitude, weight_norm)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        """``d_result = dy``, ``d_base = (g - 1)·dy``, ``d_lora = g·s·dy``, ``v = Σ_T dy ⊙ (base + s·lora)``."""
+        result, base, lora, magnitude, weight_norm = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        acc = compute_dtype(grad_out, result, base, lora, magnitude, weight_norm)
+        g = magnitude.to(acc) / weight_norm.to(acc)
+        token_dims = broadcast_dims(grad_out, magnitude)
+        v = (grad_out * (base.to(acc) + ctx.scaling * lora.to(acc))).sum(token_dims).reshape(magnitude.shape)
+        d_magnitude, d_norm, _ = vector_grads(v, v.new_empty(0), magnitude, weight_norm, None, (*needs[3:5], False))
+        return (
+            grad_out.to(result.dtype) if needs[0] else None,
+            ((g - 1.0) * grad_out).to(base.dtype) if needs[1] else None,
+            ((g * ctx.scaling) * grad_out).to(lora.dtype) if needs[2] else None,
+            d_magnitude,
+            d_norm,
+            None,
+            None,
+        )
+
+
+def compose_with_base_torch(
+    result: Tensor,
+    base: Tensor,
+    lora: Tensor,
+    magnitude: Tensor,
+    weight_norm: Tensor,
+    scaling: float,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """``compose_with_base_reference`` (dropout active), differentiated by hand as ``compose_torch`` is."""
+    return _TorchComposeWithBase.apply(result, base, lora, magnitude, weight_norm, scaling, out_dtype)
 
 
 # ----------------------------------------------------------------------------

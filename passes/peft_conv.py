@@ -17,7 +17,7 @@ Replacement::
 
     n   = factored_row_norm(detach(W).reshape(C_out, -1), detach(view(A)), detach(view(B)), s)   # fp32 [C_out]
     out = compose_reference(result, lora, m, n.view(m.shape), view(b) | None, s, dtype(out))
-    out = compose_with_base_reference(result, base, lora, m, n.view(m.shape), s, dtype(out))   # dropout active
+    out = compose_with_base_torch(result, base, lora, m, n.view(m.shape), s, dtype(out))   # dropout active
 
 The compose broadcasts ``g`` over dim 1 (channels first), so it is the
 plain-torch compose that Inductor fuses into one pointwise kernel; the Triton

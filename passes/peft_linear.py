@@ -14,7 +14,7 @@ Replacement::
 
     n   = dora_fused.factored_row_norm(detach(W), detach(A), detach(B), s)    # fp32 [d_out]
     out = dora_fused.compose(result, lora, m, n, b | None, s, dtype(out))
-    out = compose_with_base_reference(result, base, lora, m, n, s, dtype(out))   # dropout active
+    out = compose_with_base_torch(result, base, lora, m, n, s, dtype(out))   # dropout active
 
 ``compose`` computes ``g·(result - b + s·lora) + b`` with ``g = m / n`` in fp32
 and rounds once, so the intermediate roundings of ``n``, ``g`` and the four

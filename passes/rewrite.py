@@ -112,11 +112,11 @@ def insert_compose(graph: Graph, match: object, norm: Node, impl: str, like: Nod
     """The compose of ``TARGETS["compose"][impl]`` for ``match`` with ``norm``, and its name for the record.
 
     With a separate base output (dropout active) only the plain-torch
-    ``compose_with_base_reference`` applies. Call under ``graph.inserting_before``.
+    ``compose_with_base_torch`` applies. Call under ``graph.inserting_before``.
     """
     base, bias = getattr(match, "base", None), getattr(match, "bias", None)
     if base is not None:
-        target, name = kernels.compose_with_base_reference, "torch:compose_with_base_reference"
+        target, name = kernels.compose_with_base_torch, "torch:compose_with_base_torch"
         args = (match.result, base, match.lora, match.magnitude, norm, match.scaling)
     else:
         target, name = TARGETS["compose"][impl]

@@ -168,6 +168,7 @@ _OP_LABELS = {
     "torch:factored_row_norm_torch": "norm: torch",
     "dora_fused.compose": "compose: triton",
     "torch:compose_torch": "compose: torch",
+    "torch:compose_with_base_torch": "compose: torch (dropout base)",
 }
 
 

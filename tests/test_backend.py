@@ -324,9 +324,11 @@ def test_several_active_adapters_compose_in_peft_order(train):
                 assert_close(got[name].grad, param.grad, rtol=2e-5, atol=2e-6 * scale, what=name)
 
 
-def test_bf16_backward_keeps_the_output_gradient_in_bf16():
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_bf16_backward_keeps_the_output_gradient_in_bf16(dropout):
     """The rewritten compose's backward reads dy in bf16: Inductor materializes no fp32
-    [tokens, d_out] tensor in a bf16 MLP's backward (torch.compile of PEFT keeps it bf16 too)."""
+    [tokens, d_out] tensor in a bf16 MLP's backward (torch.compile of PEFT keeps it bf16 too),
+    with or without dropout (the compose with a separate base output)."""
     from torch._inductor.utils import run_and_get_code
 
     class MLP(nn.Module):
@@ -340,7 +342,9 @@ def test_bf16_backward_keeps_the_output_gradient_in_bf16():
 
     torch.manual_seed(0)
     targets = ["gate_proj", "up_proj", "down_proj"]
-    config = LoraConfig(r=4, lora_alpha=4, target_modules=targets, use_dora=True, init_lora_weights=False)
+    config = LoraConfig(
+        r=4, lora_alpha=4, target_modules=targets, use_dora=True, init_lora_weights=False, lora_dropout=dropout
+    )
     model = get_peft_model(MLP().to(torch.bfloat16), config, autocast_adapter_dtype=False)
     compiled = torch.compile(model, backend="dora_fused")
     x = torch.randn(1, 64, 48, dtype=torch.bfloat16, requires_grad=True)

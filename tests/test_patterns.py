@@ -48,7 +48,7 @@ def test_dropout_in_training_keeps_peft_semantics(inner):
     out = compiled(inputs_embeds=embeds).logits
     report = dora_fused.last_report()
     assert set(report.rewritten) == dora_module_names(model)
-    assert all(m.ops[1] == "torch:compose_with_base_reference" for m in report.modules)
+    assert all(m.ops[1] == "torch:compose_with_base_torch" for m in report.modules)
     if inner == "inductor":  # Inductor draws its own dropout masks: check it ran, not the values
         assert torch.isfinite(out).all()
         return
@@ -258,7 +258,7 @@ def test_peft_conv_dora_is_rewritten_with_exact_gradients(dims, bias, dropout, a
     [record] = dora_fused.last_report().modules
     assert (record.name, record.status, record.kind) == ("base_model.model.conv", "rewritten", "PEFT Conv")
     assert (record.d_out, record.d_in, record.rank) == (7, 5 * 3**dims, 3)
-    expected_compose = "torch:compose_with_base_reference" if dropout else "torch:compose_torch"
+    expected_compose = "torch:compose_with_base_torch" if dropout else "torch:compose_torch"
     assert record.ops == ("torch:factored_row_norm_torch", expected_compose)
     torch.manual_seed(3)  # aot_eager draws the same dropout mask as eager
     _assert_matches_eager(model, x, out, f"conv{dims}d")
