@@ -411,9 +411,14 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(*saved)
 
 
-def _backward(ctx, grad_out: Tensor):
+def _saved(ctx) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """``(result, lora, magnitude, weight_norm, bias)`` as ``_setup_context`` saved them."""
     result, lora, magnitude, weight_norm, *rest = ctx.saved_tensors
-    bias = rest[0] if ctx.has_bias else None
+    return result, lora, magnitude, weight_norm, rest[0] if ctx.has_bias else None
+
+
+def _backward(ctx, grad_out: Tensor):
+    result, lora, magnitude, weight_norm, bias = _saved(ctx)
     needs = ctx.needs_input_grad
     d_result, d_lora, v, dy_sum = torch.ops.dora_fused.compose_backward(
         grad_out, result, lora, magnitude, weight_norm, bias, ctx.scaling
@@ -438,27 +443,18 @@ _compose_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _TorchCompose(torch.autograd.Function):
-    """``compose_reference`` forward, ``compose_backward_torch`` + ``vector_grads`` backward."""
+    """``compose_reference`` forward, ``compose_backward_reference`` backward."""
 
     @staticmethod
     def forward(result, lora, magnitude, weight_norm, bias, scaling, out_dtype):
         return compose_reference(result, lora, magnitude, weight_norm, bias, scaling, out_dtype)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        result, lora, magnitude, weight_norm, bias, scaling, _ = inputs
-        ctx.scaling = scaling
-        ctx.save_for_backward(result, lora, magnitude, weight_norm, bias)
+    setup_context = staticmethod(_setup_context)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        result, lora, magnitude, weight_norm, bias = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        d_result, d_lora, v, dy_sum = compose_backward_torch(
-            grad_out, result, lora, magnitude, weight_norm, bias, ctx.scaling
-        )
-        d_magnitude, d_norm, d_bias = vector_grads(v, dy_sum, magnitude, weight_norm, bias, needs[2:5])
-        return d_result if needs[0] else None, d_lora if needs[1] else None, d_magnitude, d_norm, d_bias, None, None
+        grads = compose_backward_reference(grad_out, *_saved(ctx), ctx.scaling, ctx.needs_input_grad[:5])
+        return (*grads, None, None)
 
 
 def compose_torch(
