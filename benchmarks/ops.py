@@ -6,7 +6,7 @@ Questions:
    Inductor-compiled), with working memory ≤ 4·(d_out·r + r²) bytes + 64 MB?
 3. Below which layer size do the Triton ops stop paying off against the plain-torch
    ops (the ``MIN_TRITON_WEIGHT`` threshold of ``passes/heuristics.py``)?
-4. (--sweep) Which tile configuration suits the norm's partials kernel?
+4. (--parts sweep) Which tile configuration suits the fused norm kernel (``norm_config``)?
 
     python benchmarks/ops.py --json ops.json [--sweep]
 
@@ -173,16 +173,22 @@ def bench_small(tokens: int) -> list[dict]:
     return rows
 
 
-SWEEP = [  # BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, num_warps, num_stages
-    (64, 128, 64, 32, 4, 3),
+# BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, num_warps, num_stages
+SWEEP = [  # 16-bit adapters, r > 64
     (128, 128, 64, 32, 8, 3),
-    (128, 64, 64, 32, 4, 3),
-    (64, 64, 64, 32, 4, 4),
-    (128, 128, 32, 32, 8, 4),
-    (64, 128, 128, 32, 8, 3),
-    (128, 128, 64, 64, 8, 3),
-    (64, 128, 64, 32, 8, 4),
+    (128, 128, 128, 32, 8, 3),
+    (64, 128, 64, 32, 4, 4),
     (128, 256, 64, 32, 8, 3),
+    (256, 128, 64, 32, 8, 3),
+]
+SWEEP_TERMS = [  # fp32 adapters (three accumulators), r > 64
+    (128, 64, 64, 32, 8, 3),
+    (64, 64, 64, 32, 4, 3),
+    (128, 64, 32, 32, 8, 4),
+    (64, 128, 64, 32, 8, 3),
+]
+SWEEP_SMALL_R = [
+    (bm, 16, bk, 16, nw, st) for bm, bk, nw, st in ((64, 128, 4, 3), (64, 256, 4, 3), (64, 128, 8, 4), (128, 128, 8, 4))
 ]
 
 
@@ -190,18 +196,17 @@ def bench_sweep() -> list[dict]:
     rows = []
     for (d_in, d_out), r, adapters in [
         ((8192, 8192), 384, "bf16"),
+        ((14336, 4096), 384, "bf16"),
+        ((4096, 4096), 384, "bf16"),
         ((8192, 8192), 384, "fp32"),
         ((14336, 4096), 384, "fp32"),
+        ((8192, 8192), 16, "bf16"),
         ((8192, 8192), 16, "fp32"),
     ]:
         adt = DTYPES[adapters]
         w = torch.randn(d_out, d_in, device="cuda").bfloat16()
         a, b = torch.randn(r, d_in, device="cuda").to(adt), torch.randn(d_out, r, device="cuda").to(adt)
-        configs = (
-            SWEEP
-            if r > 64
-            else [(bm, 16, bk, 16, nw, st) for bm in (64, 128, 256) for bk in (64, 128) for nw, st in ((4, 3), (8, 4))]
-        )
+        configs = SWEEP_SMALL_R if r <= 64 else SWEEP_TERMS if adapters == "fp32" else SWEEP
         for bm, bn, bk, br, nw, st in configs:
             cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, num_warps=nw, num_stages=st)
             try:

@@ -23,6 +23,10 @@ Two pure-torch implementations behind one op:
 - chunked (everything else): rows of ``W`` promoted to the accumulation dtype,
   at most ``CHUNK_BYTES`` at a time.
 
+On CUDA the op runs Triton instead (``factored_row_norm_triton``): the Gram
+kernels, then one fused kernel that reads ``W`` once for both ``U = W·Aᵀ`` and
+``‖W‖²`` and keeps ``U`` and ``B·G`` in registers.
+
 Layout: pure-torch reference → implementations → ``torch.library`` op with a
 fake implementation. The op has no autograd: DoRA detaches the norm
 (paper §4.3), and the rewrite detaches its inputs exactly where PEFT does.
@@ -283,12 +287,23 @@ def _bf16_split_kernel(X, TERMS, rows, cols, stride_xr, stride_xc, BLOCK_R: tl.c
 
 
 @triton.jit
-def _norm_assemble_kernel(
+def _chunk_dot(x0, x1, y0, y1, IEEE: tl.constexpr):
+    """``[x0 x1] @ [y0; y1]`` as one tensor-core accumulation started from zero (two dots, so the
+    compiler does not fold the caller's add into the dot: long accumulations lose bits)."""
+    if IEEE:
+        return tl.dot(x1, y1, tl.dot(x0, y0, input_precision="ieee"), input_precision="ieee")
+    return tl.dot(x1, y1, tl.dot(x0, y0))
+
+
+@triton.jit
+def _fused_norm_kernel(
     W,
-    U,
-    U_SCALE,
+    A,
+    A_SCALE,
     B,
     G,
+    WSQ,
+    PART,
     NORM,
     d_out,
     d_in,
@@ -296,70 +311,121 @@ def _norm_assemble_kernel(
     scaling,
     stride_wo,
     stride_wi,
+    stride_ar,
+    stride_ak,
     stride_bo,
     stride_br,
-    U_TERMS: tl.constexpr,
+    A_TERMS: tl.constexpr,
     B_TERMS: tl.constexpr,
+    IEEE: tl.constexpr,
+    FINISH: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """For this program's rows ``i``::
+    """One ``[BLOCK_M rows, BLOCK_N of r]`` tile of the whole norm, with ``U`` never leaving registers::
 
-        n_i = sqrt(max(‖W_i‖² + Σ_k B_ik·(2s·U_ik + s²·(B·G)_ik), 0))
+        PART[j, i] = Σ_{k in tile j} B_ik·(2s·U_ik + s²·(B·G)_ik),   U = W·Aᵀ
+        WSQ[i]     = ‖W_i‖²                       (column tile 0 only)
 
-    ``U = W·Aᵀ`` arrives as ``U_TERMS`` column blocks of ``[d_out, U_TERMS·r]``
-    (one per bf16/fp16 term of A), summed smallest first and divided by
-    ``U_SCALE``; ``‖W_i‖²`` streams W's rows; ``B·G`` is formed in registers from
-    ``G``'s three bf16 terms (``G [3, r, r]``, split once outside) and ``B``'s
-    ``B_TERMS`` bf16 terms.
+    The main loop is the tensor-core product ``W·Aᵀ`` over ``d_in`` with ``W``
+    read in its own dtype. ``A`` arrives as ``A_TERMS`` stacked terms of W's
+    dtype (``[A_TERMS·r, d_in]``, ``A = Σ_t A_t / A_SCALE``); each term has its
+    own accumulator, so the small terms' products are not rounded against the
+    large ones', and they are added smallest first at the end. Each
+    ``BLOCK_K`` chunk is one tensor-core accumulation from zero, added in fp32
+    (``_chunk_dot``). ``IEEE``: an fp32 ``W``, multiplied in fp32 (no TF32).
+    ``‖W_i‖²`` comes from the same W tiles (squares summed elementwise, reduced
+    once at the end: a second read of W from L2 was slower). The epilogue forms
+    ``B·G`` from G's three bf16 terms (``G [3, r, r]``) and ``B``'s ``B_TERMS``,
+    each ``BLOCK_R`` chunk one accumulation added in fp32, and reduces this
+    tile's columns. With one column tile (``FINISH``) it writes ``NORM``.
     """
     s = tl.cast(scaling, tl.float32)  # Inductor passes Python floats as fp64
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_n = tl.program_id(0)  # column tiles vary fastest: programs sharing W's rows run together
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < d_out
+    cmask = cols < r
 
-    w_squared = tl.zeros([BLOCK_M], dtype=tl.float32)
+    HALF: tl.constexpr = BLOCK_K // 2
+    u0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    u1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    u2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
     for k0 in range(0, d_in, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(
-            W + rows[:, None] * stride_wo + ks[None, :] * stride_wi,
-            mask=rmask[:, None] & (ks < d_in)[None, :],
+        ks0 = k0 + tl.arange(0, HALF)
+        ks1 = ks0 + HALF
+        w0 = tl.load(
+            W + rows[:, None] * stride_wo + ks0[None, :] * stride_wi,
+            mask=rmask[:, None] & (ks0 < d_in)[None, :],
             other=0.0,
-        ).to(tl.float32)
-        w_squared += tl.sum(w * w, axis=1)
+        )
+        w1 = tl.load(
+            W + rows[:, None] * stride_wo + ks1[None, :] * stride_wi,
+            mask=rmask[:, None] & (ks1 < d_in)[None, :],
+            other=0.0,
+        )
+        a0 = A + cols[None, :] * stride_ar + ks0[:, None] * stride_ak
+        a1 = A + cols[None, :] * stride_ar + ks1[:, None] * stride_ak
+        m0 = cmask[None, :] & (ks0 < d_in)[:, None]
+        m1 = cmask[None, :] & (ks1 < d_in)[:, None]
+        u0 += _chunk_dot(w0, w1, tl.load(a0, mask=m0, other=0.0), tl.load(a1, mask=m1, other=0.0), IEEE)
+        if A_TERMS == 3:
+            t1 = r * stride_ar
+            u1 += _chunk_dot(w0, w1, tl.load(a0 + t1, mask=m0, other=0.0), tl.load(a1 + t1, mask=m1, other=0.0), IEEE)
+            t2 = 2 * r * stride_ar
+            u2 += _chunk_dot(w0, w1, tl.load(a0 + t2, mask=m0, other=0.0), tl.load(a1 + t2, mask=m1, other=0.0), IEEE)
+        w0f = w0.to(tl.float32)
+        w1f = w1.to(tl.float32)
+        squares += w0f * w0f + w1f * w1f
+    w_squared = tl.sum(squares, axis=1)
+    u = u0
+    if A_TERMS == 3:
+        u = (u2 + u1) + u0
+    u = u / tl.load(A_SCALE)
 
-    u_scale = tl.load(U_SCALE)
-    total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for n0 in range(0, r, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        tile_mask = rmask[:, None] & (cols < r)[None, :]
-        u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for t in tl.static_range(U_TERMS):
-            term = U_TERMS - 1 - t
-            u += tl.load(U + rows[:, None] * (U_TERMS * r) + term * r + cols[None, :], mask=tile_mask, other=0.0)
-        u = u / u_scale
-        bg = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, r, BLOCK_R):
-            ks = k0 + tl.arange(0, BLOCK_R)
-            kmask = ks < r
-            b_k = tl.load(
-                B + rows[:, None] * stride_bo + ks[None, :] * stride_br, mask=rmask[:, None] & kmask[None, :], other=0.0
-            )
-            g_offsets = G + ks[:, None] * r + cols[None, :]
-            g_mask = kmask[:, None] & (cols < r)[None, :]
-            g0 = tl.load(g_offsets, mask=g_mask, other=0.0)
-            g1 = tl.load(g_offsets + r * r, mask=g_mask, other=0.0)
-            g2 = tl.load(g_offsets + 2 * r * r, mask=g_mask, other=0.0)
-            b0, b1, b2 = _bf16_terms(b_k, B_TERMS)
-            bg = _dot_terms(b0, b1, b2, g0, g1, g2, bg, B_TERMS, 3)
-        b = tl.load(B + rows[:, None] * stride_bo + cols[None, :] * stride_br, mask=tile_mask, other=0.0).to(tl.float32)
-        total += tl.sum(b * ((2.0 * s) * u + (s * s) * bg), axis=1)
-    tl.store(NORM + rows, tl.sqrt_rn(tl.maximum(w_squared + total, 0.0)), mask=rmask)
+    bg = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, r, BLOCK_R):
+        ks = k0 + tl.arange(0, BLOCK_R)
+        kmask = ks < r
+        b_k = tl.load(
+            B + rows[:, None] * stride_bo + ks[None, :] * stride_br, mask=rmask[:, None] & kmask[None, :], other=0.0
+        )
+        g_offsets = G + ks[:, None] * r + cols[None, :]
+        g_mask = kmask[:, None] & cmask[None, :]
+        g0 = tl.load(g_offsets, mask=g_mask, other=0.0)
+        g1 = tl.load(g_offsets + r * r, mask=g_mask, other=0.0)
+        g2 = tl.load(g_offsets + 2 * r * r, mask=g_mask, other=0.0)
+        b0, b1, b2 = _bf16_terms(b_k, B_TERMS)
+        bg += _dot_terms(b0, b1, b2, g0, g1, g2, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), B_TERMS, 3)
+    b = tl.load(
+        B + rows[:, None] * stride_bo + cols[None, :] * stride_br, mask=rmask[:, None] & cmask[None, :], other=0.0
+    ).to(tl.float32)
+    partial = tl.sum(b * ((2.0 * s) * u + (s * s) * bg), axis=1)
+    if FINISH:
+        tl.store(NORM + rows, tl.sqrt_rn(tl.maximum(w_squared + partial, 0.0)), mask=rmask)
+    else:
+        tl.store(PART + pid_n * d_out + rows, partial, mask=rmask)
+        if pid_n == 0:
+            tl.store(WSQ + rows, w_squared, mask=rmask)
+
+
+@triton.jit
+def _norm_finish_kernel(WSQ, PART, NORM, d_out, parts, BLOCK: tl.constexpr):
+    """``NORM = sqrt(max(WSQ + Σ_j PART[j], 0))``, the column tiles added in a fixed order."""
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < d_out
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in range(0, parts):
+        total += tl.load(PART + j * d_out + offsets, mask=mask, other=0.0)
+    w_squared = tl.load(WSQ + offsets, mask=mask, other=0.0)
+    tl.store(NORM + offsets, tl.sqrt_rn(tl.maximum(w_squared + total, 0.0)), mask=mask)
 
 
 # ----------------------------------------------------------------------------
-# Launcher: the products on cuBLAS tensor cores, the rest in the assembly kernel
+# Launchers
 
 _TERMS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 
@@ -367,17 +433,6 @@ _TERMS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 def triton_supports_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> bool:
     """Whether the CUDA path applies: bf16/fp16/fp32 operands (fp64 stays on the chunked torch path)."""
     return all(t.dtype in _TERMS for t in (weight, lora_A, lora_B))
-
-
-def _mm_fp32(x: Tensor, y: Tensor) -> Tensor:
-    """``x @ y`` of two 16-bit matrices with exact products and fp32 accumulation and output.
-
-    On CUDA a tensor-core product with fp32 output (``torch.mm(..., out_dtype=)``);
-    elsewhere (CPU tests of the kernels) the same math through an fp32 copy.
-    """
-    if x.is_cuda and _has_mm_out_dtype():
-        return torch.mm(x, y, out_dtype=torch.float32)
-    return x.float() @ y.float()
 
 
 def adapter_terms(lora_A: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -472,39 +527,55 @@ def gram_triton(lora_A: Tensor) -> Tensor:
     return (terms[2] + terms[1]) + terms[0]
 
 
+def norm_config(r: int, a_terms: int) -> dict[str, int]:
+    """Tile sizes of ``_fused_norm_kernel`` (H100 sweep, ``benchmarks/ops.py --parts sweep``)."""
+    if r <= 64:  # streaming W dominates: one column tile, long K steps
+        return dict(BLOCK_M=64, BLOCK_N=max(16, triton.next_power_of_2(r)), BLOCK_K=256, BLOCK_R=16, num_warps=4)
+    if a_terms == 3:  # three accumulators
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, BLOCK_R=32, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, BLOCK_R=32, num_warps=8, num_stages=3)
+
+
 def factored_row_norm_triton(
     weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, config: dict[str, int] | None = None
 ) -> Tensor:
-    """The factored norm on a GPU: two cuBLAS products and one Triton assembly kernel; fp32 ``[d_out]``.
+    """The factored norm on a GPU: the Gram kernels, then one fused kernel; fp32 ``[d_out]``.
 
-    - ``U = W·Aᵀ``: ``W`` read once in its own dtype (bf16/fp16: tensor cores with
-      fp32 output, fp32 ``A`` split into exact terms stacked into one product);
-    - ``G = A·Aᵀ`` at fp32 accuracy on tensor cores, written as three bf16 terms
+    - ``G = A·Aᵀ`` at fp32 accuracy on tensor cores, as three bf16 terms
       (``gram_terms_triton``);
-    - the assembly kernel: ``‖W‖²`` streamed from W, ``U`` terms summed, ``B·G`` in
-      registers from the terms, clamp, correctly rounded square root.
+    - an fp32 ``A`` under a 16-bit ``W``: its exact 16-bit terms (``adapter_terms``);
+    - ``_fused_norm_kernel``: ``U = W·Aᵀ`` on tensor cores, ``W`` read once in its
+      own dtype, ``‖W‖²`` from the same tiles, ``B·G`` and the row sums in the
+      epilogue. ``U`` and ``B·G`` never reach memory;
+    - where ``r`` spans several column tiles, a small kernel adds their sums in a
+      fixed order, clamps and takes a correctly rounded square root.
 
-    Working memory: ``U`` (``T·d_out·r`` fp32, T ≤ 3), ``A``'s terms and ``G``:
-    ``O(d_out·r + r²)``. ``config`` overrides the assembly tile sizes (benchmarks).
+    Working memory: A's terms (fp32 adapters), the Gram's partials and terms
+    (``O(r²)``), one fp32 partial sum per row and column tile.
+    ``config`` overrides ``norm_config`` (benchmarks, tests).
     """
     d_out, d_in = weight.shape
     r = lora_A.shape[0]
     if weight.dtype == torch.float32:
-        u, scale, u_terms = torch.mm(weight, lora_A.float().T), torch.ones(1, device=weight.device), 1
+        a_terms, scale = lora_A.float(), torch.ones(1, dtype=torch.float32, device=weight.device)
     else:
         a_terms, scale = adapter_terms(lora_A, weight.dtype)
-        u = _mm_fp32(weight, a_terms.T)
-        u_terms = a_terms.shape[0] // r
+    a_count = a_terms.shape[0] // r
     gram_terms = gram_terms_triton(lora_A)
-    cfg = dict(config) if config is not None else {"BLOCK_M": 32, "BLOCK_K": 128, "BLOCK_R": 32, "num_warps": 4}
-    cfg.setdefault("BLOCK_N", min(128, max(16, triton.next_power_of_2(r))))
+    cfg = dict(config) if config is not None else norm_config(r, a_count)
+    parts = triton.cdiv(r, cfg["BLOCK_N"])
     norm = torch.empty(d_out, dtype=torch.float32, device=weight.device)
-    wrap_triton(_norm_assemble_kernel)[(triton.cdiv(d_out, cfg["BLOCK_M"]),)](
+    finish = parts == 1
+    partial = norm if finish else torch.empty(parts, d_out, dtype=torch.float32, device=weight.device)
+    w_squared = norm if finish else torch.empty(d_out, dtype=torch.float32, device=weight.device)
+    wrap_triton(_fused_norm_kernel)[(parts, triton.cdiv(d_out, cfg["BLOCK_M"]))](
         weight,
-        u,
+        a_terms,
         scale,
         lora_B,
         gram_terms,
+        w_squared,
+        partial,
         norm,
         d_out,
         d_in,
@@ -512,12 +583,20 @@ def factored_row_norm_triton(
         scaling,
         weight.stride(0),
         weight.stride(1),
+        a_terms.stride(0),
+        a_terms.stride(1),
         lora_B.stride(0),
         lora_B.stride(1),
-        U_TERMS=u_terms,
+        A_TERMS=a_count,
         B_TERMS=_TERMS[lora_B.dtype],
+        IEEE=weight.dtype == torch.float32,
+        FINISH=finish,
         **cfg,
     )
+    if not finish:
+        wrap_triton(_norm_finish_kernel)[(triton.cdiv(d_out, 1024),)](
+            w_squared, partial, norm, d_out, parts, BLOCK=1024
+        )
     return norm
 
 
@@ -530,7 +609,7 @@ def _factored_row_norm_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scalin
     torch._check(weight.dim() == 2 and lora_A.dim() == 2 and lora_B.dim() == 2)
     torch._check(lora_A.shape[1] == weight.shape[1] and lora_B.shape[0] == weight.shape[0])
     torch._check(lora_A.shape[0] == lora_B.shape[1])
-    if weight.is_cuda and triton_supports_norm(weight, lora_A, lora_B) and _has_mm_out_dtype():
+    if weight.is_cuda and triton_supports_norm(weight, lora_A, lora_B):
         return factored_row_norm_triton(weight, lora_A, lora_B, scaling)
     return factored_row_norm_torch(weight, lora_A, lora_B, scaling)
 

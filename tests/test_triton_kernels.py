@@ -63,12 +63,36 @@ def test_norm_kernel_matches_fp64(device, shape, dtype, adapter_dtype):
     b = (torch.randn(d_out, r, device=device, generator=gen) / r**0.5).to(adapter_dtype)
     got = factored_row_norm_triton(w, a, b, 1.3)
     assert got.dtype == torch.float32 and got.shape == (d_out,)
+    _assert_fp32_level(got, w, a, b, 1.3)
+
+
+def _assert_fp32_level(got, w, a, b, s):
+    """fp32-level accuracy relative to the terms of the identity (test_kernels.py explains the bound)."""
     w64, a64, b64 = w.double(), a.double(), b.double()
-    expected = dense_row_norm_reference(w64, a64, b64, 1.3)
-    # fp32-level accuracy relative to the terms of the identity (test_kernels.py explains the bound)
-    terms = (w64.norm(dim=1) + 1.3 * (b64 @ a64).norm(dim=1)).square()
+    expected = dense_row_norm_reference(w64, a64, b64, s)
+    terms = (w64.norm(dim=1) + s * (b64 @ a64).norm(dim=1)).square()
     excess = (got.double().square() - expected.square()).abs() - 2e-6 * terms
     assert (excess <= 0).all(), f"norm² off by {(excess + 2e-6 * terms).max():.3g} (terms {terms.max():.3g})"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, BLOCK_R=16, num_warps=4),  # three column tiles, then the finish
+        dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_R=32, num_warps=4),  # two ragged column tiles
+        dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, BLOCK_R=16, num_warps=4),  # one tile: the kernel finishes itself
+    ],
+    ids=["3-tiles", "2-tiles", "1-tile"],
+)
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
+def test_norm_kernel_tilings(device, config, dtype, adapter_dtype):
+    """Every tiling gives the same fp32-level norm: row, column and d_in tiles all ragged here."""
+    gen = _gen(device, "tilings", dtype, adapter_dtype)
+    w = (torch.randn(70, 129, device=device, generator=gen) / 11).to(dtype)
+    a = (torch.randn(40, 129, device=device, generator=gen) / 11).to(adapter_dtype)
+    b = (torch.randn(70, 40, device=device, generator=gen) / 6).to(adapter_dtype)
+    _assert_fp32_level(factored_row_norm_triton(w, a, b, 0.7, config=config), w, a, b, 0.7)
 
 
 @pytest.mark.parametrize("device", DEVICES)
