@@ -287,11 +287,9 @@ def _bf16_split_kernel(X, TERMS, rows, cols, stride_xr, stride_xc, BLOCK_R: tl.c
 
 
 @triton.jit
-def _chunk_dot(x0, x1, y0, y1, IEEE: tl.constexpr):
+def _chunk_dot(x0, x1, y0, y1):
     """``[x0 x1] @ [y0; y1]`` as one tensor-core accumulation started from zero (two dots, so the
     compiler does not fold the caller's add into the dot: long accumulations lose bits)."""
-    if IEEE:
-        return tl.dot(x1, y1, tl.dot(x0, y0, input_precision="ieee"), input_precision="ieee")
     return tl.dot(x1, y1, tl.dot(x0, y0))
 
 
@@ -317,7 +315,6 @@ def _fused_norm_kernel(
     stride_br,
     A_TERMS: tl.constexpr,
     B_TERMS: tl.constexpr,
-    IEEE: tl.constexpr,
     FINISH: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -335,7 +332,7 @@ def _fused_norm_kernel(
     own accumulator, so the small terms' products are not rounded against the
     large ones', and they are added smallest first at the end. Each
     ``BLOCK_K`` chunk is one tensor-core accumulation from zero, added in fp32
-    (``_chunk_dot``). ``IEEE``: an fp32 ``W``, multiplied in fp32 (no TF32).
+    (``_chunk_dot``).
     ``‖W_i‖²`` comes from the same W tiles (squares summed elementwise, reduced
     once at the end: a second read of W from L2 was slower). The epilogue forms
     ``B·G`` from G's three bf16 terms (``G [3, r, r]``) and ``B``'s ``B_TERMS``,
@@ -371,12 +368,12 @@ def _fused_norm_kernel(
         a1 = A + cols[None, :] * stride_ar + ks1[:, None] * stride_ak
         m0 = cmask[None, :] & (ks0 < d_in)[:, None]
         m1 = cmask[None, :] & (ks1 < d_in)[:, None]
-        u0 += _chunk_dot(w0, w1, tl.load(a0, mask=m0, other=0.0), tl.load(a1, mask=m1, other=0.0), IEEE)
+        u0 += _chunk_dot(w0, w1, tl.load(a0, mask=m0, other=0.0), tl.load(a1, mask=m1, other=0.0))
         if A_TERMS == 3:
             t1 = r * stride_ar
-            u1 += _chunk_dot(w0, w1, tl.load(a0 + t1, mask=m0, other=0.0), tl.load(a1 + t1, mask=m1, other=0.0), IEEE)
+            u1 += _chunk_dot(w0, w1, tl.load(a0 + t1, mask=m0, other=0.0), tl.load(a1 + t1, mask=m1, other=0.0))
             t2 = 2 * r * stride_ar
-            u2 += _chunk_dot(w0, w1, tl.load(a0 + t2, mask=m0, other=0.0), tl.load(a1 + t2, mask=m1, other=0.0), IEEE)
+            u2 += _chunk_dot(w0, w1, tl.load(a0 + t2, mask=m0, other=0.0), tl.load(a1 + t2, mask=m1, other=0.0))
         w0f = w0.to(tl.float32)
         w1f = w1.to(tl.float32)
         squares += w0f * w0f + w1f * w1f
@@ -431,8 +428,13 @@ _TERMS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 
 
 def triton_supports_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> bool:
-    """Whether the CUDA path applies: bf16/fp16/fp32 operands (fp64 stays on the chunked torch path)."""
-    return all(t.dtype in _TERMS for t in (weight, lora_A, lora_B))
+    """Whether the CUDA path applies: a bf16/fp16 ``W``, bf16/fp16/fp32 adapters.
+
+    An fp32 or fp64 ``W`` stays on the plain-torch path (its ``W·Aᵀ`` is an fp32/fp64
+    product there; the fused kernel's fp32 ``tl.dot`` failed a small-shape accuracy
+    test on an H100 with Triton 3.6).
+    """
+    return weight.dtype in (torch.bfloat16, torch.float16) and all(t.dtype in _TERMS for t in (lora_A, lora_B))
 
 
 def adapter_terms(lora_A: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -554,12 +556,11 @@ def factored_row_norm_triton(
     (``O(r²)``), one fp32 partial sum per row and column tile.
     ``config`` overrides ``norm_config`` (benchmarks, tests).
     """
+    if not triton_supports_norm(weight, lora_A, lora_B):
+        raise ValueError(f"the Triton norm takes a bf16/fp16 weight and 16/32-bit adapters, not {weight.dtype}")
     d_out, d_in = weight.shape
     r = lora_A.shape[0]
-    if weight.dtype == torch.float32:
-        a_terms, scale = lora_A.float(), torch.ones(1, dtype=torch.float32, device=weight.device)
-    else:
-        a_terms, scale = adapter_terms(lora_A, weight.dtype)
+    a_terms, scale = adapter_terms(lora_A, weight.dtype)
     a_count = a_terms.shape[0] // r
     gram_terms = gram_terms_triton(lora_A)
     cfg = dict(config) if config is not None else norm_config(r, a_count)
@@ -589,7 +590,6 @@ def factored_row_norm_triton(
         lora_B.stride(1),
         A_TERMS=a_count,
         B_TERMS=_TERMS[lora_B.dtype],
-        IEEE=weight.dtype == torch.float32,
         FINISH=finish,
         **cfg,
     )

@@ -324,8 +324,9 @@ def test_several_active_adapters_compose_in_peft_order(train):
                 assert_close(got[name].grad, param.grad, rtol=2e-5, atol=2e-6 * scale, what=name)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_bf16_backward_keeps_the_output_gradient_in_bf16(dropout):
+def test_bf16_backward_keeps_the_output_gradient_in_bf16(dropout, device):
     """The rewritten compose's backward reads dy in bf16: Inductor materializes no fp32
     [tokens, d_out] tensor in a bf16 MLP's backward (torch.compile of PEFT keeps it bf16 too),
     with or without dropout (the compose with a separate base output)."""
@@ -345,9 +346,9 @@ def test_bf16_backward_keeps_the_output_gradient_in_bf16(dropout):
     config = LoraConfig(
         r=4, lora_alpha=4, target_modules=targets, use_dora=True, init_lora_weights=False, lora_dropout=dropout
     )
-    model = get_peft_model(MLP().to(torch.bfloat16), config, autocast_adapter_dtype=False)
+    model = get_peft_model(MLP().to(device, torch.bfloat16), config, autocast_adapter_dtype=False)
     compiled = torch.compile(model, backend="dora_fused")
-    x = torch.randn(1, 64, 48, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(1, 64, 48, dtype=torch.bfloat16, device=device, requires_grad=True)
     _, code = run_and_get_code(lambda: compiled(x).float().sum().backward())
     text = "\n".join(code)
     assert "(1, 64, 88), (5632, 88, 1), torch.bfloat16" in text  # the token-sized buffers, found

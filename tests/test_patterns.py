@@ -38,11 +38,12 @@ def _assert_matches_eager(model, x: torch.Tensor, out: torch.Tensor, what: str) 
         assert_close(got[name], grad, rtol=1e-4, atol=1e-5, what=f"d {name}")
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
-def test_dropout_in_training_keeps_peft_semantics(inner):
+def test_dropout_in_training_keeps_peft_semantics(inner, device):
     """With dropout active PEFT runs the base layer again on the dropped input: kept, composed around."""
-    model = tiny_llama_dora(torch.float32, torch.float32, lora_dropout=0.3).train()
-    embeds = torch.randn(1, 6, TINY_LLAMA["hidden_size"])
+    model = tiny_llama_dora(torch.float32, torch.float32, lora_dropout=0.3).to(device).train()
+    embeds = torch.randn(1, 6, TINY_LLAMA["hidden_size"], device=device)
     compiled = torch.compile(model, backend=dora_fused.backend(inner=inner))
     torch.manual_seed(11)
     out = compiled(inputs_embeds=embeds).logits
