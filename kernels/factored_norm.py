@@ -171,10 +171,12 @@ def factored_row_norm_torch(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scal
 # Triton kernels (CUDA; also run on CPU tensors under TRITON_INTERPRET=1)
 #
 # Tensor-core products at fp32 accuracy: an operand tile is split in registers
-# into ``terms`` bf16 parts (bf16 W: 1, fp16: 2, fp32: 3), each exact, and the
+# into ``terms`` bf16 parts (bf16: 1, fp16: 2, fp32: 3), each exact, and the
 # products of parts whose orders add up to at most 2 are accumulated in fp32
-# (the dropped ones are below fp32's rounding). Two tiles of the same 16-bit
-# dtype are multiplied directly.
+# (the dropped ones are below fp32's rounding). The Gram kernel does this for an
+# fp32 ``A`` and the norm kernel's epilogue for ``B·G``; the norm's main loop
+# takes ``A``'s terms already split (``adapter_terms``), so that each term gets
+# its own accumulator. Two tiles of the same 16-bit dtype are multiplied directly.
 
 
 @triton.jit

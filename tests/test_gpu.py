@@ -28,7 +28,7 @@ def test_factored_norm_full_size(d_in, d_out, r, dtype, adapter_dtype):
     w = (torch.randn(d_out, d_in, device="cuda", generator=gen) / d_in**0.5).to(dtype)
     a = (torch.randn(r, d_in, device="cuda", generator=gen) / d_in**0.5).to(adapter_dtype)
     b = (torch.randn(d_out, r, device="cuda", generator=gen) / r**0.5).to(adapter_dtype)
-    got = factored_row_norm(w, a, b, 1.0)  # the op: cuBLAS products and the Triton assembly on CUDA
+    got = factored_row_norm(w, a, b, 1.0)  # the op: the Gram kernels and the fused norm kernel on CUDA
     exact = dense_row_norm_reference(w.double(), a.double(), b.double(), 1.0)
     # U = W·Aᵀ accumulates over d_in on tensor cores in fp32 (error ~ √d_in·2⁻²⁴ of its terms)
     assert_close(got, exact, rtol=4e-6, atol=0, what="factored norm")
