@@ -28,7 +28,7 @@ import torch
 from torch._library.triton import set_wrap_triton_enabled
 
 from dora_fused.kernels import compose_reference, factored_row_norm_torch
-from dora_fused.kernels.factored_norm import factored_row_norm_triton
+from dora_fused.kernels.factored_norm import factored_row_norm_reference, factored_row_norm_triton
 
 SHAPES = [(4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096)]  # (d_in, d_out)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -173,48 +173,104 @@ def bench_small(tokens: int) -> list[dict]:
     return rows
 
 
-# BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, num_warps, num_stages
+def _cfg(bm, bn, bk, nw, st, sub=None, chunk=1, split=None, squares=True, br=32):
+    """A ``_fused_norm_kernel`` config; ``chunk`` K steps per tensor-core accumulation, ``split`` K shares."""
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SUB_K=sub or bk // 2, CHUNK_STEPS=chunk, BLOCK_R=br)
+    cfg |= dict(num_warps=nw, num_stages=st)
+    if split:
+        cfg["SPLIT_K"] = split  # otherwise norm_splits picks
+    if not squares:
+        cfg["W_SQUARES"] = False
+    return cfg
+
+
 SWEEP = [  # 16-bit adapters, r > 64
-    (128, 128, 64, 32, 8, 3),
-    (128, 128, 128, 32, 8, 3),
-    (64, 128, 64, 32, 4, 4),
-    (128, 256, 64, 32, 8, 3),
-    (256, 128, 64, 32, 8, 3),
+    _cfg(128, 128, 128, 8, 3, split=1),  # one program per output tile, 128-column chunks
+    _cfg(128, 128, 128, 8, 3),
+    _cfg(128, 128, 64, 8, 4, sub=64, chunk=4),
+    _cfg(128, 128, 64, 8, 4, sub=64, chunk=16),
+    _cfg(128, 128, 64, 8, 4, sub=64, chunk=16, split=1),
+    _cfg(128, 128, 64, 8, 4, sub=64, chunk=256),  # one accumulation over the split
+    _cfg(128, 128, 64, 4, 4, sub=64, chunk=16),
+    _cfg(64, 128, 64, 4, 4, sub=64, chunk=16),
+    _cfg(128, 128, 64, 8, 4, sub=64, chunk=16, squares=False),
 ]
 SWEEP_TERMS = [  # fp32 adapters (three accumulators), r > 64
-    (128, 64, 64, 32, 8, 3),
-    (64, 64, 64, 32, 4, 3),
-    (128, 64, 32, 32, 8, 4),
-    (64, 128, 64, 32, 8, 3),
+    _cfg(128, 64, 64, 8, 3, split=1),  # 64-column chunks
+    _cfg(128, 64, 64, 8, 3),
+    _cfg(128, 64, 64, 8, 3, sub=64, chunk=4),
+    _cfg(128, 64, 64, 8, 3, sub=64, chunk=16),
+    _cfg(128, 64, 64, 8, 4, sub=64, chunk=16),
+    _cfg(64, 64, 64, 4, 4, sub=64, chunk=16),
+    _cfg(128, 64, 64, 8, 3, sub=64, chunk=256),
 ]
 SWEEP_SMALL_R = [
-    (bm, 16, bk, 16, nw, st) for bm, bk, nw, st in ((64, 128, 4, 3), (64, 256, 4, 3), (64, 128, 8, 4), (128, 128, 8, 4))
+    _cfg(64, 16, 256, 4, 3, split=1, br=16),  # 256-column chunks
+    _cfg(64, 16, 256, 4, 3, br=16),
+    _cfg(64, 16, 128, 4, 4, sub=128, chunk=8, br=16),
+    _cfg(64, 16, 128, 4, 4, sub=128, chunk=8, split=2, br=16),
+    _cfg(64, 16, 256, 4, 3, sub=256, chunk=4, br=16),
 ]
+
+
+_SHORT = dict(
+    BLOCK_M="M",
+    BLOCK_N="N",
+    BLOCK_K="K",
+    SUB_K="sub",
+    BLOCK_R="R",
+    SPLIT_K="split",
+    W_SQUARES="sq",
+    num_warps="w",
+    num_stages="s",
+)
+
+
+def _bounds(w, a, b) -> dict[str, object]:
+    """What the fused kernel competes with: cuBLAS's W·Aᵀ (one product per bf16 term of A) and a pass over W."""
+    terms = [a] if a.dtype == w.dtype else [a.bfloat16()] * 3
+    return {
+        "cuBLAS W·Aᵀ": lambda: [torch.mm(w, t.T, out_dtype=torch.float32) for t in terms],
+        "‖W‖² pass": lambda: torch.linalg.vector_norm(w, dim=1, dtype=torch.float32),
+        "torch factored": lambda: factored_row_norm_torch(w, a, b, 1.0),
+    }
 
 
 def bench_sweep() -> list[dict]:
+    """Tile configurations of the fused norm, with their error against fp64, next to cuBLAS bounds."""
     rows = []
     for (d_in, d_out), r, adapters in [
         ((8192, 8192), 384, "bf16"),
         ((14336, 4096), 384, "bf16"),
+        ((4096, 14336), 384, "bf16"),
         ((4096, 4096), 384, "bf16"),
         ((8192, 8192), 384, "fp32"),
         ((14336, 4096), 384, "fp32"),
+        ((4096, 4096), 384, "fp32"),
         ((8192, 8192), 16, "bf16"),
-        ((8192, 8192), 16, "fp32"),
+        ((4096, 4096), 16, "bf16"),
+        ((14336, 4096), 16, "fp32"),
     ]:
         adt = DTYPES[adapters]
-        w = torch.randn(d_out, d_in, device="cuda").bfloat16()
-        a, b = torch.randn(r, d_in, device="cuda").to(adt), torch.randn(d_out, r, device="cuda").to(adt)
+        gen = torch.Generator(device="cuda").manual_seed(r)
+        w = (torch.randn(d_out, d_in, device="cuda", generator=gen) / d_in**0.5).bfloat16()
+        a = (torch.randn(r, d_in, device="cuda", generator=gen) / d_in**0.5).to(adt)
+        b = (torch.randn(d_out, r, device="cuda", generator=gen) / r**0.5).to(adt)
+        exact = factored_row_norm_reference(w.double(), a.double(), b.double(), 1.0)
+        where = dict(op="sweep", shape=f"{d_in}->{d_out}", r=r, adapters=adapters)
+        for case, fn in _bounds(w, a, b).items():
+            rows.append(dict(where, config=case, **timed(fn, inner=3, reps=10)))
+            print(rows[-1], flush=True)
         configs = SWEEP_SMALL_R if r <= 64 else SWEEP_TERMS if adapters == "fp32" else SWEEP
-        for bm, bn, bk, br, nw, st in configs:
-            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, num_warps=nw, num_stages=st)
+        for cfg in configs:
             try:
                 with set_wrap_triton_enabled(False):  # plain launches, as inside the op
                     t = timed(lambda cfg=cfg: factored_row_norm_triton(w, a, b, 1.0, config=cfg), inner=3, reps=10)
+                    got = factored_row_norm_triton(w, a, b, 1.0, config=cfg)
+                t["err"] = ((got.double() - exact).abs() / exact).max().item()
             except Exception as error:  # out of shared memory / registers for this config
                 t = dict(ms=float("nan"), error=type(error).__name__)
-            rows.append(dict(op="sweep", shape=f"{d_in}->{d_out}", r=r, adapters=adapters, config=cfg, **t))
+            rows.append(dict(where, config=cfg, **t))
             print(rows[-1], flush=True)
     return rows
 
@@ -268,7 +324,11 @@ def main() -> None:
         elif r["op"] == "small":
             print(f"small {r['case']:6s} d={r['d']:4d} r={r['r']:2d} {r['adapters']}: {1000 * r['ms']:.1f} us")
         else:
-            print(f"sweep {r['shape']} r={r['r']} {r['adapters']} {r['config']}: {r['ms']:.3f} ms")
+            cfg = r["config"]
+            if isinstance(cfg, dict):
+                cfg = " ".join(f"{_SHORT[k]}{v}" for k, v in cfg.items())
+            err = f" err {r['err']:.1e}" if "err" in r else ""
+            print(f"sweep {r['shape']:11s} r={r['r']:3d} {r['adapters']}: {r['ms']:.3f} ms{err}  {cfg}")
 
 
 if __name__ == "__main__":

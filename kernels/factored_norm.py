@@ -34,6 +34,8 @@ fake implementation. The op has no autograd: DoRA detaches the norm
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -289,10 +291,27 @@ def _bf16_split_kernel(X, TERMS, rows, cols, stride_xr, stride_xc, BLOCK_R: tl.c
 
 
 @triton.jit
-def _chunk_dot(x0, x1, y0, y1):
-    """``[x0 x1] @ [y0; y1]`` as one tensor-core accumulation started from zero (two dots, so the
-    compiler does not fold the caller's add into the dot: long accumulations lose bits)."""
-    return tl.dot(x1, y1, tl.dot(x0, y0))
+def _norm_step(w_rows, a_cols, k0, k_hi, rmask, cmask, term_stride, stride_wi, stride_ak, c0, c1, c2, squares,
+               A_TERMS: tl.constexpr, W_SQUARES: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr):  # fmt: skip
+    """One ``BLOCK_K`` step of the main loop: ``c_t += W[:, k]·A_t[:, k]ᵀ`` in ``SUB_K``-wide dots, W's squares.
+
+    ``w_rows`` points at the tile's rows of W, ``a_cols`` at its rows of A's first
+    term (the next terms are ``term_stride`` further).
+    """
+    for step in tl.static_range(BLOCK_K // SUB_K):
+        ks = k0 + step * SUB_K + tl.arange(0, SUB_K)
+        kmask = ks < k_hi
+        w = tl.load(w_rows + ks[None, :] * stride_wi, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        a_ptr = a_cols + ks[:, None] * stride_ak
+        a_mask = cmask[None, :] & kmask[:, None]
+        c0 = tl.dot(w, tl.load(a_ptr, mask=a_mask, other=0.0), c0)
+        if A_TERMS == 3:
+            c1 = tl.dot(w, tl.load(a_ptr + term_stride, mask=a_mask, other=0.0), c1)
+            c2 = tl.dot(w, tl.load(a_ptr + 2 * term_stride, mask=a_mask, other=0.0), c2)
+        if W_SQUARES:
+            wf = w.to(tl.float32)
+            squares += wf * wf
+    return c0, c1, c2, squares
 
 
 @triton.jit
@@ -308,6 +327,7 @@ def _fused_norm_kernel(
     d_out,
     d_in,
     r,
+    k_per_split,
     scaling,
     stride_wo,
     stride_wi,
@@ -317,76 +337,85 @@ def _fused_norm_kernel(
     stride_br,
     A_TERMS: tl.constexpr,
     B_TERMS: tl.constexpr,
+    W_SQUARES: tl.constexpr,
     FINISH: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SUB_K: tl.constexpr,
+    CHUNK_STEPS: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """One ``[BLOCK_M rows, BLOCK_N of r]`` tile of the whole norm, with ``U`` never leaving registers::
+    """One ``[BLOCK_M rows, BLOCK_N of r]`` tile of the norm over one split of ``d_in``, ``U`` in registers::
 
-        PART[j, i] = Σ_{k in tile j} B_ik·(2s·U_ik + s²·(B·G)_ik),   U = W·Aᵀ
-        WSQ[i]     = ‖W_i‖²                       (column tile 0 only)
+        PART[split, j, i] = Σ_{k in tile j} B_ik·(2s·U_ik + s²·(B·G)_ik),   U = W[:, split]·A[:, split]ᵀ
+        WSQ[split, i]     = Σ_{k in split} W_ik²          (column tile 0, with ``W_SQUARES``)
 
-    The main loop is the tensor-core product ``W·Aᵀ`` over ``d_in`` with ``W``
-    read in its own dtype. ``A`` arrives as ``A_TERMS`` stacked terms of W's
-    dtype (``[A_TERMS·r, d_in]``, ``A = Σ_t A_t / A_SCALE``); each term has its
-    own accumulator, so the small terms' products are not rounded against the
-    large ones', and they are added smallest first at the end. Each
-    ``BLOCK_K`` chunk is one tensor-core accumulation from zero, added in fp32
-    (``_chunk_dot``).
+    ``U`` and ``‖W‖²`` are linear in the columns of ``d_in`` and the ``B·G`` term
+    in its ``r`` chunks, so split-K programs each take a share of both and the
+    finish kernel adds the shares in a fixed order (no atomics: deterministic).
+
+    The main loop is the tensor-core product ``W·Aᵀ`` with ``W`` read in its own
+    dtype. ``A`` arrives as ``A_TERMS`` stacked terms of W's dtype
+    (``[A_TERMS·r, d_in]``, ``A = Σ_t A_t / A_SCALE``); each term has its own
+    accumulator, so the small terms' products are not rounded against the large
+    ones', and they are added smallest first at the end. Each chunk of
+    ``CHUNK_STEPS·BLOCK_K`` columns is one tensor-core accumulation started from
+    zero, added to the running sum in fp32: long tensor-core accumulations lose
+    bits. With ``CHUNK_STEPS == 1`` a chunk is ``BLOCK_K // SUB_K >= 2`` chained
+    dots (one would let the compiler fold the fp32 add into the dot); longer
+    chunks are an inner loop, which the compiler pipelines in place of the outer.
     ``‖W_i‖²`` comes from the same W tiles (squares summed elementwise, reduced
-    once at the end: a second read of W from L2 was slower). The epilogue forms
-    ``B·G`` from G's three bf16 terms (``G [3, r, r]``) and ``B``'s ``B_TERMS``,
-    each ``BLOCK_R`` chunk one accumulation added in fp32, and reduces this
-    tile's columns. With one column tile (``FINISH``) it writes ``NORM``.
+    once at the end). The epilogue forms this split's share of ``B·G`` from G's
+    three bf16 terms (``G [3, r, r]``) and ``B``'s ``B_TERMS``, each ``BLOCK_R``
+    chunk one accumulation added in fp32, and reduces the tile's columns. With
+    one column tile and one split (``FINISH``) it writes ``NORM``.
     """
     s = tl.cast(scaling, tl.float32)  # Inductor passes Python floats as fp64
     pid_n = tl.program_id(0)  # column tiles vary fastest: programs sharing W's rows run together
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(2)
+    splits = tl.num_programs(2)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < d_out
     cmask = cols < r
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, d_in)
 
-    HALF: tl.constexpr = BLOCK_K // 2
     u0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     u1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     u2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    squares = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
-    for k0 in range(0, d_in, BLOCK_K):
-        ks0 = k0 + tl.arange(0, HALF)
-        ks1 = ks0 + HALF
-        w0 = tl.load(
-            W + rows[:, None] * stride_wo + ks0[None, :] * stride_wi,
-            mask=rmask[:, None] & (ks0 < d_in)[None, :],
-            other=0.0,
-        )
-        w1 = tl.load(
-            W + rows[:, None] * stride_wo + ks1[None, :] * stride_wi,
-            mask=rmask[:, None] & (ks1 < d_in)[None, :],
-            other=0.0,
-        )
-        a0 = A + cols[None, :] * stride_ar + ks0[:, None] * stride_ak
-        a1 = A + cols[None, :] * stride_ar + ks1[:, None] * stride_ak
-        m0 = cmask[None, :] & (ks0 < d_in)[:, None]
-        m1 = cmask[None, :] & (ks1 < d_in)[:, None]
-        u0 += _chunk_dot(w0, w1, tl.load(a0, mask=m0, other=0.0), tl.load(a1, mask=m1, other=0.0))
+    squares = tl.zeros([BLOCK_M, SUB_K], dtype=tl.float32)
+    CHUNK: tl.constexpr = BLOCK_K * CHUNK_STEPS
+    w_rows = W + rows[:, None] * stride_wo
+    a_cols = A + cols[None, :] * stride_ar
+    term_stride = r * stride_ar
+    for c_lo in range(k_lo, k_hi, CHUNK):
+        c0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        c1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        c2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if CHUNK_STEPS == 1:  # the loads stay in this loop, which the compiler pipelines
+            c0, c1, c2, squares = _norm_step(w_rows, a_cols, c_lo, k_hi, rmask, cmask, term_stride, stride_wi,
+                                             stride_ak, c0, c1, c2, squares, A_TERMS, W_SQUARES, BLOCK_K,
+                                             SUB_K)  # fmt: skip
+        else:  # the inner loop is pipelined; its squares start from zero too (a two-level sum)
+            chunk_squares = tl.zeros([BLOCK_M, SUB_K], dtype=tl.float32)
+            for k0 in range(c_lo, tl.minimum(c_lo + CHUNK, k_hi), BLOCK_K):
+                c0, c1, c2, chunk_squares = _norm_step(w_rows, a_cols, k0, k_hi, rmask, cmask, term_stride, stride_wi,
+                                                       stride_ak, c0, c1, c2, chunk_squares, A_TERMS, W_SQUARES,
+                                                       BLOCK_K, SUB_K)  # fmt: skip
+            squares += chunk_squares
+        u0 += c0
         if A_TERMS == 3:
-            t1 = r * stride_ar
-            u1 += _chunk_dot(w0, w1, tl.load(a0 + t1, mask=m0, other=0.0), tl.load(a1 + t1, mask=m1, other=0.0))
-            t2 = 2 * r * stride_ar
-            u2 += _chunk_dot(w0, w1, tl.load(a0 + t2, mask=m0, other=0.0), tl.load(a1 + t2, mask=m1, other=0.0))
-        w0f = w0.to(tl.float32)
-        w1f = w1.to(tl.float32)
-        squares += w0f * w0f + w1f * w1f
-    w_squared = tl.sum(squares, axis=1)
+            u1 += c1
+            u2 += c2
     u = u0
     if A_TERMS == 3:
         u = (u2 + u1) + u0
     u = u / tl.load(A_SCALE)
 
     bg = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, r, BLOCK_R):
+    for k0 in range(split * BLOCK_R, r, splits * BLOCK_R):
         ks = k0 + tl.arange(0, BLOCK_R)
         kmask = ks < r
         b_k = tl.load(
@@ -404,22 +433,43 @@ def _fused_norm_kernel(
     ).to(tl.float32)
     partial = tl.sum(b * ((2.0 * s) * u + (s * s) * bg), axis=1)
     if FINISH:
+        w_squared = tl.sum(squares, axis=1)
         tl.store(NORM + rows, tl.sqrt_rn(tl.maximum(w_squared + partial, 0.0)), mask=rmask)
     else:
-        tl.store(PART + pid_n * d_out + rows, partial, mask=rmask)
-        if pid_n == 0:
-            tl.store(WSQ + rows, w_squared, mask=rmask)
+        tl.store(PART + (split * tl.num_programs(0) + pid_n) * d_out + rows, partial, mask=rmask)
+        if W_SQUARES:
+            if pid_n == 0:
+                tl.store(WSQ + split * d_out + rows, tl.sum(squares, axis=1), mask=rmask)
 
 
 @triton.jit
-def _norm_finish_kernel(WSQ, PART, NORM, d_out, parts, BLOCK: tl.constexpr):
-    """``NORM = sqrt(max(WSQ + Σ_j PART[j], 0))``, the column tiles added in a fixed order."""
+def _row_squares_kernel(W, WSQ, d_out, d_in, stride_wo, stride_wi, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``WSQ[i] = Σ_k W_ik²`` in fp32 (``‖W‖²`` in its own pass, for ``W_SQUARES=False``)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < d_out
+    squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, d_in, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(
+            W + rows[:, None] * stride_wo + ks[None, :] * stride_wi,
+            mask=rmask[:, None] & (ks < d_in)[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        squares += w * w
+    tl.store(WSQ + rows, tl.sum(squares, axis=1), mask=rmask)
+
+
+@triton.jit
+def _norm_finish_kernel(WSQ, PART, NORM, d_out, wsq_parts, parts, BLOCK: tl.constexpr):
+    """``NORM = sqrt(max(Σ_j WSQ[j] + Σ_j PART[j], 0))``, the shares added in a fixed order."""
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < d_out
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for j in range(0, parts):
         total += tl.load(PART + j * d_out + offsets, mask=mask, other=0.0)
-    w_squared = tl.load(WSQ + offsets, mask=mask, other=0.0)
+    w_squared = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in range(0, wsq_parts):
+        w_squared += tl.load(WSQ + j * d_out + offsets, mask=mask, other=0.0)
     tl.store(NORM + offsets, tl.sqrt_rn(tl.maximum(w_squared + total, 0.0)), mask=mask)
 
 
@@ -532,12 +582,43 @@ def gram_triton(lora_A: Tensor) -> Tensor:
 
 
 def norm_config(r: int, a_terms: int) -> dict[str, int]:
-    """Tile sizes of ``_fused_norm_kernel`` (H100 sweep, ``benchmarks/ops.py --parts sweep``)."""
+    """Tile sizes of ``_fused_norm_kernel`` (H100 sweep, ``benchmarks/ops.py --parts sweep``).
+
+    ``SPLIT_K`` is left to ``norm_splits`` unless a config names it.
+    """
     if r <= 64:  # streaming W dominates: one column tile, long K steps
-        return dict(BLOCK_M=64, BLOCK_N=max(16, triton.next_power_of_2(r)), BLOCK_K=256, BLOCK_R=16, num_warps=4)
+        n = max(16, triton.next_power_of_2(r))
+        return dict(BLOCK_M=64, BLOCK_N=n, BLOCK_K=256, SUB_K=128, BLOCK_R=16, num_warps=4)
     if a_terms == 3:  # three accumulators
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, BLOCK_R=32, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, BLOCK_R=32, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, SUB_K=32, BLOCK_R=32, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SUB_K=64, BLOCK_R=32, num_warps=8, num_stages=3)
+
+
+_MIN_SPLIT_K = 1024  # columns of d_in per split at least: each split pays the epilogue and a partial sum
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter: one split unless a config asks for more
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def norm_splits(tiles: int, d_in: int, multiprocessors: int) -> int:
+    """Split-K count for ``tiles`` output tiles: the fewest splits that minimize waves per unit of work.
+
+    A program's time is its share of ``d_in``, so ``splits`` programs per tile take
+    ``ceil(tiles·splits / SMs) / splits`` full-tile wave times: 192 tiles on 132
+    SMs are two waves at ``splits = 1`` (the second 45% full) and 1.5 at 2.
+    """
+    best, best_waves = 1, float(-(-tiles // multiprocessors))
+    for splits in range(2, 9):
+        if d_in < splits * _MIN_SPLIT_K:
+            break
+        waves = -(-tiles * splits // multiprocessors) / splits
+        if waves < best_waves - 1e-9:
+            best, best_waves = splits, waves
+    return best if multiprocessors > 1 else 1
 
 
 def factored_row_norm_triton(
@@ -550,13 +631,16 @@ def factored_row_norm_triton(
     - an fp32 ``A`` under a 16-bit ``W``: its exact 16-bit terms (``adapter_terms``);
     - ``_fused_norm_kernel``: ``U = W·Aᵀ`` on tensor cores, ``W`` read once in its
       own dtype, ``‖W‖²`` from the same tiles, ``B·G`` and the row sums in the
-      epilogue. ``U`` and ``B·G`` never reach memory;
-    - where ``r`` spans several column tiles, a small kernel adds their sums in a
-      fixed order, clamps and takes a correctly rounded square root.
+      epilogue. ``U`` and ``B·G`` never reach memory. Split-K (``norm_splits``)
+      where the output tiles alone leave SMs idle for part of a wave;
+    - where ``r`` spans several column tiles or ``d_in`` several splits, a small
+      kernel adds their sums in a fixed order, clamps and takes a correctly
+      rounded square root.
 
     Working memory: A's terms (fp32 adapters), the Gram's partials and terms
-    (``O(r²)``), one fp32 partial sum per row and column tile.
-    ``config`` overrides ``norm_config`` (benchmarks, tests).
+    (``O(r²)``), one fp32 partial sum per row, column tile and split.
+    ``config`` overrides ``norm_config`` (benchmarks, tests); its ``SPLIT_K``
+    overrides ``norm_splits`` and ``W_SQUARES=False`` takes ``‖W‖²`` in a pass of its own.
     """
     if not triton_supports_norm(weight, lora_A, lora_B):
         raise ValueError(f"the Triton norm takes a bf16/fp16 weight and 16/32-bit adapters, not {weight.dtype}")
@@ -566,12 +650,26 @@ def factored_row_norm_triton(
     a_count = a_terms.shape[0] // r
     gram_terms = gram_terms_triton(lora_A)
     cfg = dict(config) if config is not None else norm_config(r, a_count)
+    cfg.setdefault("SUB_K", cfg["BLOCK_K"] // 2)
+    cfg.setdefault("CHUNK_STEPS", 1)
+    if cfg["CHUNK_STEPS"] == 1 and cfg["BLOCK_K"] < 2 * cfg["SUB_K"]:
+        raise ValueError("a one-step chunk needs two SUB_K dots in BLOCK_K (one would fold into the fp32 sum)")
+    fused_squares = cfg.pop("W_SQUARES", True)
     parts = triton.cdiv(r, cfg["BLOCK_N"])
+    row_tiles = triton.cdiv(d_out, cfg["BLOCK_M"])
+    splits = cfg.pop("SPLIT_K", None) or norm_splits(parts * row_tiles, d_in, _multiprocessors(weight.device))
+    k_per_split = triton.cdiv(triton.cdiv(d_in, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    splits = triton.cdiv(d_in, k_per_split)  # rounding up the share may leave fewer
     norm = torch.empty(d_out, dtype=torch.float32, device=weight.device)
-    finish = parts == 1
-    partial = norm if finish else torch.empty(parts, d_out, dtype=torch.float32, device=weight.device)
-    w_squared = norm if finish else torch.empty(d_out, dtype=torch.float32, device=weight.device)
-    wrap_triton(_fused_norm_kernel)[(parts, triton.cdiv(d_out, cfg["BLOCK_M"]))](
+    finish = parts == 1 and splits == 1 and fused_squares
+    partial = norm if finish else torch.empty(splits * parts, d_out, dtype=torch.float32, device=weight.device)
+    wsq_parts = splits if fused_squares else 1
+    w_squared = norm if finish else torch.empty(wsq_parts, d_out, dtype=torch.float32, device=weight.device)
+    if not fused_squares:
+        wrap_triton(_row_squares_kernel)[(triton.cdiv(d_out, 4),)](
+            weight, w_squared, d_out, d_in, weight.stride(0), weight.stride(1), BLOCK_M=4, BLOCK_K=512
+        )
+    wrap_triton(_fused_norm_kernel)[(parts, row_tiles, splits)](
         weight,
         a_terms,
         scale,
@@ -583,6 +681,7 @@ def factored_row_norm_triton(
         d_out,
         d_in,
         r,
+        k_per_split,
         scaling,
         weight.stride(0),
         weight.stride(1),
@@ -592,12 +691,13 @@ def factored_row_norm_triton(
         lora_B.stride(1),
         A_TERMS=a_count,
         B_TERMS=_TERMS[lora_B.dtype],
+        W_SQUARES=fused_squares,
         FINISH=finish,
         **cfg,
     )
     if not finish:
         wrap_triton(_norm_finish_kernel)[(triton.cdiv(d_out, 1024),)](
-            w_squared, partial, norm, d_out, parts, BLOCK=1024
+            w_squared, partial, norm, d_out, wsq_parts, splits * parts, BLOCK=1024
         )
     return norm
 

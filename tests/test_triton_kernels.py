@@ -82,8 +82,24 @@ def _assert_fp32_level(got, w, a, b, s):
         dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, BLOCK_R=16, num_warps=4),  # three column tiles, then the finish
         dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_R=32, num_warps=4),  # two ragged column tiles
         dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, BLOCK_R=16, num_warps=4),  # one tile: the kernel finishes itself
+        dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, BLOCK_R=16, SPLIT_K=3, num_warps=4),  # d_in and B·G in 3 shares
+        dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, SUB_K=16, BLOCK_R=16, SPLIT_K=2, num_warps=4),  # 4 dots a chunk
+        dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, BLOCK_R=16, W_SQUARES=False, num_warps=4),  # ‖W‖² in its own pass
+        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, BLOCK_R=16, SPLIT_K=5, W_SQUARES=False, num_warps=4),
+        dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, SUB_K=16, CHUNK_STEPS=3, BLOCK_R=16, num_warps=4),  # 48-col chunks
+        dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SUB_K=16, CHUNK_STEPS=2, SPLIT_K=2, BLOCK_R=16, num_warps=4),
     ],
-    ids=["3-tiles", "2-tiles", "1-tile"],
+    ids=[
+        "3-tiles",
+        "2-tiles",
+        "1-tile",
+        "split-3",
+        "split-2-sub-4",
+        "own-squares",
+        "split-5-own-squares",
+        "chunk-3",
+        "chunk-2-split-2",
+    ],
 )
 @pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
 def test_norm_kernel_tilings(device, config, dtype, adapter_dtype):
@@ -214,3 +230,19 @@ def test_triton_dtype_support():
     assert not factored_norm.triton_supports_norm(*(torch.ones(2, 2),) * 3)  # an fp32 W: plain torch
     with pytest.raises(ValueError, match="bf16/fp16 weight"):
         factored_row_norm_triton(*(torch.ones(2, 2),) * 3, 1.0)
+
+
+def test_norm_splits_fill_the_last_wave():
+    """Split-K only where it shortens the waves, and never below _MIN_SPLIT_K columns a split."""
+    assert factored_norm.norm_splits(192, 8192, 132) == 2  # 2 waves (the second 45% full) → 1.5
+    assert factored_norm.norm_splits(96, 14336, 132) == 4  # 0.73 of one wave → 384 programs, 3 waves of 4
+    assert factored_norm.norm_splits(264, 8192, 132) == 1  # already two full waves
+    assert factored_norm.norm_splits(96, 1500, 132) == 1  # d_in too short to share
+    assert factored_norm.norm_splits(5, 8192, 1) == 1  # the interpreter
+
+
+def test_norm_config_needs_two_dots_a_chunk():
+    """One dot per chunk would let the compiler fold the fp32 add into one long tensor-core sum."""
+    w = torch.ones(4, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="two SUB_K dots"):
+        factored_row_norm_triton(w, torch.ones(2, 8), torch.ones(4, 2), 1.0, config=dict(BLOCK_K=32, SUB_K=32))
