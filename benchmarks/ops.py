@@ -173,43 +173,39 @@ def bench_small(tokens: int) -> list[dict]:
     return rows
 
 
-def _cfg(bm, bn, bk, nw, st, sub=None, chunk=1, split=None, squares=True, br=32):
-    """A ``_fused_norm_kernel`` config; ``chunk`` K steps per tensor-core accumulation, ``split`` K shares."""
-    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SUB_K=sub or bk // 2, CHUNK_STEPS=chunk, BLOCK_R=br)
-    cfg |= dict(num_warps=nw, num_stages=st)
+def _cfg(bm, bn, bk, nw, st, sub=None, split=None, squares=True, cublas=False, br=32):
+    """A ``_fused_norm_kernel`` config: ``split`` K shares, ``cublas``: U from a cuBLAS product."""
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SUB_K=sub or bk // 2, BLOCK_R=br, num_warps=nw, num_stages=st)
     if split:
         cfg["SPLIT_K"] = split  # otherwise norm_splits picks
     if not squares:
         cfg["W_SQUARES"] = False
+    if cublas:
+        cfg["U_FROM"] = "cublas"
     return cfg
 
 
 SWEEP = [  # 16-bit adapters, r > 64
-    _cfg(128, 128, 128, 8, 3, split=1),  # one program per output tile, 128-column chunks
+    _cfg(128, 128, 128, 8, 3, split=1),  # one program per output tile
     _cfg(128, 128, 128, 8, 3),
-    _cfg(128, 128, 64, 8, 4, sub=64, chunk=4),
-    _cfg(128, 128, 64, 8, 4, sub=64, chunk=16),
-    _cfg(128, 128, 64, 8, 4, sub=64, chunk=16, split=1),
-    _cfg(128, 128, 64, 8, 4, sub=64, chunk=256),  # one accumulation over the split
-    _cfg(128, 128, 64, 4, 4, sub=64, chunk=16),
-    _cfg(64, 128, 64, 4, 4, sub=64, chunk=16),
-    _cfg(128, 128, 64, 8, 4, sub=64, chunk=16, squares=False),
+    _cfg(64, 128, 64, 4, 2, cublas=True),
+    _cfg(128, 128, 64, 8, 2, cublas=True),
+    _cfg(64, 64, 64, 4, 2, cublas=True),
+    _cfg(32, 128, 64, 4, 2, cublas=True),
 ]
 SWEEP_TERMS = [  # fp32 adapters (three accumulators), r > 64
-    _cfg(128, 64, 64, 8, 3, split=1),  # 64-column chunks
+    _cfg(128, 64, 64, 8, 3, split=1),
     _cfg(128, 64, 64, 8, 3),
-    _cfg(128, 64, 64, 8, 3, sub=64, chunk=4),
-    _cfg(128, 64, 64, 8, 3, sub=64, chunk=16),
-    _cfg(128, 64, 64, 8, 4, sub=64, chunk=16),
-    _cfg(64, 64, 64, 4, 4, sub=64, chunk=16),
-    _cfg(128, 64, 64, 8, 3, sub=64, chunk=256),
+    _cfg(64, 128, 64, 4, 2, cublas=True),
+    _cfg(128, 128, 64, 8, 2, cublas=True),
+    _cfg(64, 64, 64, 4, 2, cublas=True),
+    _cfg(32, 64, 64, 4, 2, cublas=True),
 ]
 SWEEP_SMALL_R = [
-    _cfg(64, 16, 256, 4, 3, split=1, br=16),  # 256-column chunks
+    _cfg(64, 16, 256, 4, 3, split=1, br=16),
     _cfg(64, 16, 256, 4, 3, br=16),
-    _cfg(64, 16, 128, 4, 4, sub=128, chunk=8, br=16),
-    _cfg(64, 16, 128, 4, 4, sub=128, chunk=8, split=2, br=16),
-    _cfg(64, 16, 256, 4, 3, sub=256, chunk=4, br=16),
+    _cfg(64, 16, 64, 4, 2, cublas=True, br=16),
+    _cfg(128, 16, 64, 4, 2, cublas=True, br=16),
 ]
 
 
@@ -221,6 +217,7 @@ _SHORT = dict(
     BLOCK_R="R",
     SPLIT_K="split",
     W_SQUARES="sq",
+    U_FROM="U:",
     num_warps="w",
     num_stages="s",
 )

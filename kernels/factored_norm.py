@@ -291,36 +291,13 @@ def _bf16_split_kernel(X, TERMS, rows, cols, stride_xr, stride_xc, BLOCK_R: tl.c
 
 
 @triton.jit
-def _norm_step(w_rows, a_cols, k0, k_hi, rmask, cmask, term_stride, stride_wi, stride_ak, c0, c1, c2, squares,
-               A_TERMS: tl.constexpr, W_SQUARES: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr):  # fmt: skip
-    """One ``BLOCK_K`` step of the main loop: ``c_t += W[:, k]·A_t[:, k]ᵀ`` in ``SUB_K``-wide dots, W's squares.
-
-    ``w_rows`` points at the tile's rows of W, ``a_cols`` at its rows of A's first
-    term (the next terms are ``term_stride`` further).
-    """
-    for step in tl.static_range(BLOCK_K // SUB_K):
-        ks = k0 + step * SUB_K + tl.arange(0, SUB_K)
-        kmask = ks < k_hi
-        w = tl.load(w_rows + ks[None, :] * stride_wi, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        a_ptr = a_cols + ks[:, None] * stride_ak
-        a_mask = cmask[None, :] & kmask[:, None]
-        c0 = tl.dot(w, tl.load(a_ptr, mask=a_mask, other=0.0), c0)
-        if A_TERMS == 3:
-            c1 = tl.dot(w, tl.load(a_ptr + term_stride, mask=a_mask, other=0.0), c1)
-            c2 = tl.dot(w, tl.load(a_ptr + 2 * term_stride, mask=a_mask, other=0.0), c2)
-        if W_SQUARES:
-            wf = w.to(tl.float32)
-            squares += wf * wf
-    return c0, c1, c2, squares
-
-
-@triton.jit
 def _fused_norm_kernel(
     W,
     A,
     A_SCALE,
     B,
     G,
+    U,
     WSQ,
     PART,
     NORM,
@@ -335,15 +312,16 @@ def _fused_norm_kernel(
     stride_ak,
     stride_bo,
     stride_br,
+    stride_uo,
     A_TERMS: tl.constexpr,
     B_TERMS: tl.constexpr,
+    U_IN: tl.constexpr,
     W_SQUARES: tl.constexpr,
     FINISH: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SUB_K: tl.constexpr,
-    CHUNK_STEPS: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
     """One ``[BLOCK_M rows, BLOCK_N of r]`` tile of the norm over one split of ``d_in``, ``U`` in registers::
@@ -359,17 +337,17 @@ def _fused_norm_kernel(
     dtype. ``A`` arrives as ``A_TERMS`` stacked terms of W's dtype
     (``[A_TERMS·r, d_in]``, ``A = Σ_t A_t / A_SCALE``); each term has its own
     accumulator, so the small terms' products are not rounded against the large
-    ones', and they are added smallest first at the end. Each chunk of
-    ``CHUNK_STEPS·BLOCK_K`` columns is one tensor-core accumulation started from
-    zero, added to the running sum in fp32: long tensor-core accumulations lose
-    bits. With ``CHUNK_STEPS == 1`` a chunk is ``BLOCK_K // SUB_K >= 2`` chained
-    dots (one would let the compiler fold the fp32 add into the dot); longer
-    chunks are an inner loop, which the compiler pipelines in place of the outer.
+    ones', and they are added smallest first at the end. Each ``BLOCK_K`` chunk
+    is one tensor-core accumulation started from zero (``BLOCK_K // SUB_K >= 2``
+    chained dots, so the compiler cannot fold the fp32 add into the dot), added
+    to the running sum in fp32.
     ``‖W_i‖²`` comes from the same W tiles (squares summed elementwise, reduced
-    once at the end). The epilogue forms this split's share of ``B·G`` from G's
-    three bf16 terms (``G [3, r, r]``) and ``B``'s ``B_TERMS``, each ``BLOCK_R``
-    chunk one accumulation added in fp32, and reduces the tile's columns. With
-    one column tile and one split (``FINISH``) it writes ``NORM``.
+    once at the end). With ``U_IN`` the main loop is skipped: ``U``'s terms come
+    from memory (a cuBLAS product) and ``‖W‖²`` from ``_row_squares_kernel``.
+    The epilogue forms this split's share of ``B·G`` from G's three bf16 terms
+    (``G [3, r, r]``) and ``B``'s ``B_TERMS``, each ``BLOCK_R`` chunk one
+    accumulation added in fp32, and reduces the tile's columns. With one column
+    tile and one split (``FINISH``) it writes ``NORM``.
     """
     s = tl.cast(scaling, tl.float32)  # Inductor passes Python floats as fp64
     pid_n = tl.program_id(0)  # column tiles vary fastest: programs sharing W's rows run together
@@ -386,29 +364,38 @@ def _fused_norm_kernel(
     u1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     u2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     squares = tl.zeros([BLOCK_M, SUB_K], dtype=tl.float32)
-    CHUNK: tl.constexpr = BLOCK_K * CHUNK_STEPS
-    w_rows = W + rows[:, None] * stride_wo
-    a_cols = A + cols[None, :] * stride_ar
-    term_stride = r * stride_ar
-    for c_lo in range(k_lo, k_hi, CHUNK):
-        c0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        c1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        c2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if CHUNK_STEPS == 1:  # the loads stay in this loop, which the compiler pipelines
-            c0, c1, c2, squares = _norm_step(w_rows, a_cols, c_lo, k_hi, rmask, cmask, term_stride, stride_wi,
-                                             stride_ak, c0, c1, c2, squares, A_TERMS, W_SQUARES, BLOCK_K,
-                                             SUB_K)  # fmt: skip
-        else:  # the inner loop is pipelined; its squares start from zero too (a two-level sum)
-            chunk_squares = tl.zeros([BLOCK_M, SUB_K], dtype=tl.float32)
-            for k0 in range(c_lo, tl.minimum(c_lo + CHUNK, k_hi), BLOCK_K):
-                c0, c1, c2, chunk_squares = _norm_step(w_rows, a_cols, k0, k_hi, rmask, cmask, term_stride, stride_wi,
-                                                       stride_ak, c0, c1, c2, chunk_squares, A_TERMS, W_SQUARES,
-                                                       BLOCK_K, SUB_K)  # fmt: skip
-            squares += chunk_squares
-        u0 += c0
+    if U_IN:  # U's terms from memory, side by side ([d_out, A_TERMS·r]); split 0 adds them
+        u_tile = U + rows[:, None] * stride_uo + cols[None, :]
+        first = tl.full([BLOCK_M], split, tl.int32) == 0
+        u_mask = (rmask & first)[:, None] & cmask[None, :]
+        u0 = tl.load(u_tile, mask=u_mask, other=0.0)
         if A_TERMS == 3:
-            u1 += c1
-            u2 += c2
+            u1 = tl.load(u_tile + r, mask=u_mask, other=0.0)
+            u2 = tl.load(u_tile + 2 * r, mask=u_mask, other=0.0)
+    else:  # the main loop: one tensor-core accumulation from zero per BLOCK_K chunk, added in fp32
+        w_rows = W + rows[:, None] * stride_wo
+        a_cols = A + cols[None, :] * stride_ar
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            c0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            c1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            c2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for step in tl.static_range(BLOCK_K // SUB_K):
+                ks = k0 + step * SUB_K + tl.arange(0, SUB_K)
+                kmask = ks < k_hi
+                w = tl.load(w_rows + ks[None, :] * stride_wi, mask=rmask[:, None] & kmask[None, :], other=0.0)
+                a_tile = a_cols + ks[:, None] * stride_ak
+                a_mask = cmask[None, :] & kmask[:, None]
+                c0 = tl.dot(w, tl.load(a_tile, mask=a_mask, other=0.0), c0)
+                if A_TERMS == 3:
+                    c1 = tl.dot(w, tl.load(a_tile + r * stride_ar, mask=a_mask, other=0.0), c1)
+                    c2 = tl.dot(w, tl.load(a_tile + 2 * r * stride_ar, mask=a_mask, other=0.0), c2)
+                if W_SQUARES:
+                    wf = w.to(tl.float32)
+                    squares += wf * wf
+            u0 += c0
+            if A_TERMS == 3:
+                u1 += c1
+                u2 += c2
     u = u0
     if A_TERMS == 3:
         u = (u2 + u1) + u0
@@ -621,6 +608,16 @@ def norm_splits(tiles: int, d_in: int, multiprocessors: int) -> int:
     return best if multiprocessors > 1 else 1
 
 
+def _u_product(weight: Tensor, a_terms: Tensor) -> Tensor:
+    """``W·[A_0; A_1; …]ᵀ`` as one cuBLAS product with fp32 output ``[d_out, T·r]`` (each term's product apart).
+
+    Off CUDA (the interpreter's tests) the same exact 16-bit products, accumulated in fp32.
+    """
+    if weight.is_cuda:
+        return torch.mm(weight, a_terms.T, out_dtype=torch.float32)
+    return weight.float() @ a_terms.float().T
+
+
 def factored_row_norm_triton(
     weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, config: dict[str, int] | None = None
 ) -> Tensor:
@@ -651,13 +648,15 @@ def factored_row_norm_triton(
     gram_terms = gram_terms_triton(lora_A)
     cfg = dict(config) if config is not None else norm_config(r, a_count)
     cfg.setdefault("SUB_K", cfg["BLOCK_K"] // 2)
-    cfg.setdefault("CHUNK_STEPS", 1)
-    if cfg["CHUNK_STEPS"] == 1 and cfg["BLOCK_K"] < 2 * cfg["SUB_K"]:
-        raise ValueError("a one-step chunk needs two SUB_K dots in BLOCK_K (one would fold into the fp32 sum)")
-    fused_squares = cfg.pop("W_SQUARES", True)
+    if cfg["BLOCK_K"] < 2 * cfg["SUB_K"]:
+        raise ValueError("BLOCK_K must hold two SUB_K dots (one would fold the fp32 add into the dot)")
+    u_in = cfg.pop("U_FROM", "kernel") == "cublas"
+    fused_squares = cfg.pop("W_SQUARES", True) and not u_in
     parts = triton.cdiv(r, cfg["BLOCK_N"])
     row_tiles = triton.cdiv(d_out, cfg["BLOCK_M"])
-    splits = cfg.pop("SPLIT_K", None) or norm_splits(parts * row_tiles, d_in, _multiprocessors(weight.device))
+    splits = cfg.pop("SPLIT_K", None) or (
+        1 if u_in else norm_splits(parts * row_tiles, d_in, _multiprocessors(weight.device))
+    )
     k_per_split = triton.cdiv(triton.cdiv(d_in, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     splits = triton.cdiv(d_in, k_per_split)  # rounding up the share may leave fewer
     norm = torch.empty(d_out, dtype=torch.float32, device=weight.device)
@@ -669,12 +668,14 @@ def factored_row_norm_triton(
         wrap_triton(_row_squares_kernel)[(triton.cdiv(d_out, 4),)](
             weight, w_squared, d_out, d_in, weight.stride(0), weight.stride(1), BLOCK_M=4, BLOCK_K=512
         )
+    u = _u_product(weight, a_terms) if u_in else norm  # (a placeholder pointer when the kernel forms U)
     wrap_triton(_fused_norm_kernel)[(parts, row_tiles, splits)](
         weight,
         a_terms,
         scale,
         lora_B,
         gram_terms,
+        u,
         w_squared,
         partial,
         norm,
@@ -689,8 +690,10 @@ def factored_row_norm_triton(
         a_terms.stride(1),
         lora_B.stride(0),
         lora_B.stride(1),
+        u.stride(0),
         A_TERMS=a_count,
         B_TERMS=_TERMS[lora_B.dtype],
+        U_IN=u_in,
         W_SQUARES=fused_squares,
         FINISH=finish,
         **cfg,

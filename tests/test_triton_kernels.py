@@ -86,8 +86,8 @@ def _assert_fp32_level(got, w, a, b, s):
         dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, SUB_K=16, BLOCK_R=16, SPLIT_K=2, num_warps=4),  # 4 dots a chunk
         dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, BLOCK_R=16, W_SQUARES=False, num_warps=4),  # ‖W‖² in its own pass
         dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, BLOCK_R=16, SPLIT_K=5, W_SQUARES=False, num_warps=4),
-        dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, SUB_K=16, CHUNK_STEPS=3, BLOCK_R=16, num_warps=4),  # 48-col chunks
-        dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SUB_K=16, CHUNK_STEPS=2, SPLIT_K=2, BLOCK_R=16, num_warps=4),
+        dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK_R=16, U_FROM="cublas", num_warps=4),  # U from a product
+        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, BLOCK_R=16, U_FROM="cublas", SPLIT_K=2, num_warps=4),  # B·G shared
     ],
     ids=[
         "3-tiles",
@@ -97,8 +97,8 @@ def _assert_fp32_level(got, w, a, b, s):
         "split-2-sub-4",
         "own-squares",
         "split-5-own-squares",
-        "chunk-3",
-        "chunk-2-split-2",
+        "u-in",
+        "u-in-split-2",
     ],
 )
 @pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
