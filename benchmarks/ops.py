@@ -189,23 +189,17 @@ SWEEP = [  # 16-bit adapters, r > 64
     _cfg(128, 128, 128, 8, 3, split=1),  # one program per output tile
     _cfg(128, 128, 128, 8, 3),
     _cfg(64, 128, 64, 4, 2, cublas=True),
-    _cfg(128, 128, 64, 8, 2, cublas=True),
     _cfg(64, 64, 64, 4, 2, cublas=True),
-    _cfg(32, 128, 64, 4, 2, cublas=True),
 ]
 SWEEP_TERMS = [  # fp32 adapters (three accumulators), r > 64
-    _cfg(128, 64, 64, 8, 3, split=1),
     _cfg(128, 64, 64, 8, 3),
     _cfg(64, 128, 64, 4, 2, cublas=True),
-    _cfg(128, 128, 64, 8, 2, cublas=True),
     _cfg(64, 64, 64, 4, 2, cublas=True),
-    _cfg(32, 64, 64, 4, 2, cublas=True),
 ]
 SWEEP_SMALL_R = [
     _cfg(64, 16, 256, 4, 3, split=1, br=16),
     _cfg(64, 16, 256, 4, 3, br=16),
     _cfg(64, 16, 64, 4, 2, cublas=True, br=16),
-    _cfg(128, 16, 64, 4, 2, cublas=True, br=16),
 ]
 
 
@@ -231,6 +225,37 @@ def _bounds(w, a, b) -> dict[str, object]:
         "‖W‖² pass": lambda: torch.linalg.vector_norm(w, dim=1, dtype=torch.float32),
         "torch factored": lambda: factored_row_norm_torch(w, a, b, 1.0),
     }
+
+
+def bench_parts() -> list[dict]:
+    """The norm's launches one by one (default config), to see where its time goes."""
+    from dora_fused.kernels import factored_norm as fn
+
+    rows = []
+    for (d_in, d_out), r, adapters in [
+        ((8192, 8192), 384, "bf16"),
+        ((8192, 8192), 384, "fp32"),
+        ((14336, 4096), 384, "fp32"),
+        ((8192, 8192), 16, "bf16"),
+    ]:
+        adt = DTYPES[adapters]
+        w = (torch.randn(d_out, d_in, device="cuda") / d_in**0.5).bfloat16()
+        a = (torch.randn(r, d_in, device="cuda") / d_in**0.5).to(adt)
+        b = (torch.randn(d_out, r, device="cuda") / r**0.5).to(adt)
+        a_terms, scale = fn.adapter_terms(a, w.dtype)
+        cases = {
+            "whole op": lambda: fn.factored_row_norm_triton(w, a, b, 1.0),
+            "adapter_terms": lambda: fn.adapter_terms(a, w.dtype),
+            "gram_terms": lambda: fn.gram_terms(a_terms, scale, r),
+            "U product (cuBLAS)": lambda: fn._products(w, a_terms),
+            "row_squares_triton": lambda: fn.row_squares_triton(w),
+        }
+        for case, f in cases.items():
+            with set_wrap_triton_enabled(False):
+                t = timed(f, inner=3, reps=10)
+            rows.append(dict(op="sweep", shape=f"{d_in}->{d_out}", r=r, adapters=adapters, config=case, **t))
+            print(rows[-1], flush=True)
+    return rows
 
 
 def bench_sweep() -> list[dict]:
@@ -276,13 +301,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--ranks", default="16,384")
-    parser.add_argument("--parts", default="compose,norm,small", help="any of compose,norm,small,sweep")
+    parser.add_argument("--parts", default="compose,norm,small", help="any of compose,norm,small,sweep,parts")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     parts = args.parts.split(",")
     copy_gbs = copy_bandwidth()
     print(f"copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
     rows: list[dict] = []
+    if "parts" in parts:
+        rows += bench_parts()
     if "sweep" in parts:
         rows += bench_sweep()
     if "compose" in parts:

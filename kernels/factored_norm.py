@@ -34,6 +34,7 @@ fake implementation. The op has no autograd: DoRA detaches the norm
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -53,9 +54,9 @@ __all__ = [
     "factored_row_norm_torch",
     "factored_row_norm_triton",
     "gram_fp32",
-    "gram_splits",
-    "gram_terms_triton",
+    "gram_terms",
     "gram_triton",
+    "norm_plan",
     "split_terms",
     "triton_supports_norm",
 ]
@@ -211,66 +212,26 @@ def _dot_terms(x0, x1, x2, y0, y1, y2, acc, X_TERMS: tl.constexpr, Y_TERMS: tl.c
 
 
 @triton.jit
-def _split_dot(x, y, acc, X_TERMS: tl.constexpr, Y_TERMS: tl.constexpr):
-    """``acc + x @ y`` for ``x [M, K]``, ``y [K, N]``; ``X_TERMS == 0`` means a native 16-bit dot."""
-    if X_TERMS == 0:
-        return tl.dot(x, y, acc)
-    x0, x1, x2 = _bf16_terms(x, X_TERMS)
-    y0, y1, y2 = _bf16_terms(y, Y_TERMS)
-    return _dot_terms(x0, x1, x2, y0, y1, y2, acc, X_TERMS, Y_TERMS)
+def _gram_combine_kernel(P, SCALE, G_TERMS, r, TERMS: tl.constexpr, BLOCK: tl.constexpr):
+    """``G = Σ_ij P_ij / SCALE²`` (smallest orders first) as three bf16 terms ``[3, r, r]``.
 
-
-@triton.jit
-def _gram_partial_kernel(
-    A,
-    PARTIAL,
-    r,
-    d_in,
-    k_per_split,
-    stride_ar,
-    stride_ak,
-    A_TERMS: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """``PARTIAL[split]``'s ``[BLOCK_R, BLOCK_R]`` tile of ``A[:, K_split] · A[:, K_split]ᵀ`` (fp32).
-
-    Tensor cores multiply; each ``BLOCK_K`` chunk is one tensor-core
-    accumulation started from zero (two half-chunk dots, so the compiler keeps
-    the add below instead of folding it into the dot), added to the running sum
-    in fp32. Long tensor-core accumulations lose bits (see ``gram_fp32``); these
-    cover one chunk.
+    ``P = [A_0; A_1; …]·[A_0; A_1; …]ᵀ`` is ``[TERMS·r, TERMS·r]``: block ``P_ij``
+    is ``A_i·A_jᵀ``. ``SCALE`` is a power of two, so dividing by its square is exact.
     """
-    HALF: tl.constexpr = BLOCK_K // 2
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    split = tl.program_id(2)
-    k_start = split * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, d_in)
-    acc = tl.zeros([BLOCK_R, BLOCK_R], dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        part = tl.zeros([BLOCK_R, BLOCK_R], dtype=tl.float32)
-        for h in tl.static_range(2):
-            ks = k0 + h * HALF + tl.arange(0, HALF)
-            x_mask = (rows < r)[:, None] & (ks < k_end)[None, :]
-            y_mask = (cols < r)[None, :] & (ks < k_end)[:, None]
-            x = tl.load(A + rows[:, None] * stride_ar + ks[None, :] * stride_ak, mask=x_mask, other=0.0)
-            y = tl.load(A + cols[None, :] * stride_ar + ks[:, None] * stride_ak, mask=y_mask, other=0.0)
-            part = _split_dot(x, y, part, A_TERMS, A_TERMS)
-        acc += part
-    out = PARTIAL + split * r * r + rows[:, None] * r + cols[None, :]
-    tl.store(out, acc, mask=(rows < r)[:, None] & (cols < r)[None, :])
-
-
-@triton.jit
-def _gram_terms_kernel(PARTIAL, G_TERMS, size, splits, BLOCK: tl.constexpr):
-    """``G = Σ_split PARTIAL[split]`` in a fixed order (deterministic), stored as three bf16 terms."""
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < size
+    mask = offsets < r * r
+    i = offsets // r
+    j = offsets % r
+    width = TERMS * r
     g = tl.zeros([BLOCK], dtype=tl.float32)
-    for split in range(0, splits):
-        g += tl.load(PARTIAL + split * size + offsets, mask=mask, other=0.0)
-    g0, g1, g2 = _bf16_terms(g, 3)
+    for order in tl.static_range(2 * TERMS - 2, -1, -1):  # i + j == order, largest order (smallest terms) first
+        for ti in tl.static_range(TERMS):
+            tj = order - ti
+            if tj >= 0 and tj < TERMS:
+                g += tl.load(P + (ti * r + i) * width + tj * r + j, mask=mask, other=0.0)
+    s = tl.load(SCALE)
+    g0, g1, g2 = _bf16_terms(g / (s * s), 3)
+    size = r * r
     tl.store(G_TERMS + offsets, g0, mask=mask)
     tl.store(G_TERMS + size + offsets, g1, mask=mask)
     tl.store(G_TERMS + 2 * size + offsets, g2, mask=mask)
@@ -509,62 +470,38 @@ def bf16_terms_triton(x: Tensor) -> Tensor:
 
 
 def gram_fp32(lora_A: Tensor) -> Tensor:
-    """``G = A·Aᵀ`` as an fp32 product (the reference for ``gram_triton``).
-
-    Measured on an H100: one tensor-core product with fp32 output accumulates
-    over all of ``d_in`` with a relative error near 1e-5 of max(G) at d_in = 4096,
-    which made the norm 3x less accurate than fp32 at r = 384.
-    """
+    """``G = A·Aᵀ`` as an fp32 product (the reference for ``gram_triton``)."""
     a = lora_A.float()
     return a @ a.T
 
 
-_GRAM_PROGRAMS = 264  # about two programs per H100 SM: tiles x splits aims at this many
-_GRAM_MIN_SPLIT = 256  # columns of A per split at least
+def _products(x: Tensor, y: Tensor) -> Tensor:
+    """``x·yᵀ`` of 16-bit matrices with fp32 output: one cuBLAS call on CUDA (tensor cores, fp32
+    accumulation); off CUDA (the interpreter's tests) the same exact products accumulated in fp32."""
+    if x.is_cuda and _has_mm_out_dtype():
+        return torch.mm(x, y.T, out_dtype=torch.float32)
+    return x.float() @ y.float().T
 
 
-def gram_splits(r: int, d_in: int) -> int:
-    """How many split-K partials ``gram_terms_triton`` sums for an ``[r, d_in]`` A."""
-    tiles = triton.cdiv(r, 16 if r <= 16 else 32) ** 2
-    return max(1, min(triton.cdiv(_GRAM_PROGRAMS, tiles), triton.cdiv(d_in, _GRAM_MIN_SPLIT)))
-
-
-def gram_terms_triton(lora_A: Tensor) -> Tensor:
+def gram_terms(a_terms: Tensor, scale: Tensor, r: int) -> Tensor:
     """``G = A·Aᵀ`` at fp32 accuracy as three bf16 terms ``[3, r, r]`` (``G = Σ_t terms[t]``).
 
-    Two kernels: split-K partial products on tensor cores (fp32 adds between
-    short chunk accumulations; an fp32 ``A`` enters as three exact bf16 terms
-    per tile, keeping the products whose term orders add up to at most 2), then
-    the fixed-order sum of the splits, split into bf16 terms. Splits are added
-    only where the ``[r, r]`` tiles alone leave the GPU idle (small ``r``).
+    ``a_terms`` and ``scale`` are ``adapter_terms``'s (``A = Σ_t A_t / scale``).
+    One product of the stacked terms with themselves gives every ``A_i·A_jᵀ``
+    (fp32 output, ``[T·r, T·r]``); a small kernel adds them smallest first,
+    divides out the power-of-two ``scale²`` and splits ``G`` into bf16 terms.
     """
-    r, d_in = lora_A.shape
-    block_r = 16 if r <= 16 else 32
-    splits = gram_splits(r, d_in)
-    k_per_split = triton.cdiv(d_in, splits)
-    partial = torch.empty(splits, r, r, dtype=torch.float32, device=lora_A.device)
-    native = lora_A.dtype in (torch.bfloat16, torch.float16)
-    wrap_triton(_gram_partial_kernel)[(triton.cdiv(r, block_r), triton.cdiv(r, block_r), splits)](
-        lora_A,
-        partial,
-        r,
-        d_in,
-        k_per_split,
-        lora_A.stride(0),
-        lora_A.stride(1),
-        A_TERMS=0 if native else 3,
-        BLOCK_R=block_r,
-        BLOCK_K=64 if native else 32,
-        num_warps=4,
-    )
-    terms = torch.empty(3, r, r, dtype=torch.bfloat16, device=lora_A.device)
-    wrap_triton(_gram_terms_kernel)[(triton.cdiv(r * r, 1024),)](partial, terms, r * r, splits, BLOCK=1024)
+    pairs = _products(a_terms, a_terms)
+    terms = torch.empty(3, r, r, dtype=torch.bfloat16, device=a_terms.device)
+    count = a_terms.shape[0] // r
+    wrap_triton(_gram_combine_kernel)[(triton.cdiv(r * r, 1024),)](pairs, scale, terms, r, TERMS=count, BLOCK=1024)
     return terms
 
 
 def gram_triton(lora_A: Tensor) -> Tensor:
-    """``G = A·Aᵀ`` in fp32 from ``gram_terms_triton`` (tests and diagnostics)."""
-    terms = gram_terms_triton(lora_A).float()
+    """``G = A·Aᵀ`` in fp32 from ``gram_terms`` (tests and diagnostics)."""
+    a_terms, scale = adapter_terms(lora_A, torch.bfloat16 if lora_A.dtype == torch.float32 else lora_A.dtype)
+    terms = gram_terms(a_terms, scale, lora_A.shape[0]).float()
     return (terms[2] + terms[1]) + terms[0]
 
 
@@ -608,36 +545,82 @@ def norm_splits(tiles: int, d_in: int, multiprocessors: int) -> int:
     return best if multiprocessors > 1 else 1
 
 
-def _u_product(weight: Tensor, a_terms: Tensor) -> Tensor:
-    """``W·[A_0; A_1; …]ᵀ`` as one cuBLAS product with fp32 output ``[d_out, T·r]`` (each term's product apart).
+def row_squares_triton(weight: Tensor, out: Tensor | None = None) -> Tensor:
+    """``‖W_i‖²`` for every row, fp32 ``[d_out]`` (``out`` may be a ``[1, d_out]`` buffer)."""
+    d_out, d_in = weight.shape
+    out = torch.empty(d_out, dtype=torch.float32, device=weight.device) if out is None else out
+    wrap_triton(_row_squares_kernel)[(triton.cdiv(d_out, 4),)](
+        weight, out, d_out, d_in, weight.stride(0), weight.stride(1), BLOCK_M=4, BLOCK_K=512
+    )
+    return out
 
-    Off CUDA (the interpreter's tests) the same exact 16-bit products, accumulated in fp32.
+
+@dataclasses.dataclass(frozen=True)
+class NormPlan:
+    """How ``factored_row_norm_triton`` runs one layer: ``_fused_norm_kernel``'s grid, options and buffers."""
+
+    kernel: dict[str, int]  # tile sizes and launch options of _fused_norm_kernel
+    u_from_cublas: bool  # U from one cuBLAS product, read by the kernel's epilogue
+    fused_squares: bool  # ‖W‖² from the kernel's own W tiles (else _row_squares_kernel)
+    parts: int  # column tiles of r
+    row_tiles: int
+    splits: int  # shares of d_in (and of B·G's r chunks)
+    k_per_split: int
+
+    @property
+    def finish_in_kernel(self) -> bool:
+        return self.parts == 1 and self.splits == 1 and self.fused_squares
+
+    def workspace_bytes(self, d_out: int, d_in: int, r: int, a_count: int) -> int:
+        """Bytes the norm allocates besides its ``[d_out]`` result."""
+        total = (a_count > 1) * a_count * r * d_in * 2  # A's 16-bit terms
+        total += (a_count * r) ** 2 * 4 + 3 * r * r * 2  # the Gram's term products, G's terms
+        total += self.u_from_cublas * d_out * a_count * r * 4
+        if not self.finish_in_kernel:
+            total += (self.splits * self.parts + (self.splits if self.fused_squares else 1)) * d_out * 4
+        return total
+
+
+def norm_plan(
+    d_out: int, d_in: int, r: int, a_count: int, multiprocessors: int, config: dict[str, object] | None = None
+) -> NormPlan:
+    """The plan for a ``[d_out, d_in]`` layer of rank ``r`` whose A enters as ``a_count`` terms.
+
+    ``config`` overrides ``norm_config`` (benchmarks, tests): its ``SPLIT_K``
+    overrides ``norm_splits``, ``W_SQUARES=False`` takes ``‖W‖²`` in a pass of its
+    own and ``U_FROM="cublas"`` takes ``U`` from a cuBLAS product.
     """
-    if weight.is_cuda:
-        return torch.mm(weight, a_terms.T, out_dtype=torch.float32)
-    return weight.float() @ a_terms.float().T
+    cfg = dict(config) if config is not None else norm_config(r, a_count)
+    cfg.setdefault("SUB_K", cfg["BLOCK_K"] // 2)
+    if cfg["BLOCK_K"] < 2 * cfg["SUB_K"]:
+        raise ValueError("BLOCK_K must hold two SUB_K dots (one would fold the fp32 add into the dot)")
+    u_from_cublas = cfg.pop("U_FROM", "kernel") == "cublas"
+    fused_squares = bool(cfg.pop("W_SQUARES", True)) and not u_from_cublas
+    parts = triton.cdiv(r, cfg["BLOCK_N"])
+    row_tiles = triton.cdiv(d_out, cfg["BLOCK_M"])
+    splits = cfg.pop("SPLIT_K", None) or (1 if u_from_cublas else norm_splits(parts * row_tiles, d_in, multiprocessors))
+    k_per_split = triton.cdiv(triton.cdiv(d_in, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    splits = triton.cdiv(d_in, k_per_split)  # rounding the share up may leave fewer
+    return NormPlan(cfg, u_from_cublas, fused_squares, parts, row_tiles, splits, k_per_split)
 
 
 def factored_row_norm_triton(
-    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, config: dict[str, int] | None = None
+    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, config: dict[str, object] | None = None
 ) -> Tensor:
-    """The factored norm on a GPU: the Gram kernels, then one fused kernel; fp32 ``[d_out]``.
+    """The factored norm on a GPU; fp32 ``[d_out]``.
 
-    - ``G = A·Aᵀ`` at fp32 accuracy on tensor cores, as three bf16 terms
-      (``gram_terms_triton``);
     - an fp32 ``A`` under a 16-bit ``W``: its exact 16-bit terms (``adapter_terms``);
-    - ``_fused_norm_kernel``: ``U = W·Aᵀ`` on tensor cores, ``W`` read once in its
-      own dtype, ``‖W‖²`` from the same tiles, ``B·G`` and the row sums in the
-      epilogue. ``U`` and ``B·G`` never reach memory. Split-K (``norm_splits``)
-      where the output tiles alone leave SMs idle for part of a wave;
+    - ``G = A·Aᵀ`` at fp32 accuracy from one product of the terms (``gram_terms``);
+    - ``_fused_norm_kernel`` (``norm_plan`` picks its options): ``U = W·Aᵀ`` on
+      tensor cores with ``W`` read once in its own dtype and ``‖W‖²`` from the same
+      tiles, split-K where the output tiles alone leave SMs idle for part of a
+      wave; or ``U`` from one cuBLAS product and ``‖W‖²`` from a row-squares pass.
+      ``B·G`` and the row sums are its epilogue; ``B·G`` never reaches memory;
     - where ``r`` spans several column tiles or ``d_in`` several splits, a small
-      kernel adds their sums in a fixed order, clamps and takes a correctly
+      kernel adds the shares in a fixed order, clamps and takes a correctly
       rounded square root.
 
-    Working memory: A's terms (fp32 adapters), the Gram's partials and terms
-    (``O(r²)``), one fp32 partial sum per row, column tile and split.
-    ``config`` overrides ``norm_config`` (benchmarks, tests); its ``SPLIT_K``
-    overrides ``norm_splits`` and ``W_SQUARES=False`` takes ``‖W‖²`` in a pass of its own.
+    Working memory: ``NormPlan.workspace_bytes``, ``O(d_out·r + r·d_in + r²)``.
     """
     if not triton_supports_norm(weight, lora_A, lora_B):
         raise ValueError(f"the Triton norm takes a bf16/fp16 weight and 16/32-bit adapters, not {weight.dtype}")
@@ -645,36 +628,23 @@ def factored_row_norm_triton(
     r = lora_A.shape[0]
     a_terms, scale = adapter_terms(lora_A, weight.dtype)
     a_count = a_terms.shape[0] // r
-    gram_terms = gram_terms_triton(lora_A)
-    cfg = dict(config) if config is not None else norm_config(r, a_count)
-    cfg.setdefault("SUB_K", cfg["BLOCK_K"] // 2)
-    if cfg["BLOCK_K"] < 2 * cfg["SUB_K"]:
-        raise ValueError("BLOCK_K must hold two SUB_K dots (one would fold the fp32 add into the dot)")
-    u_in = cfg.pop("U_FROM", "kernel") == "cublas"
-    fused_squares = cfg.pop("W_SQUARES", True) and not u_in
-    parts = triton.cdiv(r, cfg["BLOCK_N"])
-    row_tiles = triton.cdiv(d_out, cfg["BLOCK_M"])
-    splits = cfg.pop("SPLIT_K", None) or (
-        1 if u_in else norm_splits(parts * row_tiles, d_in, _multiprocessors(weight.device))
-    )
-    k_per_split = triton.cdiv(triton.cdiv(d_in, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    splits = triton.cdiv(d_in, k_per_split)  # rounding up the share may leave fewer
+    plan = norm_plan(d_out, d_in, r, a_count, _multiprocessors(weight.device), config)
+    g_terms = gram_terms(a_terms, scale, r)
     norm = torch.empty(d_out, dtype=torch.float32, device=weight.device)
-    finish = parts == 1 and splits == 1 and fused_squares
-    partial = norm if finish else torch.empty(splits * parts, d_out, dtype=torch.float32, device=weight.device)
-    wsq_parts = splits if fused_squares else 1
+    finish = plan.finish_in_kernel
+    shares = plan.splits * plan.parts
+    partial = norm if finish else torch.empty(shares, d_out, dtype=torch.float32, device=weight.device)
+    wsq_parts = plan.splits if plan.fused_squares else 1
     w_squared = norm if finish else torch.empty(wsq_parts, d_out, dtype=torch.float32, device=weight.device)
-    if not fused_squares:
-        wrap_triton(_row_squares_kernel)[(triton.cdiv(d_out, 4),)](
-            weight, w_squared, d_out, d_in, weight.stride(0), weight.stride(1), BLOCK_M=4, BLOCK_K=512
-        )
-    u = _u_product(weight, a_terms) if u_in else norm  # (a placeholder pointer when the kernel forms U)
-    wrap_triton(_fused_norm_kernel)[(parts, row_tiles, splits)](
+    if not plan.fused_squares:
+        row_squares_triton(weight, out=w_squared)
+    u = _products(weight, a_terms) if plan.u_from_cublas else norm  # (a placeholder when the kernel forms U)
+    wrap_triton(_fused_norm_kernel)[(plan.parts, plan.row_tiles, plan.splits)](
         weight,
         a_terms,
         scale,
         lora_B,
-        gram_terms,
+        g_terms,
         u,
         w_squared,
         partial,
@@ -682,7 +652,7 @@ def factored_row_norm_triton(
         d_out,
         d_in,
         r,
-        k_per_split,
+        plan.k_per_split,
         scaling,
         weight.stride(0),
         weight.stride(1),
@@ -693,14 +663,14 @@ def factored_row_norm_triton(
         u.stride(0),
         A_TERMS=a_count,
         B_TERMS=_TERMS[lora_B.dtype],
-        U_IN=u_in,
-        W_SQUARES=fused_squares,
+        U_IN=plan.u_from_cublas,
+        W_SQUARES=plan.fused_squares,
         FINISH=finish,
-        **cfg,
+        **plan.kernel,
     )
     if not finish:
         wrap_triton(_norm_finish_kernel)[(triton.cdiv(d_out, 1024),)](
-            w_squared, partial, norm, d_out, wsq_parts, splits * parts, BLOCK=1024
+            w_squared, partial, norm, d_out, wsq_parts, shares, BLOCK=1024
         )
     return norm
 

@@ -10,10 +10,11 @@ Dense (PEFT, GUIDE §1), in the adapter dtype ``a``::
     + eye [d_in, d_in] + A(eye) [d_in, r] with PEFT Linear's identity trick
     + W cast to ``a`` [d_out, d_in] when W's dtype differs
 
-Rewritten, ``norm="triton"`` (CUDA): ``U`` as ``T`` fp32 column blocks
-``[d_out, T·r]`` (T = 3 when a 16-bit W meets fp32 adapters, else 1), A's
-16-bit terms ``[T·r, d_in]`` when T = 3, ``G``'s split-K partials and its three
-bf16 terms, the norm.
+Rewritten, ``norm="triton"`` (CUDA): what ``NormPlan.workspace_bytes`` counts
+for the plan an H100 would run (A's 16-bit terms ``[T·r, d_in]`` when T = 3, a
+16-bit W meeting fp32 adapters; the Gram's term products and G's bf16 terms;
+``U`` as ``[d_out, T·r]`` fp32 where it comes from cuBLAS; the per-tile partial
+sums), and the norm.
 ``norm="torch"``: rows of W promoted to fp32 at most ``CHUNK_BYTES`` at a time
 with their ``U`` and ``B·G`` rows, ``G`` and the fp32 copy of A, the norm.
 """
@@ -22,9 +23,11 @@ from __future__ import annotations
 
 import torch
 
-from dora_fused.kernels.factored_norm import CHUNK_BYTES, gram_splits
+from dora_fused.kernels.factored_norm import CHUNK_BYTES, norm_plan
 
 __all__ = ["dense_norm_bytes", "rewritten_norm_bytes"]
+
+H100_MULTIPROCESSORS = 132  # the split-K choice of the estimated plan
 
 
 def _size(dtype: torch.dtype) -> int:
@@ -49,9 +52,8 @@ def rewritten_norm_bytes(
     fp32 = 4
     if norm == "triton":
         terms = 3 if weight_dtype != torch.float32 and adapter_dtype != weight_dtype else 1
-        a_terms = terms * r * d_in * _size(weight_dtype) if terms > 1 else 0
-        gram = 3 * r * r * 2 + gram_splits(r, d_in) * r * r * fp32  # G's bf16 terms, its split-K partials
-        return terms * d_out * r * fp32 + a_terms + gram + d_out * fp32
+        plan = norm_plan(d_out, d_in, r, terms, multiprocessors=H100_MULTIPROCESSORS)
+        return plan.workspace_bytes(d_out, d_in, r, terms) + d_out * fp32
     shared = r * r * fp32 + r * d_in * fp32 + d_out * fp32  # G, fp32 copy of A, the norm
     rows = max(1, min(d_out, CHUNK_BYTES // max(1, d_in * fp32)))
     return rows * (d_in + 2 * r) * fp32 + shared
