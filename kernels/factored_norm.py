@@ -54,6 +54,7 @@ __all__ = [
     "factored_row_norm_torch",
     "factored_row_norm_triton",
     "gram_fp32",
+    "gram_plan",
     "gram_terms",
     "gram_triton",
     "norm_plan",
@@ -212,11 +213,55 @@ def _dot_terms(x0, x1, x2, y0, y1, y2, acc, X_TERMS: tl.constexpr, Y_TERMS: tl.c
 
 
 @triton.jit
-def _gram_combine_kernel(P, SCALE, G_TERMS, r, TERMS: tl.constexpr, BLOCK: tl.constexpr):
-    """``G = Σ_ij P_ij / SCALE²`` (smallest orders first) as three bf16 terms ``[3, r, r]``.
+def _pair_products_kernel(
+    X, P, n, d_in, r, k_per_split, stride_xn, stride_xk, MAX_ORDER: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """``P[split] = X[:, K_split]·X[:, K_split]ᵀ`` (fp32) for a stack ``X = [A_0; A_1; …]`` of ``[r, d_in]`` terms.
 
-    ``P = [A_0; A_1; …]·[A_0; A_1; …]ᵀ`` is ``[TERMS·r, TERMS·r]``: block ``P_ij``
-    is ``A_i·A_jᵀ``. ``SCALE`` is a power of two, so dividing by its square is exact.
+    Tensor cores multiply; each ``BLOCK_K`` chunk is one accumulation started
+    from zero (two half-chunk dots, so the compiler cannot fold the add into the
+    dot) added to the running sum in fp32: one long tensor-core accumulation
+    over ``d_in`` loses bits: with ``G`` from one cuBLAS product of the terms, the
+    norm was 3e-6 to 1.3e-5 off fp64 on the H100 (2e-7 with this kernel).
+    Tiles lying wholly in blocks ``A_i·A_jᵀ`` with ``i + j > MAX_ORDER`` are skipped.
+    """
+    HALF: tl.constexpr = BLOCK_K // 2
+    ti = tl.program_id(0)
+    tj = tl.program_id(1)
+    split = tl.program_id(2)
+    if (ti * BLOCK) // r + (tj * BLOCK) // r <= MAX_ORDER:
+        rows = ti * BLOCK + tl.arange(0, BLOCK)
+        cols = tj * BLOCK + tl.arange(0, BLOCK)
+        k_lo = split * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, d_in)
+        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            ks0 = k0 + tl.arange(0, HALF)
+            ks1 = ks0 + HALF
+            x_rows = X + rows[:, None] * stride_xn
+            y_cols = X + cols[None, :] * stride_xn
+            x_mask = rows[:, None] < n
+            y_mask = cols[None, :] < n
+            x0 = tl.load(x_rows + ks0[None, :] * stride_xk, mask=x_mask & (ks0 < k_hi)[None, :], other=0.0)
+            x1 = tl.load(x_rows + ks1[None, :] * stride_xk, mask=x_mask & (ks1 < k_hi)[None, :], other=0.0)
+            y0 = tl.load(y_cols + ks0[:, None] * stride_xk, mask=y_mask & (ks0 < k_hi)[:, None], other=0.0)
+            y1 = tl.load(y_cols + ks1[:, None] * stride_xk, mask=y_mask & (ks1 < k_hi)[:, None], other=0.0)
+            acc += tl.dot(x1, y1, tl.dot(x0, y0))
+        out = P + split * n * n + rows[:, None] * n + cols[None, :]
+        tl.store(out, acc, mask=(rows < n)[:, None] & (cols < n)[None, :])
+
+
+@triton.jit
+def _gram_combine_kernel(
+    P, SCALE, G_TERMS, r, splits, TERMS: tl.constexpr, MAX_ORDER: tl.constexpr, BLOCK: tl.constexpr
+):
+    """``G = Σ_split Σ_{i+j <= MAX_ORDER} P[split]_ij / SCALE²`` as three bf16 terms ``[3, r, r]``.
+
+    ``P[split]`` is ``[TERMS·r, TERMS·r]``: block ``P_ij`` is ``A_i·A_jᵀ``. Splits
+    are added in a fixed order, then the blocks smallest order first (the
+    dropped orders, ``2^-24`` of ``G`` and below, are under fp32's rounding).
+    ``SCALE`` is a power of two, so dividing by its square is exact.
     """
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < r * r
@@ -224,11 +269,16 @@ def _gram_combine_kernel(P, SCALE, G_TERMS, r, TERMS: tl.constexpr, BLOCK: tl.co
     j = offsets % r
     width = TERMS * r
     g = tl.zeros([BLOCK], dtype=tl.float32)
-    for order in tl.static_range(2 * TERMS - 2, -1, -1):  # i + j == order, largest order (smallest terms) first
+    for order in tl.static_range(MAX_ORDER, -1, -1):
         for ti in tl.static_range(TERMS):
             tj = order - ti
             if tj >= 0 and tj < TERMS:
-                g += tl.load(P + (ti * r + i) * width + tj * r + j, mask=mask, other=0.0)
+                block = tl.zeros([BLOCK], dtype=tl.float32)
+                for split in range(0, splits):
+                    block += tl.load(
+                        P + split * width * width + (ti * r + i) * width + tj * r + j, mask=mask, other=0.0
+                    )
+                g += block
     s = tl.load(SCALE)
     g0, g1, g2 = _bf16_terms(g / (s * s), 3)
     size = r * r
@@ -483,18 +533,51 @@ def _products(x: Tensor, y: Tensor) -> Tensor:
     return x.float() @ y.float().T
 
 
+_GRAM_PROGRAMS = 264  # about two programs per H100 SM: tiles x splits aims at this many
+_GRAM_MIN_SPLIT = 512  # columns of d_in per split at least
+
+
+def gram_plan(r: int, d_in: int, a_count: int) -> tuple[int, int, int]:
+    """``(BLOCK, splits, k_per_split)`` of ``_pair_products_kernel`` for ``a_count`` stacked ``[r, d_in]`` terms."""
+    block = 32 if a_count * r <= 96 else 64
+    tiles = triton.cdiv(a_count * r, block) ** 2
+    splits = max(1, min(triton.cdiv(_GRAM_PROGRAMS, tiles), triton.cdiv(d_in, _GRAM_MIN_SPLIT)))
+    k_per_split = triton.cdiv(triton.cdiv(d_in, splits), 64) * 64
+    return block, triton.cdiv(d_in, k_per_split), k_per_split
+
+
 def gram_terms(a_terms: Tensor, scale: Tensor, r: int) -> Tensor:
     """``G = A·Aᵀ`` at fp32 accuracy as three bf16 terms ``[3, r, r]`` (``G = Σ_t terms[t]``).
 
     ``a_terms`` and ``scale`` are ``adapter_terms``'s (``A = Σ_t A_t / scale``).
-    One product of the stacked terms with themselves gives every ``A_i·A_jᵀ``
-    (fp32 output, ``[T·r, T·r]``); a small kernel adds them smallest first,
-    divides out the power-of-two ``scale²`` and splits ``G`` into bf16 terms.
+    Two kernels: split-K products of the stacked terms with themselves on tensor
+    cores (every ``A_i·A_jᵀ`` with ``i + j <= 2``, short accumulations added in
+    fp32), then their fixed-order sum, with the power-of-two ``scale²`` divided
+    out, split into bf16 terms.
     """
-    pairs = _products(a_terms, a_terms)
+    n, d_in = a_terms.shape
+    count = n // r
+    max_order = min(2, 2 * count - 2)
+    block, splits, k_per_split = gram_plan(r, d_in, count)
+    pairs = torch.empty(splits, n, n, dtype=torch.float32, device=a_terms.device)
+    wrap_triton(_pair_products_kernel)[(triton.cdiv(n, block), triton.cdiv(n, block), splits)](
+        a_terms,
+        pairs,
+        n,
+        d_in,
+        r,
+        k_per_split,
+        a_terms.stride(0),
+        a_terms.stride(1),
+        MAX_ORDER=max_order,
+        BLOCK=block,
+        BLOCK_K=64,
+        num_warps=4,
+    )
     terms = torch.empty(3, r, r, dtype=torch.bfloat16, device=a_terms.device)
-    count = a_terms.shape[0] // r
-    wrap_triton(_gram_combine_kernel)[(triton.cdiv(r * r, 1024),)](pairs, scale, terms, r, TERMS=count, BLOCK=1024)
+    wrap_triton(_gram_combine_kernel)[(triton.cdiv(r * r, 1024),)](
+        pairs, scale, terms, r, splits, TERMS=count, MAX_ORDER=max_order, BLOCK=1024
+    )
     return terms
 
 
@@ -505,20 +588,26 @@ def gram_triton(lora_A: Tensor) -> Tensor:
     return (terms[2] + terms[1]) + terms[0]
 
 
-def norm_config(r: int, a_terms: int) -> dict[str, int]:
-    """Tile sizes of ``_fused_norm_kernel`` (H100 sweep, ``benchmarks/ops.py --parts sweep``).
+def norm_config(r: int, a_terms: int) -> dict[str, object]:
+    """Options of ``_fused_norm_kernel`` (H100 sweep, ``benchmarks/ops.py --parts sweep``).
 
-    ``SPLIT_K`` is left to ``norm_splits`` unless a config names it.
+    ``SPLIT_K`` is left to ``norm_splits``. With fp32 adapters and ``r > 64`` the
+    three products of ``U`` run on cuBLAS (one call over the stacked terms):
+    0.33-0.37 ms at 8192² and 14336→4096 on the H100 against 0.43-0.47 ms for
+    the kernel's own three-accumulator loop, at the same error against fp64.
     """
     if r <= 64:  # streaming W dominates: one column tile, long K steps
         n = max(16, triton.next_power_of_2(r))
         return dict(BLOCK_M=64, BLOCK_N=n, BLOCK_K=256, SUB_K=128, BLOCK_R=16, num_warps=4)
+    if a_terms == 3 and _has_mm_out_dtype():
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_R=32, U_FROM="cublas", num_warps=4, num_stages=2)
     if a_terms == 3:  # three accumulators
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, SUB_K=32, BLOCK_R=32, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SUB_K=64, BLOCK_R=32, num_warps=8, num_stages=3)
 
 
 _MIN_SPLIT_K = 1024  # columns of d_in per split at least: each split pays the epilogue and a partial sum
+_SPLIT_GAIN = 0.85  # more splits only for 15% fewer waves (336 tiles: 3 → 2.67 waves measured 6% slower)
 
 
 @functools.cache
@@ -534,13 +623,14 @@ def norm_splits(tiles: int, d_in: int, multiprocessors: int) -> int:
     A program's time is its share of ``d_in``, so ``splits`` programs per tile take
     ``ceil(tiles·splits / SMs) / splits`` full-tile wave times: 192 tiles on 132
     SMs are two waves at ``splits = 1`` (the second 45% full) and 1.5 at 2.
+    Each split adds an epilogue and a partial sum, so a split must save 15%.
     """
     best, best_waves = 1, float(-(-tiles // multiprocessors))
     for splits in range(2, 9):
         if d_in < splits * _MIN_SPLIT_K:
             break
         waves = -(-tiles * splits // multiprocessors) / splits
-        if waves < best_waves - 1e-9:
+        if waves < _SPLIT_GAIN * best_waves:
             best, best_waves = splits, waves
     return best if multiprocessors > 1 else 1
 
@@ -574,7 +664,7 @@ class NormPlan:
     def workspace_bytes(self, d_out: int, d_in: int, r: int, a_count: int) -> int:
         """Bytes the norm allocates besides its ``[d_out]`` result."""
         total = (a_count > 1) * a_count * r * d_in * 2  # A's 16-bit terms
-        total += (a_count * r) ** 2 * 4 + 3 * r * r * 2  # the Gram's term products, G's terms
+        total += gram_plan(r, d_in, a_count)[1] * (a_count * r) ** 2 * 4 + 3 * r * r * 2  # Gram partials, G's terms
         total += self.u_from_cublas * d_out * a_count * r * 4
         if not self.finish_in_kernel:
             total += (self.splits * self.parts + (self.splits if self.fused_squares else 1)) * d_out * 4

@@ -237,6 +237,7 @@ def test_norm_splits_fill_the_last_wave():
     assert factored_norm.norm_splits(192, 8192, 132) == 2  # 2 waves (the second 45% full) → 1.5
     assert factored_norm.norm_splits(96, 14336, 132) == 4  # 0.73 of one wave → 384 programs, 3 waves of 4
     assert factored_norm.norm_splits(264, 8192, 132) == 1  # already two full waves
+    assert factored_norm.norm_splits(336, 4096, 132) == 1  # 3 → 2.67 waves: not worth an epilogue per split
     assert factored_norm.norm_splits(96, 1500, 132) == 1  # d_in too short to share
     assert factored_norm.norm_splits(5, 8192, 1) == 1  # the interpreter
 
