@@ -24,8 +24,10 @@ Two pure-torch implementations behind one op:
   at most ``CHUNK_BYTES`` at a time.
 
 On CUDA the op runs Triton instead (``factored_row_norm_triton``): the Gram
-kernels, then one fused kernel that reads ``W`` once for both ``U = W·Aᵀ`` and
-``‖W‖²`` and keeps ``U`` and ``B·G`` in registers.
+kernels, then one main kernel that either reads ``W`` once for both ``U = W·Aᵀ``
+and ``‖W‖²`` (split-K where the tiles alone leave SMs idle), or, for fp32
+adapters at ``r > 64``, reads ``U`` from one cuBLAS product; ``B·G`` is formed
+in its epilogue and never reaches memory (``norm_plan`` decides).
 
 Layout: pure-torch reference → implementations → ``torch.library`` op with a
 fake implementation. The op has no autograd: DoRA detaches the norm
@@ -174,13 +176,14 @@ def factored_row_norm_torch(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scal
 # ----------------------------------------------------------------------------
 # Triton kernels (CUDA; also run on CPU tensors under TRITON_INTERPRET=1)
 #
-# Tensor-core products at fp32 accuracy: an operand tile is split in registers
-# into ``terms`` bf16 parts (bf16: 1, fp16: 2, fp32: 3), each exact, and the
-# products of parts whose orders add up to at most 2 are accumulated in fp32
-# (the dropped ones are below fp32's rounding). The Gram kernel does this for an
-# fp32 ``A`` and the norm kernel's epilogue for ``B·G``; the norm's main loop
-# takes ``A``'s terms already split (``adapter_terms``), so that each term gets
-# its own accumulator. Two tiles of the same 16-bit dtype are multiplied directly.
+# Tensor-core products at fp32 accuracy: an fp32 operand is split into bf16
+# parts (three carry its 24 bits), each exact, and the products of parts whose
+# orders add up to at most 2 are accumulated in fp32 (the dropped ones are below
+# fp32's rounding). ``A`` is split once (``adapter_terms``), and the Gram and the
+# norm's main loop take its stacked terms; the norm kernel's epilogue splits
+# ``B``'s tiles in registers for ``B·G``. Two tiles of the same 16-bit dtype are
+# multiplied directly. Every long product is a sum of short tensor-core
+# accumulations, each started from zero and added in fp32.
 
 
 @triton.jit
@@ -223,7 +226,7 @@ def _pair_products_kernel(
     from zero (two half-chunk dots, so the compiler cannot fold the add into the
     dot) added to the running sum in fp32: one long tensor-core accumulation
     over ``d_in`` loses bits: with ``G`` from one cuBLAS product of the terms, the
-    norm was 3e-6 to 1.3e-5 off fp64 on the H100 (2e-7 with this kernel).
+    norm was 1.2e-6 to 1.3e-5 off fp64 on the H100 (2e-7 with this kernel).
     Tiles lying wholly in blocks ``A_i·A_jᵀ`` with ``i + j > MAX_ORDER`` are skipped.
     """
     HALF: tl.constexpr = BLOCK_K // 2
@@ -593,8 +596,9 @@ def norm_config(r: int, a_terms: int) -> dict[str, object]:
 
     ``SPLIT_K`` is left to ``norm_splits``. With fp32 adapters and ``r > 64`` the
     three products of ``U`` run on cuBLAS (one call over the stacked terms):
-    0.33-0.37 ms at 8192² and 14336→4096 on the H100 against 0.43-0.47 ms for
-    the kernel's own three-accumulator loop, at the same error against fp64.
+    0.40-0.41 ms at 8192² and 14336→4096 on the H100 against 0.50-0.51 ms for
+    the kernel's own three-accumulator loop (errors against fp64: up to 3.4e-7
+    against 2.4e-7).
     """
     if r <= 64:  # streaming W dominates: one column tile, long K steps
         n = max(16, triton.next_power_of_2(r))

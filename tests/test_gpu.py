@@ -28,10 +28,25 @@ def test_factored_norm_full_size(d_in, d_out, r, dtype, adapter_dtype):
     w = (torch.randn(d_out, d_in, device="cuda", generator=gen) / d_in**0.5).to(dtype)
     a = (torch.randn(r, d_in, device="cuda", generator=gen) / d_in**0.5).to(adapter_dtype)
     b = (torch.randn(d_out, r, device="cuda", generator=gen) / r**0.5).to(adapter_dtype)
-    got = factored_row_norm(w, a, b, 1.0)  # the op: the Gram kernels and the fused norm kernel on CUDA
+    got = factored_row_norm(w, a, b, 1.0)  # the op: the Gram kernels and the main norm kernel on CUDA
     exact = dense_row_norm_reference(w.double(), a.double(), b.double(), 1.0)
     # U = W·Aᵀ accumulates over d_in on tensor cores in fp32 (error ~ √d_in·2⁻²⁴ of its terms)
     assert_close(got, exact, rtol=4e-6, atol=0, what="factored norm")
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32-adapters"])
+@pytest.mark.parametrize("d_in,d_out", [(8192, 8192), (14336, 4096)])
+def test_factored_norm_compiled_full_size(d_in, d_out, adapter_dtype):
+    """Inductor's trace of the op at r = 384 (split-K grids; U from cuBLAS with fp32 adapters) is the eager op."""
+    gen = torch.Generator(device="cuda").manual_seed(d_out)
+    w = (torch.randn(d_out, d_in, device="cuda", generator=gen) / d_in**0.5).bfloat16()
+    a = (torch.randn(384, d_in, device="cuda", generator=gen) / d_in**0.5).to(adapter_dtype)
+    b = (torch.randn(d_out, 384, device="cuda", generator=gen) / 384**0.5).to(adapter_dtype)
+    compiled = torch.compile(lambda w, a, b: factored_row_norm(w, a, b, 0.75), fullgraph=True)
+    got = compiled(w, a, b)
+    assert_close(got, factored_row_norm(w, a, b, 0.75), rtol=1e-6, atol=0, what="compiled vs eager op")
+    exact = dense_row_norm_reference(w.double(), a.double(), b.double(), 0.75)
+    assert_close(got, exact, rtol=4e-6, atol=0, what="compiled norm")
 
 
 @pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32])
