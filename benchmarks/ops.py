@@ -105,6 +105,15 @@ def bench_compose(tokens: int, copy_gbs: float) -> list[dict]:
     return rows
 
 
+def norm_inputs(d_in: int, d_out: int, r: int, adapter_dtype: torch.dtype, seed: int):
+    """A bf16 ``W`` and adapters of ``adapter_dtype``, scaled so that ``W`` and ``s·B·A`` are alike in size."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    w = (torch.randn(d_out, d_in, device="cuda", generator=gen) / d_in**0.5).bfloat16()
+    a = (torch.randn(r, d_in, device="cuda", generator=gen) / d_in**0.5).to(adapter_dtype)
+    b = (torch.randn(d_out, r, device="cuda", generator=gen) / r**0.5).to(adapter_dtype)
+    return w, a, b
+
+
 def dense_norm(w, a, b, s):
     """What PEFT computes: the dense product in the adapter dtype, added to W in that dtype, then the norm."""
     return torch.linalg.vector_norm(w.to(a.dtype) + s * (b @ a), dim=1)
@@ -116,10 +125,7 @@ def bench_norm(ranks: list[int]) -> list[dict]:
     for d_in, d_out in SHAPES:
         for r in ranks:
             for adapters, adt in DTYPES.items():
-                gen = torch.Generator(device="cuda").manual_seed(0)
-                w = (torch.randn(d_out, d_in, device="cuda", generator=gen) / d_in**0.5).bfloat16()
-                a = (torch.randn(r, d_in, device="cuda", generator=gen) / d_in**0.5).to(adt)
-                b = (torch.randn(d_out, r, device="cuda", generator=gen) / r**0.5).to(adt)
+                w, a, b = norm_inputs(d_in, d_out, r, adt, seed=0)
                 bound_mb = (4 * (d_out * r + r * r) + 64 * 2**20) / 2**20
                 cases = {
                     "triton": lambda: torch.ops.dora_fused.factored_row_norm(w, a, b, 1.0),
@@ -238,10 +244,7 @@ def bench_parts() -> list[dict]:
         ((14336, 4096), 384, "fp32"),
         ((8192, 8192), 16, "bf16"),
     ]:
-        adt = DTYPES[adapters]
-        w = (torch.randn(d_out, d_in, device="cuda") / d_in**0.5).bfloat16()
-        a = (torch.randn(r, d_in, device="cuda") / d_in**0.5).to(adt)
-        b = (torch.randn(d_out, r, device="cuda") / r**0.5).to(adt)
+        w, a, b = norm_inputs(d_in, d_out, r, DTYPES[adapters], seed=r)
         a_terms, scale = fn.adapter_terms(a, w.dtype)
         cases = {
             "whole op": lambda: fn.factored_row_norm_triton(w, a, b, 1.0),
@@ -273,11 +276,7 @@ def bench_sweep() -> list[dict]:
         ((4096, 4096), 16, "bf16"),
         ((14336, 4096), 16, "fp32"),
     ]:
-        adt = DTYPES[adapters]
-        gen = torch.Generator(device="cuda").manual_seed(r)
-        w = (torch.randn(d_out, d_in, device="cuda", generator=gen) / d_in**0.5).bfloat16()
-        a = (torch.randn(r, d_in, device="cuda", generator=gen) / d_in**0.5).to(adt)
-        b = (torch.randn(d_out, r, device="cuda", generator=gen) / r**0.5).to(adt)
+        w, a, b = norm_inputs(d_in, d_out, r, DTYPES[adapters], seed=r)
         exact = factored_row_norm_reference(w.double(), a.double(), b.double(), 1.0)
         where = dict(op="sweep", shape=f"{d_in}->{d_out}", r=r, adapters=adapters)
         for case, fn in _bounds(w, a, b).items():
