@@ -538,6 +538,7 @@ def _products(x: Tensor, y: Tensor) -> Tensor:
 
 _GRAM_PROGRAMS = 264  # about two programs per H100 SM: tiles x splits aims at this many
 _GRAM_MIN_SPLIT = 512  # columns of d_in per split at least
+_GRAM_BLOCK_K = 64  # columns per tensor-core accumulation; splits are whole multiples of it
 
 
 def gram_plan(r: int, d_in: int, a_count: int) -> tuple[int, int, int]:
@@ -545,7 +546,7 @@ def gram_plan(r: int, d_in: int, a_count: int) -> tuple[int, int, int]:
     block = 32 if a_count * r <= 96 else 64
     tiles = triton.cdiv(a_count * r, block) ** 2
     splits = max(1, min(triton.cdiv(_GRAM_PROGRAMS, tiles), triton.cdiv(d_in, _GRAM_MIN_SPLIT)))
-    k_per_split = triton.cdiv(triton.cdiv(d_in, splits), 64) * 64
+    k_per_split = triton.cdiv(triton.cdiv(d_in, splits), _GRAM_BLOCK_K) * _GRAM_BLOCK_K
     return block, triton.cdiv(d_in, k_per_split), k_per_split
 
 
@@ -574,7 +575,7 @@ def gram_terms(a_terms: Tensor, scale: Tensor, r: int) -> Tensor:
         a_terms.stride(1),
         MAX_ORDER=max_order,
         BLOCK=block,
-        BLOCK_K=64,
+        BLOCK_K=_GRAM_BLOCK_K,
         num_warps=4,
     )
     terms = torch.empty(3, r, r, dtype=torch.bfloat16, device=a_terms.device)
