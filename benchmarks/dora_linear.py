@@ -7,12 +7,15 @@ match) and against the forward floor measured in the same run (base matmul +
 LoRA matmuls as PEFT runs them + one read-and-write pass over the output +
 one tensor-core ``W·Aᵀ`` with fp32 output)? Run on a CUDA GPU:
 
-    python benchmarks/dora_linear.py --json results.json [--ranks 16,384]
+    python benchmarks/dora_linear.py --json results.json [--ranks 16,384] [--mode reduce-overhead]
 
 Method: CUDA-event timings, median and 10/90% quantiles of --reps runs after
 --warmup runs. Peak memory is torch.cuda.max_memory_allocated during one call,
 minus the memory allocated before it (weights, input). Each contender runs on
-the same module, weights and input in one process.
+the same module, weights and input in one process. ``--mode`` is passed to every
+``torch.compile`` (``reduce-overhead``: CUDA graphs, which take the host's launch
+latency out of the compiled contenders; PEFT eager and the floor's parts are not
+graphed).
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--shapes", default="all", help="'all' or e.g. 8192x8192")
+    parser.add_argument("--mode", default=None, help="torch.compile mode of the compiled contenders")
+    parser.add_argument("--forward-only", action="store_true", help="skip forward+backward (reported as nan)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     shapes = SHAPES if args.shapes == "all" else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
@@ -97,22 +102,28 @@ def run_case(d_in: int, d_out: int, rank: int, adapter_fp32: bool, args) -> list
     floor = floor_ms(model, x, args.reps, args.warmup)
     contenders = {
         "peft_eager": model,
-        "inductor": torch.compile(model),
-        "dora_fused": torch.compile(model, backend="dora_fused"),
-        "lora_inductor": torch.compile(lora_model),
+        "inductor": torch.compile(model, mode=args.mode),
+        "dora_fused": torch.compile(model, backend="dora_fused", mode=args.mode),
+        "lora_inductor": torch.compile(lora_model, mode=args.mode),
     }
+    graphed = args.mode == "reduce-overhead"
     for name, fn in contenders.items():
         xg = x.detach().clone().requires_grad_()
 
         def forward(fn=fn, x=x):
+            if graphed:  # a new step: the previous call's graph outputs may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.no_grad():
                 fn(x)
 
         def train_step(fn=fn, xg=xg):
+            if graphed:
+                torch.compiler.cudagraph_mark_step_begin()
             fn(xg).float().sum().backward()
 
         fwd = measure(forward, args.reps, args.warmup)
-        fwd_bwd = measure(train_step, args.reps, args.warmup)
+        fwd_ops = _ops() if name == "dora_fused" else None  # the no-grad graph's (the lora_up compose applies there)
+        fwd_bwd = (float("nan"),) * 4 if args.forward_only else measure(train_step, args.reps, args.warmup)
         model.zero_grad(set_to_none=True)
         rows.append(
             dict(
@@ -131,7 +142,8 @@ def run_case(d_in: int, d_out: int, rank: int, adapter_fp32: bool, args) -> list
                 fwd_bwd_q90=fwd_bwd[2],
                 fwd_bwd_mb=fwd_bwd[3],
                 rewritten=len(dora_fused.last_report().rewritten) if name == "dora_fused" else None,
-                ops=dora_fused.last_report().modules[0].ops if name == "dora_fused" else None,
+                fwd_ops=fwd_ops,
+                ops=_ops() if name == "dora_fused" and not args.forward_only else None,  # the training graph's
             )
         )
         print(rows[-1], flush=True)
@@ -143,8 +155,13 @@ def run_case(d_in: int, d_out: int, rank: int, adapter_fp32: bool, args) -> list
     return rows
 
 
+def _ops() -> tuple[str, ...]:
+    """The ops the last dora_fused compile inserted for the layer."""
+    return dora_fused.last_report().modules[0].ops
+
+
 def meta(args) -> dict:
-    return dict(environment(), tokens=args.tokens, reps=args.reps)
+    return dict(environment(), tokens=args.tokens, reps=args.reps, mode=args.mode or "default")
 
 
 def print_table(rows: list[dict], args, info: dict) -> None:

@@ -7,6 +7,8 @@ Questions:
 3. Below which layer size do the Triton ops stop paying off against the plain-torch
    ops (the ``MIN_TRITON_WEIGHT`` threshold of ``passes/heuristics.py``)?
 4. (--parts sweep) Which tile configuration suits the fused norm kernel (``norm_config``)?
+5. (--parts lora_up) Is the LoRA up-projection with the compose in its epilogue faster than
+   cuBLAS's ``h·Bᵀ`` followed by Inductor's compose, and which tiles suit it (``lora_up_config``)?
 
     python benchmarks/ops.py --json ops.json [--sweep]
 
@@ -29,6 +31,7 @@ from torch._library.triton import set_wrap_triton_enabled
 
 from dora_fused.kernels import compose_reference, factored_row_norm_torch
 from dora_fused.kernels.factored_norm import factored_row_norm_reference, factored_row_norm_triton
+from dora_fused.kernels.lora_up_compose import lora_up_compose_triton, lora_up_config
 
 SHAPES = [(4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096)]  # (d_in, d_out)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -101,6 +104,40 @@ def bench_compose(tokens: int, copy_gbs: float) -> list[dict]:
                 rows.append(
                     dict(op="compose", case=case, d_out=d_out, adapters=adapters, **t, gbs=gbs, of_copy=gbs / copy_gbs)
                 )
+                print(rows[-1], flush=True)
+    return rows
+
+
+def bench_lora_up(tokens: int, ranks: list[int]) -> list[dict]:
+    """``out = g·(result + s·h·Bᵀ)``: unfused (cuBLAS, then Inductor's compose) vs the fused kernel's tiles."""
+    rows = []
+    configs = {"default": None}
+    for name, (bt, bn, warps, stages) in {
+        "T128 N256 w8 s3": (128, 256, 8, 3),
+        "T64 N128 w4 s4": (64, 128, 4, 4),
+        "T128 N128 w4 s4": (128, 128, 4, 4),
+        "T64 N256 w8 s3": (64, 256, 8, 3),
+    }.items():
+        configs[name] = dict(BLOCK_T=bt, BLOCK_N=bn, GROUP_T=8, num_warps=warps, num_stages=stages)
+    compose = torch.compile(compose_reference)
+    for r in ranks:
+        for d_out in (4096, 8192, 14336):
+            gen = torch.Generator(device="cuda").manual_seed(d_out + r)
+            res = torch.randn(tokens, d_out, device="cuda", generator=gen).bfloat16()
+            h = torch.randn(tokens, r, device="cuda", generator=gen).bfloat16()
+            b = (torch.randn(d_out, r, device="cuda", generator=gen) / r**0.5).bfloat16()
+            m = (torch.rand(d_out, device="cuda", generator=gen) + 1).bfloat16()
+            n = torch.rand(d_out, device="cuda", generator=gen) + 1
+            exact = (m.double() / n.double()) * (res.double() + 0.5 * (h.double() @ b.double().T))
+            cases = {"unfused": lambda: compose(res, h @ b.T, m, n, None, 0.5, torch.bfloat16)}
+            for name, cfg in configs.items():
+                cfg = None if cfg is None else {**cfg, "BLOCK_R": lora_up_config(r)["BLOCK_R"]}
+                cases[name] = lambda cfg=cfg: lora_up_compose_triton(res, h, b, m, n, None, 0.5, torch.bfloat16, cfg)
+            for case, fn in cases.items():
+                err = ((fn().double() - exact).abs().max() / exact.abs().max()).item()
+                t = timed(fn)
+                gbs = 2 * tokens * d_out * 2 / (t["ms"] * 1e-3) / 1e9  # result read + output written
+                rows.append(dict(op="lora_up", case=case, d_out=d_out, r=r, **t, gbs=gbs, err=err))
                 print(rows[-1], flush=True)
     return rows
 
@@ -300,7 +337,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--ranks", default="16,384")
-    parser.add_argument("--parts", default="compose,norm,small", help="any of compose,norm,small,sweep,parts")
+    parser.add_argument(
+        "--parts", default="compose,norm,small,lora_up", help="any of compose,norm,small,sweep,parts,lora_up"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     parts = args.parts.split(",")
@@ -317,6 +356,8 @@ def main() -> None:
         rows += bench_norm([int(r) for r in args.ranks.split(",")])
     if "small" in parts:
         rows += bench_small(512)
+    if "lora_up" in parts:
+        rows += bench_lora_up(args.tokens, [int(r) for r in args.ranks.split(",")])
     import triton
 
     meta = dict(
@@ -343,6 +384,11 @@ def main() -> None:
             print(
                 f"norm {r['case']:15s} {r['shape']:11s} r={r['r']:3d} {r['adapters']}: {r['ms']:.3f} ms "
                 f"{r['mb']:.0f} MB (bound {r['bound_mb']:.0f})"
+            )
+        elif r["op"] == "lora_up":
+            print(
+                f"lora_up {r['case']:20s} d_out={r['d_out']:5d} r={r['r']:3d}: {1000 * r['ms']:.1f} us "
+                f"{r['gbs']:.0f} GB/s err {r['err']:.1e}"
             )
         elif r["op"] == "small":
             print(f"small {r['case']:6s} d={r['d']:4d} r={r['r']:2d} {r['adapters']}: {1000 * r['ms']:.1f} us")

@@ -1,14 +1,19 @@
 """Where the time of one compiled DoRA Linear goes: host time per call, and torch.profiler tables.
 
 python benchmarks/profile_layer.py --shape 4096x4096 --adapters bf16 [--backend dora_fused|inductor] [--ops auto]
+    [--trace trace.json]
 
 Host time per call is the Python/launch time of 20 back-to-back calls before
 the final synchronize: when it reaches the GPU time, the layer is host-bound.
+``--trace`` writes a Chrome trace of three single calls, each synchronized as
+the layer benchmark times them, and prints when each kernel was launched on the
+host and when it ran on the GPU, hence where the GPU waited for the host.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -27,6 +32,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=384)
     parser.add_argument("--train", action="store_true")
     parser.add_argument("--ops", default="auto", choices=["auto", "triton", "torch"])
+    parser.add_argument("--trace", default=None, help="write a Chrome trace of three single calls here")
     args = parser.parse_args()
     d_in, d_out = map(int, args.shape.split("x"))
     model = build(d_in, d_out, args.rank, args.adapters == "fp32")
@@ -62,6 +68,46 @@ def main() -> None:
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=70))
+    if args.trace:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+                torch.cuda.synchronize()
+        prof.export_chrome_trace(args.trace)
+        print_timeline(args.trace)
+
+
+def print_timeline(trace_path: str) -> None:
+    """Per synchronized call of a Chrome trace: when each kernel was launched and ran, and the GPU's idle time.
+
+    Times are µs from the call's first launch; ``gap`` is the GPU's idle time before
+    the kernel (it waited for the host where the launch came after the previous end).
+    """
+    with open(trace_path) as f:
+        events = json.load(f)["traceEvents"]
+    kernels = sorted(
+        (e for e in events if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")), key=lambda e: e["ts"]
+    )
+    launches = {
+        e["args"]["correlation"]: e["ts"]
+        for e in events
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})
+    }
+    syncs = sorted(e["ts"] for e in events if e.get("name") == "cudaDeviceSynchronize")
+    calls: dict[int, list[tuple[float, dict]]] = {}
+    for k in kernels:
+        launched = launches.get(k["args"].get("correlation"), k["ts"])
+        calls.setdefault(sum(s < launched for s in syncs), []).append((launched, k))
+    for index, items in sorted(calls.items()):
+        t0 = min(launched for launched, _ in items)
+        end, idle = None, 0.0
+        print(f"-- call {index}: launch / start / duration / GPU idle before, µs")
+        for launched, k in items:
+            gap = 0.0 if end is None else max(0.0, k["ts"] - end)
+            idle += gap
+            print(f"  {launched - t0:8.1f} {k['ts'] - t0:8.1f} {k['dur']:7.1f} {gap:6.1f}  {k['name'][:70]}")
+            end = k["ts"] + k["dur"]
+        print(f"  first launch to last end {end - t0:.1f} µs; GPU idle between kernels {idle:.1f} µs")
 
 
 if __name__ == "__main__":

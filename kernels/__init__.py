@@ -1,4 +1,4 @@
-"""dora_fused ops: factored row norm and fused compose.
+"""dora_fused ops: factored row norm, fused compose, and the LoRA up-projection fused with the compose.
 
 Each op is a ``torch.library`` custom op (``torch.ops.dora_fused.*``) with a
 fake implementation for tracing and a pure-torch implementation that runs on
@@ -20,6 +20,7 @@ from .factored_norm import (
     factored_row_norm_reference,
     factored_row_norm_torch,
 )
+from .lora_up_compose import lora_up_compose, lora_up_compose_reference
 
 __all__ = [
     "compose",
@@ -33,4 +34,6 @@ __all__ = [
     "factored_row_norm_differentiable",
     "factored_row_norm_reference",
     "factored_row_norm_torch",
+    "lora_up_compose",
+    "lora_up_compose_reference",
 ]

@@ -257,14 +257,23 @@ def _pair_products_kernel(
 
 @triton.jit
 def _gram_combine_kernel(
-    P, SCALE, G_TERMS, r, splits, TERMS: tl.constexpr, MAX_ORDER: tl.constexpr, BLOCK: tl.constexpr
+    P,
+    SCALE,
+    G_TERMS,
+    r,
+    splits,
+    TERMS: tl.constexpr,
+    MAX_ORDER: tl.constexpr,
+    SCALED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """``G = Σ_split Σ_{i+j <= MAX_ORDER} P[split]_ij / SCALE²`` as three bf16 terms ``[3, r, r]``.
 
     ``P[split]`` is ``[TERMS·r, TERMS·r]``: block ``P_ij`` is ``A_i·A_jᵀ``. Splits
     are added in a fixed order, then the blocks smallest order first (the
     dropped orders, ``2^-24`` of ``G`` and below, are under fp32's rounding).
-    ``SCALE`` is a power of two, so dividing by its square is exact.
+    ``SCALE`` (read only when ``SCALED``) is a power of two, so dividing by its
+    square is exact.
     """
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < r * r
@@ -282,8 +291,10 @@ def _gram_combine_kernel(
                         P + split * width * width + (ti * r + i) * width + tj * r + j, mask=mask, other=0.0
                     )
                 g += block
-    s = tl.load(SCALE)
-    g0, g1, g2 = _bf16_terms(g / (s * s), 3)
+    if SCALED:
+        s = tl.load(SCALE)
+        g = g / (s * s)
+    g0, g1, g2 = _bf16_terms(g, 3)
     size = r * r
     tl.store(G_TERMS + offsets, g0, mask=mask)
     tl.store(G_TERMS + size + offsets, g1, mask=mask)
@@ -328,6 +339,7 @@ def _fused_norm_kernel(
     stride_br,
     stride_uo,
     A_TERMS: tl.constexpr,
+    A_SCALED: tl.constexpr,
     B_TERMS: tl.constexpr,
     U_IN: tl.constexpr,
     W_SQUARES: tl.constexpr,
@@ -349,7 +361,7 @@ def _fused_norm_kernel(
 
     The main loop is the tensor-core product ``W·Aᵀ`` with ``W`` read in its own
     dtype. ``A`` arrives as ``A_TERMS`` stacked terms of W's dtype
-    (``[A_TERMS·r, d_in]``, ``A = Σ_t A_t / A_SCALE``); each term has its own
+    (``[A_TERMS·r, d_in]``, ``A = Σ_t A_t / A_SCALE``, read only when ``A_SCALED``); each term has its own
     accumulator, so the small terms' products are not rounded against the large
     ones', and they are added smallest first at the end. Each ``BLOCK_K`` chunk
     is one tensor-core accumulation started from zero (``BLOCK_K // SUB_K >= 2``
@@ -413,7 +425,8 @@ def _fused_norm_kernel(
     u = u0
     if A_TERMS == 3:
         u = (u2 + u1) + u0
-    u = u / tl.load(A_SCALE)
+    if A_SCALED:
+        u = u / tl.load(A_SCALE)
 
     bg = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(split * BLOCK_R, r, splits * BLOCK_R):
@@ -490,26 +503,26 @@ def triton_supports_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> bool
     return weight.dtype in (torch.bfloat16, torch.float16) and all(t.dtype in _TERMS for t in (lora_A, lora_B))
 
 
-def adapter_terms(lora_A: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def adapter_terms(lora_A: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
     """``A`` as stacked ``dtype`` terms ``[T·r, d_in]`` and a scale: ``A = Σ_t terms_t / scale``.
 
     One term when ``A`` already has ``dtype``; otherwise three, each the rounding
     of what the previous left (exact to fp32's 24 bits). bf16 terms come from one
     Triton kernel. fp16 terms are taken of ``A·scale`` with a power-of-two scale
     that puts ``max|A|`` near 2^14, so the small terms stay above fp16's
-    underflow (bf16 has fp32's range: scale 1).
+    underflow (bf16 has fp32's range: no scale). The scale is ``None`` where there
+    is none (the kernels then skip it: no tensor of ones, which costs a launch).
     """
     if lora_A.dtype == dtype:
-        return lora_A, torch.ones(1, dtype=torch.float32, device=lora_A.device)
+        return lora_A, None
     if dtype == torch.bfloat16 and lora_A.dtype == torch.float32:
-        return bf16_terms_triton(lora_A), torch.ones(1, dtype=torch.float32, device=lora_A.device)
+        return bf16_terms_triton(lora_A), None
     a = lora_A.float()
+    scale = None
     if dtype == torch.float16:
         peak = a.abs().amax().clamp_min(2.0**-100)
         scale = torch.exp2(14.0 - torch.ceil(torch.log2(peak))).reshape(1)
         a = a * scale
-    else:
-        scale = torch.ones(1, dtype=torch.float32, device=lora_A.device)
     return torch.cat(split_terms(a, dtype, 3)), scale
 
 
@@ -550,10 +563,11 @@ def gram_plan(r: int, d_in: int, a_count: int) -> tuple[int, int, int]:
     return block, triton.cdiv(d_in, k_per_split), k_per_split
 
 
-def gram_terms(a_terms: Tensor, scale: Tensor, r: int) -> Tensor:
+def gram_terms(a_terms: Tensor, scale: Tensor | None, r: int) -> Tensor:
     """``G = A·Aᵀ`` at fp32 accuracy as three bf16 terms ``[3, r, r]`` (``G = Σ_t terms[t]``).
 
-    ``a_terms`` and ``scale`` are ``adapter_terms``'s (``A = Σ_t A_t / scale``).
+    ``a_terms`` and ``scale`` are ``adapter_terms``'s (``A = Σ_t A_t / scale``, or
+    ``Σ_t A_t`` for no scale).
     Two kernels: split-K products of the stacked terms with themselves on tensor
     cores (every ``A_i·A_jᵀ`` with ``i + j <= 2``, short accumulations added in
     fp32), then their fixed-order sum, with the power-of-two ``scale²`` divided
@@ -580,7 +594,15 @@ def gram_terms(a_terms: Tensor, scale: Tensor, r: int) -> Tensor:
     )
     terms = torch.empty(3, r, r, dtype=torch.bfloat16, device=a_terms.device)
     wrap_triton(_gram_combine_kernel)[(triton.cdiv(r * r, 1024),)](
-        pairs, scale, terms, r, splits, TERMS=count, MAX_ORDER=max_order, BLOCK=1024
+        pairs,
+        pairs if scale is None else scale,  # (never read without a scale)
+        terms,
+        r,
+        splits,
+        TERMS=count,
+        MAX_ORDER=max_order,
+        SCALED=scale is not None,
+        BLOCK=1024,
     )
     return terms
 
@@ -737,7 +759,7 @@ def factored_row_norm_triton(
     wrap_triton(_fused_norm_kernel)[(plan.parts, plan.row_tiles, plan.splits)](
         weight,
         a_terms,
-        scale,
+        a_terms if scale is None else scale,  # (never read without a scale)
         lora_B,
         g_terms,
         u,
@@ -757,6 +779,7 @@ def factored_row_norm_triton(
         lora_B.stride(1),
         u.stride(0),
         A_TERMS=a_count,
+        A_SCALED=scale is not None,
         B_TERMS=_TERMS[lora_B.dtype],
         U_IN=plan.u_from_cublas,
         W_SQUARES=plan.fused_squares,

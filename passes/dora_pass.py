@@ -20,6 +20,7 @@ from .matching import NotDora, Unsupported
 from .memory import dense_norm_bytes, rewritten_norm_bytes
 from .naming import module_path
 from .patterns import FORMS, Form
+from .rewrite import fusable_lora_up, norm_position
 from .snapshot import ModuleSnapshot, graph_modules
 
 __all__ = ["DoraRewritePass", "PassOutcome"]
@@ -74,16 +75,20 @@ def _base_weight(match: object) -> Node | None:
 
 
 def _mutated_in_span(graph: Graph, anchor: Node, match: object) -> str | None:
-    """Name of an input the graph writes in place between the match's first node and its root, if any.
+    """Name of an input the graph writes in place where the replacement reads it, if any.
 
-    The replacement reads its inputs at the root; a write in between (to the
-    input, or to the tensor it views) would make it read another value.
+    The replacement reads its inputs at the root, and the inserted norm reads W,
+    A and B right after ``rewrite.norm_position`` (the base output), which may come
+    before the match's first node; a write from there to the root (to the input,
+    or to the tensor it views) would make it read another value.
     """
     order = {n: i for i, n in enumerate(graph.nodes)}
     inputs = _inputs(match)
     roots = {strip(n, ("view", "t", "detach", "to")) for n in inputs} | inputs
     # a write before the first matched node reaches the original and the replacement alike
     first = min(order[n] for n in [*match.nodes, anchor] if n in order)
+    if getattr(match, "norm", None) is not None and getattr(match, "result", None) is not None:
+        first = min(first, order[norm_position(match)])  # where insert_norm puts the norm
     for node in graph.nodes:
         if first < order[node] < order[match.root]:
             target = mutated_tensor(node)
@@ -182,6 +187,7 @@ class DoraRewritePass:
             dtypes=tuple(example_value(n).dtype for n in values if n is not None),
             symbolic_scaling=any(isinstance(s, Node) for s in scalings),
             channel_dim=getattr(match, "channel_dim", -1),
+            lora_up=fusable_lora_up(match),
         )
         impl, why = choose_ops(self.ops, facts)
         ops = form.rewrite(graph, match, impl)

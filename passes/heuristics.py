@@ -8,6 +8,11 @@ each of the two ops to insert for one module. Both compute the same math:
   launches their Triton kernels directly from the compiled code (no Python per
   call, CUDA-graph safe); the compose has a one-pass Triton backward. Off CUDA
   their bodies are plain torch.
+- ``"lora_up"`` (compose only): ``torch.ops.dora_fused.lora_up_compose``, the
+  LoRA up-projection ``h·Bᵀ`` with the compose in its epilogue (one Triton
+  kernel, no ``[tokens, d_out]`` LoRA output in memory). Inference only, where
+  ``LayerFacts.lora_up`` says it applies; it replaces the ``"triton"`` compose
+  there, and ``"auto"``'s Inductor compose on layers that take the Triton norm.
 - ``"torch"``: ``dora_fused.kernels.factored_row_norm_torch`` and
   ``compose_torch`` (``compose_reference`` with a hand-written backward), plain
   torch ops that Inductor fuses with the rest of the graph (cuBLAS for the
@@ -23,7 +28,10 @@ each of the two ops to insert for one module. Both compute the same math:
   kernel forward and one backward at the same bandwidth as the Triton kernels
   (both at the copy bandwidth), and, unlike an op with its own output, it writes
   the output over the dead base output's buffer: one ``[tokens, d_out]`` buffer
-  less at the peak. ``ops="triton"`` inserts the Triton compose.
+  less at the peak. ``ops="triton"`` inserts the Triton compose. Where no
+  gradient is needed (``LayerFacts.lora_up``), ``"lora_up"``: it writes a new
+  output in place of the LoRA output it no longer writes (the same peak), and
+  saves that output's write and read.
 """
 
 from __future__ import annotations
@@ -53,17 +61,21 @@ class LayerFacts:
     dtypes: tuple[torch.dtype, ...]  # weight, adapters, magnitude, compose inputs
     symbolic_scaling: bool = False  # s is a traced SymFloat (torch.compile(dynamic=True))
     channel_dim: int = -1  # where the output features are: -1 (Linear), 1 (Conv: channels first)
+    lora_up: bool = False  # the "lora_up" compose applies (rewrite.fusable_lora_up): inference, 16-bit B(A·x)
 
 
 Impl = Literal["triton", "torch"]
+ComposeImpl = Literal["triton", "torch", "lora_up"]
 
 
-def choose_ops(preference: OpsImpl, layer: LayerFacts) -> tuple[tuple[Impl, Impl], str]:
+def choose_ops(preference: OpsImpl, layer: LayerFacts) -> tuple[tuple[Impl, ComposeImpl], str]:
     """(norm, compose) implementations for ``layer``, and why (one line, for the record)."""
     (norm, compose), why = _choose(preference, layer)
     if layer.channel_dim != -1 and compose == "triton":
         # the Triton compose takes output features on the last dim
         return (norm, "torch"), f"{why}; channels-first output: Inductor-fused compose"
+    if layer.lora_up and norm == "triton":
+        return (norm, "lora_up"), f"{why}; no gradient: LoRA up-projection fused with the compose"
     return (norm, compose), why
 
 

@@ -108,10 +108,10 @@ def match_peft_conv(anchor: Node) -> PeftConvMatch:
 
 
 def rewrite_peft_conv(graph: Graph, match: PeftConvMatch, impl: tuple[str, str]) -> tuple[str, ...]:
-    """Insert the factored norm of W's rows and the channels-first plain-torch compose before the root."""
+    """Insert the factored norm of W's rows (after the base output) and the channels-first compose before the root."""
     norm_target, norm_name = TARGETS["norm"][impl[0]]
+    norm = insert_norm(graph, match, norm_target, match.root)
     with graph.inserting_before(match.root):
-        norm = insert_norm(graph, match, norm_target, match.root)
         shape = tuple(example_value(match.magnitude).shape)
         norm = insert_node(graph, "call_method", "view", (norm, *shape), match.root)
         composed, compose_name = insert_compose(graph, match, norm, "torch", match.root)

@@ -93,10 +93,10 @@ def match_peft_embedding(anchor: Node) -> PeftEmbeddingMatch:
 
 
 def rewrite_peft_embedding(graph: Graph, match: PeftEmbeddingMatch, impl: tuple[str, str]) -> tuple[str, ...]:
-    """Insert the factored norm and the compose before the root; retarget its users."""
+    """Insert the factored norm (after the base output) and the compose (before the root); retarget its users."""
     norm_target, norm_name = TARGETS["norm"][impl[0]]
+    norm = insert_norm(graph, match, norm_target, match.root)
     with graph.inserting_before(match.root):
-        norm = insert_norm(graph, match, norm_target, match.root)
         composed, compose_name = insert_compose(graph, match, norm, impl[1], match.root)
     replace_root(graph, match, composed)
     return norm_name, compose_name

@@ -14,7 +14,7 @@ from torch.fx import Graph, Node
 
 from dora_fused import kernels  # registers torch.ops.dora_fused.*
 
-from .graph_view import example_value
+from .graph_view import arg, example_value, op_of
 from .peft_compose import output_dtype
 from .peft_linear import PeftLinearMatch
 
@@ -22,9 +22,11 @@ __all__ = [
     "TARGETS",
     "OpsChoice",
     "erase_dead",
+    "fusable_lora_up",
     "insert_compose",
     "insert_node",
     "insert_norm",
+    "norm_position",
     "replace_root",
     "rewrite_peft_linear",
     "store_norm",
@@ -39,8 +41,11 @@ TARGETS = {
     "compose": {
         "triton": (torch.ops.dora_fused.compose.default, "dora_fused.compose"),
         "torch": (kernels.compose_torch, "torch:compose_torch"),
+        # (result, h, B, ...) in place of (result, lora, ...): see insert_compose
+        "lora_up": (torch.ops.dora_fused.lora_up_compose.default, "dora_fused.lora_up_compose"),
     },
 }
+_LORA_UP_DTYPES = (torch.bfloat16, torch.float16)
 
 OpsChoice = tuple[str, str]  # (norm implementation, compose implementation)
 
@@ -86,17 +91,44 @@ def store_norm(graph: Graph, stored: list[Node], norm: Node, like: Node) -> None
 
 def erase_dead(graph: Graph, nodes: list[Node]) -> None:
     """Erase matched nodes left without users, consumers first."""
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    for node in sorted(set(nodes), key=order.__getitem__, reverse=True):
+    for node in sorted(set(nodes), key=_positions(graph).__getitem__, reverse=True):
         if not node.users and node.op not in ("placeholder", "output"):
             graph.erase_node(node)
 
 
-def insert_norm(graph: Graph, match: object, target: object, like: Node) -> Node:
-    """``target(detach(W) as rows, detach(A), detach(B), s)`` for ``match.norm``; stored norms take its value.
+def norm_position(match: object) -> Node:
+    """The node the norm goes right after: the base layer's output, or the last of the norm's inputs if later.
 
-    An N-D ``W`` (Conv) is reshaped to its ``[d_out, K]`` rows. Call under ``graph.inserting_before``.
+    The norm reads parameters only, so any position after its inputs computes the
+    same value. Launched first, its small kernels run on an idle GPU, each waiting
+    for the host (8192² bf16 on the H100: 110-190 µs of idle GPU per forward);
+    right after the base matmul they are launched while that matmul runs. Graphs
+    run in this order under ``inner="eager"``/``"aot_eager"``, and Inductor keeps
+    it in training graphs (seen on the H100). Inference graphs Inductor reorders
+    on its own (an inference-only locality pass and a peak-memory reordering are
+    free to move the norm): there it still runs first (docs/design.md).
     """
+    low_rank = match.norm
+    candidates = [getattr(match, "result", None), low_rank.weight, low_rank.lora_A, low_rank.lora_B, low_rank.scaling]
+    nodes = {n for n in candidates if isinstance(n, Node)}
+    return max(nodes, key=_positions(next(iter(nodes)).graph).__getitem__)
+
+
+def _positions(graph: Graph) -> dict[Node, int]:
+    return {n: i for i, n in enumerate(graph.nodes)}
+
+
+def insert_norm(graph: Graph, match: object, target: object, like: Node) -> Node:
+    """``target(detach(W) as rows, detach(A), detach(B), s)`` for ``match.norm``, right after ``norm_position``.
+
+    An N-D ``W`` (Conv) is reshaped to its ``[d_out, K]`` rows. Norms PEFT's DoRA
+    cache stores (graph outputs) take its value.
+    """
+    with graph.inserting_before(norm_position(match).next):
+        return _insert_norm_here(graph, match, target, like)
+
+
+def _insert_norm_here(graph: Graph, match: object, target: object, like: Node) -> Node:
     low_rank = match.norm
     weight = insert_node(graph, "call_method", "detach", (low_rank.weight,), like)
     if example_value(low_rank.weight).dim() > 2:
@@ -108,16 +140,43 @@ def insert_norm(graph: Graph, match: object, target: object, like: Node) -> Node
     return norm
 
 
+def fusable_lora_up(match: object) -> bool:
+    """Whether the ``"lora_up"`` compose can replace ``match``'s LoRA up-projection and compose.
+
+    The DoRA output needs no gradient (the op has no backward); the LoRA output is
+    ``linear(h, B)`` with no bias, read by nothing but the compose; ``result``,
+    ``h`` and ``B`` are 16-bit (``h`` and ``B`` of one dtype: tensor-core
+    operands); a Linear's output (features last) and a float ``s``.
+    """
+    lora = getattr(match, "lora", None)
+    if getattr(match, "base", None) is not None or getattr(match, "channel_dim", -1) != -1 or lora is None:
+        return False
+    if op_of(lora) != "linear" or arg(lora, 2, "bias") is not None or not isinstance(match.scaling, float):
+        return False
+    if any(user not in match.nodes for user in lora.users):
+        return False
+    root, result, hidden, lora_B = (example_value(n) for n in (match.root, match.result, lora.args[0], lora.args[1]))
+    if any(v is None for v in (root, result, hidden, lora_B)) or root.requires_grad:
+        return False
+    return result.dtype in _LORA_UP_DTYPES and hidden.dtype in _LORA_UP_DTYPES and hidden.dtype == lora_B.dtype
+
+
 def insert_compose(graph: Graph, match: object, norm: Node, impl: str, like: Node) -> tuple[Node, str]:
     """The compose of ``TARGETS["compose"][impl]`` for ``match`` with ``norm``, and its name for the record.
 
     With a separate base output (dropout active) only the plain-torch
-    ``compose_with_base_torch`` applies. Call under ``graph.inserting_before``.
+    ``compose_with_base_torch`` applies. ``"lora_up"`` (where ``fusable_lora_up``)
+    reads ``h`` and ``B`` of the LoRA output ``linear(h, B)`` in its place.
+    Call under ``graph.inserting_before``.
     """
     base, bias = getattr(match, "base", None), getattr(match, "bias", None)
     if base is not None:
         target, name = kernels.compose_with_base_torch, "torch:compose_with_base_torch"
         args = (match.result, base, match.lora, match.magnitude, norm, match.scaling)
+    elif impl == "lora_up":
+        target, name = TARGETS["compose"][impl]
+        hidden, lora_B = match.lora.args[:2]
+        args = (match.result, hidden, lora_B, match.magnitude, norm, bias, match.scaling)
     else:
         target, name = TARGETS["compose"][impl]
         args = (match.result, match.lora, match.magnitude, norm, bias, match.scaling)
@@ -125,21 +184,22 @@ def insert_compose(graph: Graph, match: object, norm: Node, impl: str, like: Nod
 
 
 def replace_root(graph: Graph, match: object, composed: Node) -> None:
-    """Move the root's users to ``composed`` and erase what the match left unused."""
+    """Move the root's users to ``composed`` and erase what the match left unused (and its LoRA output)."""
     match.root.replace_all_uses_with(composed)
-    erase_dead(graph, match.nodes)
+    lora = getattr(match, "lora", None)
+    erase_dead(graph, [*match.nodes, *([lora] if isinstance(lora, Node) else [])])
 
 
 def rewrite_peft_linear(
     graph: Graph, match: PeftLinearMatch, impl: OpsChoice = ("triton", "triton")
 ) -> tuple[str, ...]:
-    """Insert the factored norm and the compose (``TARGETS[op][impl]``) before the root; retarget its users.
+    """Insert the factored norm (after the base output) and the compose (before the root); retarget the root's users.
 
     Returns the names of what was inserted, for the record.
     """
     norm_target, norm_name = TARGETS["norm"][impl[0]]
+    norm = insert_norm(graph, match, norm_target, match.root)
     with graph.inserting_before(match.root):
-        norm = insert_norm(graph, match, norm_target, match.root)
         composed, compose_name = insert_compose(graph, match, norm, impl[1], match.root)
     replace_root(graph, match, composed)
     return norm_name, compose_name

@@ -119,6 +119,23 @@ def test_rewritten_graph_has_no_dense_product_and_no_eye(train, ops):
     assert targets.count(norm) == len(records) and targets.count(compose) == len(records)
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_norm_is_placed_right_after_the_base_output(train):
+    """The norm reads parameters only; right after the base matmul its launches overlap that matmul's run."""
+    model = tiny_llama_dora(torch.bfloat16, None).train(train)
+    [(_, gm, outcome)] = _capture(model, inputs_embeds=_embeds(torch.bfloat16), ops="triton")
+    nodes = list(gm.graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    norms = [n for n in nodes if n.target is TARGETS["norm"]["triton"][0]]
+    assert len(norms) == len(dora_module_names(model)) and outcome.error is None
+    for norm in norms:
+        compose = next(u for u in norm.users if u.target is TARGETS["compose"]["triton"][0])
+        result, lora = compose.args[0], compose.args[1]
+        between = nodes[position[result] + 1 : position[norm]]
+        assert between and all(op_of(n) == "detach" and n.users == {norm: None} for n in between), between
+        assert position[norm] < position[lora.args[0]]  # before both LoRA matmuls
+
+
 def _plain_llama():
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))

@@ -10,7 +10,7 @@ from helpers import TINY_LLAMA, assert_close, dora_module_names, relative_error,
 from peft import LoraConfig, get_peft_model
 
 import dora_fused
-from dora_fused.kernels import compose, factored_row_norm
+from dora_fused.kernels import compose, factored_row_norm, lora_up_compose
 from dora_fused.kernels.factored_norm import dense_row_norm_reference, gram_fp32, gram_triton
 
 pytestmark = pytest.mark.gpu
@@ -60,6 +60,27 @@ def test_gram_full_size_is_fp32_exact(d_in, adapter_dtype):
     ours = (gram_triton(a).double() - exact).abs().max().item()
     fp32_product = (gram_fp32(a).double() - exact).abs().max().item()
     assert ours <= max(4e-7 * scale, 1.5 * fp32_product), f"{ours:.3g} vs fp32 product {fp32_product:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d_out,r", [(8192, 384), (14336, 16), (4096, 384)])
+def test_lora_up_compose_full_size_matches_fp64(d_out, r, dtype):
+    """The fused up-projection and compose at full size, eager and compiled (4096 + 3 tokens: a ragged tile)."""
+    gen = torch.Generator(device="cuda").manual_seed(d_out + r)
+    result = (torch.randn(4099, d_out, device="cuda", generator=gen) * 2).to(dtype)
+    hidden = torch.randn(4099, r, device="cuda", generator=gen).to(dtype)
+    lora_B = (torch.randn(d_out, r, device="cuda", generator=gen) / r**0.5).to(dtype)
+    m = (torch.rand(d_out, device="cuda", generator=gen) + 0.5).to(dtype)
+    n = torch.rand(d_out, device="cuda", generator=gen) + 0.5
+    bias = torch.randn(d_out, device="cuda", generator=gen).to(dtype)
+    out = lora_up_compose(result, hidden, lora_B, m, n, bias, 1.5, dtype)
+    g = m.double() / n.double()
+    exact = g * (result.double() - bias.double() + 1.5 * (hidden.double() @ lora_B.double().T)) + bias.double()
+    accumulation = r * 2**-24 * g * 1.5 * (hidden.double().abs() @ lora_B.double().abs().T)
+    fp32_math = 2**-22 * exact.abs()  # g = m / n and the compose in fp32, before the one rounding
+    assert ((out.double() - exact).abs() <= 0.5 * torch.finfo(dtype).eps * exact.abs() + fp32_math + accumulation).all()
+    compiled = torch.compile(lora_up_compose, fullgraph=True)
+    assert torch.equal(compiled(result, hidden, lora_B, m, n, bias, 1.5, dtype), out)
 
 
 def test_compose_full_size_matches_fp64():

@@ -14,6 +14,7 @@ from helpers import (
     assert_close,
     dora_module_names,
     perturb_magnitudes,
+    relative_error,
     tiny_llama_dora,
 )
 from peft import LoraConfig, get_peft_model
@@ -62,6 +63,29 @@ def test_dropout_in_training_keeps_peft_semantics(inner, device):
     assert_close(out, want, rtol=2e-5, atol=2e-6, what="logits")
     for name, grad in _grads(model).items():
         assert_close(got[name], grad, rtol=1e-4, atol=1e-6, what=name)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, None], ids=["bf16-adapters", "fp32-adapters"])
+def test_inference_fuses_the_lora_up_projection_with_the_compose(device, adapter_dtype):
+    """Under no_grad, 16-bit ``linear(h, B)`` and the compose become one op; with gradients, or fp32
+    adapters, the compose stays apart. All match eager."""
+    model = tiny_llama_dora(torch.bfloat16, adapter_dtype).to(device).eval()
+    embeds = torch.randn(1, 7, TINY_LLAMA["hidden_size"], device=device).bfloat16()
+    backend = dora_fused.backend(ops="triton")
+    with torch.no_grad():
+        inference = torch.compile(model, backend=backend)(inputs_embeds=embeds).logits
+        want = model(inputs_embeds=embeds).logits
+    report = dora_fused.last_report()
+    assert set(report.rewritten) == dora_module_names(model)
+    fused = "dora_fused.lora_up_compose" if adapter_dtype is not None else "dora_fused.compose"
+    assert {m.ops[1] for m in report.modules} == {fused}
+    torch._dynamo.reset()
+    training = torch.compile(model, backend=backend)(inputs_embeds=embeds).logits
+    assert {m.ops[1] for m in dora_fused.last_report().modules} == {"dora_fused.compose"}
+    # bf16 logits: eager rounds n, g and the LoRA output to bf16; the fused op rounds once
+    assert relative_error(inference, want) < 2e-2
+    assert relative_error(inference, training.detach()) < 1e-2
 
 
 @pytest.mark.parametrize("r", [1, 40])  # rank 1 and rank >= d_in / 2 (d_in = 48 or 88)
@@ -442,6 +466,29 @@ def test_an_input_mutated_between_the_norm_and_its_use_is_left_alone():
     assert "modified in place between the norm and its use" in reason
     assert_close(out, reference(x), rtol=0, atol=0, what="mutating module")
     assert torch.equal(module.A, reference.A)
+
+
+def test_a_write_to_an_adapter_after_the_base_output_is_left_alone(monkeypatch):
+    """The rewrite reads W, A and B right after the base output; PEFT's DoRA writing A after it blocks it."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    original = DoraLinearLayer.forward
+
+    def scales_a_first(self, x, *, lora_A, **kwargs):
+        lora_A.weight.mul_(1.5)  # after `result = base_layer(x)`, before the norm
+        return original(self, x, lora_A=lora_A, **kwargs)
+
+    monkeypatch.setattr(DoraLinearLayer, "forward", scales_a_first)
+    model = tiny_llama_dora(torch.float32, torch.float32).eval()
+    reference = copy.deepcopy(model)
+    embeds = torch.randn(1, 5, TINY_LLAMA["hidden_size"])
+    with torch.no_grad():
+        out = torch.compile(model, backend="dora_fused")(inputs_embeds=embeds).logits
+        want = reference(inputs_embeds=embeds).logits
+    report = dora_fused.last_report()
+    assert report.rewritten == [] and len(report.skipped) == len(dora_module_names(model))
+    assert all("modified in place" in reason for _, reason in report.skipped)
+    assert_close(out, want, rtol=1e-5, atol=1e-6, what="logits")
 
 
 def test_an_in_place_write_before_the_dora_computation_does_not_block_the_rewrite():

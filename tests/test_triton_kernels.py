@@ -28,6 +28,7 @@ from dora_fused.kernels.factored_norm import (
     gram_fp32,
     gram_triton,
 )
+from dora_fused.kernels.lora_up_compose import lora_up_compose_reference, lora_up_compose_triton
 
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1")),
@@ -136,7 +137,8 @@ def test_adapter_terms_rebuild_fp32_adapters(device, dtype):
     a = torch.randn(7, 300, device=device, generator=gen) * torch.logspace(-6, 1, 300, device=device)
     terms, scale = adapter_terms(a, dtype)
     assert terms.dtype == dtype and terms.shape == (21, 300)
-    rebuilt = terms.double().view(3, 7, 300).sum(0) / scale.double()
+    rebuilt = terms.double().view(3, 7, 300).sum(0) / (1.0 if scale is None else scale.double())
+    assert (scale is None) == (dtype == torch.bfloat16)  # bf16 has fp32's range: no scale
     assert ((rebuilt - a.double()).abs() <= 2**-23 * a.double().abs() + 2**-24 * a.double().abs().max() * 2**-14).all()
 
 
@@ -218,6 +220,37 @@ def test_compose_kernel_is_stable_near_unity(device, dtype):
     naive_ulps = ((naive.double() - exact).abs() / ulp)[visible]
     assert fused_ulps.max() <= _ulp_slack(dtype, device) + 1e-2, f"kernel off by {fused_ulps.max():.3f} ulp"
     assert (naive_ulps > 0.5 + 1e-2).float().mean() > 0.05, "the naive form was expected to lose bits here"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens,d_out,r", [((1,), 1, 1), ((3, 37), 129, 5), ((300,), 20, 40), ((130,), 45, 150)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_lora_up_compose_kernel_matches_fp64(device, dtype, tokens, d_out, r, with_bias):
+    """``g·(result - b + s·h·Bᵀ) + b``: the product accumulated in fp32, composed, rounded once."""
+    gen = _gen(device, "lora_up", dtype, tokens, d_out, r, with_bias)
+    result = (torch.randn(*tokens, d_out, device=device, generator=gen) * 3).to(dtype)
+    hidden = torch.randn(*tokens, r, device=device, generator=gen).to(dtype)
+    lora_B = (torch.randn(d_out, r, device=device, generator=gen) / r**0.5).to(dtype)
+    m = (torch.rand(d_out, device=device, generator=gen) + 0.5).to(dtype)
+    n = torch.rand(d_out, device=device, generator=gen) + 0.5
+    bias = torch.randn(d_out, device=device, generator=gen).to(dtype) if with_bias else None
+    s = 0.75
+
+    out = lora_up_compose_triton(result, hidden, lora_B, m, n, bias, s, dtype)
+    assert out.dtype == dtype and out.shape == result.shape
+    g = m.double() / n.double()
+    b64 = bias.double() if with_bias else 0.0
+    lora = hidden.double() @ lora_B.double().T
+    exact = g * (result.double() - b64 + s * lora) + b64
+    ulp = torch.finfo(dtype).eps * exact.abs()
+    # fp32 accumulation of r exact products: at most r·2^-24 of Σ|h·B| (times g·s)
+    accumulation = r * 2**-24 * g * s * (hidden.double().abs() @ lora_B.double().abs().T)
+    fp32_math = 2**-22 * exact.abs()  # g = m / n and the compose in fp32, before the one rounding
+    assert ((out.double() - exact).abs() <= _ulp_slack(dtype, device) * ulp + fp32_math + accumulation + 1e-30).all()
+    # never less precise than the unfused path (LoRA output rounded to the adapter dtype, then composed)
+    unfused = lora_up_compose_reference(result, hidden, lora_B, m, n, bias, s, dtype)
+    assert (out.double() - exact).abs().max() <= (unfused.double() - exact).abs().max() + ulp.max()
 
 
 def test_triton_dtype_support():
