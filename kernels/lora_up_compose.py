@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .compose import _scale_and_bias, compose_reference
+from .compose import _rows, _scale_and_bias, compose_reference
 
 __all__ = [
     "lora_up_compose",
@@ -170,10 +170,8 @@ def lora_up_compose_triton(
     config: dict[str, int] | None = None,
 ) -> Tensor:
     """The fused up-projection and compose as one Triton kernel; ``config`` overrides ``lora_up_config``."""
-    n, r = lora_B.shape
-    res = result.contiguous().view(-1, n)
-    h = hidden.reshape(-1, r)
-    t = res.shape[0]
+    res, h = _rows(result), hidden.reshape(-1, hidden.shape[-1])
+    (t, n), r = res.shape, h.shape[1]
     out = torch.empty(result.shape, dtype=out_dtype, device=result.device)
     cfg = config if config is not None else lora_up_config(r)
     grid = (triton.cdiv(t, cfg["BLOCK_T"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
