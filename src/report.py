@@ -167,6 +167,7 @@ _OP_LABELS = {
     "dora_fused.factored_row_norm": "norm: triton",
     "torch:factored_row_norm_torch": "norm: torch",
     "dora_fused.compose": "compose: triton",
+    "dora_fused.lora_up_compose": "compose: triton + LoRA up-projection",
     "torch:compose_torch": "compose: torch",
     "torch:compose_with_base_torch": "compose: torch (dropout base)",
 }

@@ -80,6 +80,7 @@ def test_inference_fuses_the_lora_up_projection_with_the_compose(device, adapter
     assert set(report.rewritten) == dora_module_names(model)
     fused = "dora_fused.lora_up_compose" if adapter_dtype is not None else "dora_fused.compose"
     assert {m.ops[1] for m in report.modules} == {fused}
+    assert ("compose: triton + LoRA up-projection" in str(report)) == (adapter_dtype is not None)
     torch._dynamo.reset()
     training = torch.compile(model, backend=backend)(inputs_embeds=embeds).logits
     assert {m.ops[1] for m in dora_fused.last_report().modules} == {"dora_fused.compose"}
