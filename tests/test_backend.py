@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn as nn
-from helpers import TINY_LLAMA, HandWrittenDora, assert_close, dora_module_names, tiny_llama_dora
+from helpers import TINY_LLAMA, HandWrittenDora, assert_close, dora_module_names, relative_error, tiny_llama_dora
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -221,6 +221,20 @@ def test_varying_sequence_length_recompiles_once_and_stays_rewritten():
         embeds = torch.randn(1, seq, TINY_LLAMA["hidden_size"])
         assert_close(compiled(inputs_embeds=embeds).logits, model(inputs_embeds=embeds).logits, rtol=2e-5, atol=2e-6)
         assert set(dora_fused.last_report().rewritten) == dora_module_names(model)
+    assert len(dora_fused.reports()) == before + 2
+
+
+def test_inference_with_varying_sequence_length_keeps_the_fused_up_projection():
+    """no_grad, bf16 adapters: the fused up-projection op traces with a symbolic token count."""
+    model = tiny_llama_dora(torch.bfloat16, torch.bfloat16).eval()
+    compiled = torch.compile(model, backend=dora_fused.backend(ops="triton"))
+    before = len(dora_fused.reports())
+    for seq in (5, 9, 13):
+        embeds = torch.randn(1, seq, TINY_LLAMA["hidden_size"]).bfloat16()
+        with torch.no_grad():
+            got, want = compiled(inputs_embeds=embeds).logits, model(inputs_embeds=embeds).logits
+        assert relative_error(got, want) < 2e-2
+        assert {m.ops[1] for m in dora_fused.last_report().modules} == {"dora_fused.lora_up_compose"}
     assert len(dora_fused.reports()) == before + 2
 
 

@@ -177,6 +177,8 @@ def test_reduce_overhead_and_dynamic_token_counts(adapter_fp32):
             want = model(x)
         assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item(), what=f"{tokens} tokens")
         assert all(r.ops[0] == "dora_fused.factored_row_norm" for r in dora_fused.last_report().modules)
+        compose = "torch:compose_torch" if adapter_fp32 else "dora_fused.lora_up_compose"  # fused: 16-bit adapters
+        assert all(r.ops[1] == compose for r in dora_fused.last_report().modules)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # static first size, then one dynamic graph
 
 
