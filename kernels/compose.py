@@ -282,6 +282,12 @@ def triton_supports_compose(result: Tensor, lora: Tensor, magnitude: Tensor, wei
     return all(t.dtype in _TRITON_DTYPES for t in (result, lora, magnitude, weight_norm))
 
 
+def _feature_vectors(magnitude: Tensor, weight_norm: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernels' ``MAG``, ``NORM``, ``BIAS`` pointers: contiguous ``[N]`` vectors (``m`` again for no bias,
+    never read then)."""
+    return magnitude.contiguous(), weight_norm.contiguous(), bias.contiguous() if bias is not None else magnitude
+
+
 def _rows(t: Tensor) -> Tensor:
     """``t`` as a contiguous ``[T, N]`` matrix (a view when it already is one)."""
     return t.contiguous().view(-1, t.shape[-1])
@@ -304,9 +310,7 @@ def compose_forward_triton(
     wrap_triton(_compose_fwd_kernel)[grid](
         res,
         lo,
-        magnitude.contiguous(),
-        weight_norm.contiguous(),
-        bias.contiguous() if bias is not None else magnitude,
+        *_feature_vectors(magnitude, weight_norm, bias),
         out,
         t,
         n,
@@ -341,9 +345,7 @@ def compose_backward_triton(
         dy,
         res,
         lo,
-        magnitude.contiguous(),
-        weight_norm.contiguous(),
-        bias.contiguous() if bias is not None else magnitude,
+        *_feature_vectors(magnitude, weight_norm, bias),
         d_result,
         d_lora,
         v_partial,

@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .compose import _rows, _scale_and_bias, compose_reference
+from .compose import _feature_vectors, _rows, _scale_and_bias, compose_reference
 
 __all__ = [
     "lora_up_compose",
@@ -179,9 +179,7 @@ def lora_up_compose_triton(
         res,
         h,
         lora_B,
-        magnitude.contiguous(),
-        weight_norm.contiguous(),
-        bias.contiguous() if bias is not None else magnitude,
+        *_feature_vectors(magnitude, weight_norm, bias),
         out,
         t,
         n,
