@@ -217,7 +217,7 @@ def _dot_terms(x0, x1, x2, y0, y1, y2, acc, X_TERMS: tl.constexpr, Y_TERMS: tl.c
 
 @triton.jit
 def _pair_products_kernel(
-    X, P, n, d_in, r, k_per_split, stride_xn, stride_xk, MAX_ORDER: tl.constexpr, BLOCK: tl.constexpr,
+    X, P, AFTER, n, d_in, r, k_per_split, stride_xn, stride_xk, MAX_ORDER: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``P[split] = X[:, K_split]·X[:, K_split]ᵀ`` (fp32) for a stack ``X = [A_0; A_1; …]`` of ``[r, d_in]`` terms.
@@ -228,6 +228,7 @@ def _pair_products_kernel(
     over ``d_in`` loses bits: with ``G`` from one cuBLAS product of the terms, the
     norm was 1.2e-6 to 1.3e-5 off fp64 on the H100 (2e-7 with this kernel).
     Tiles lying wholly in blocks ``A_i·A_jᵀ`` with ``i + j > MAX_ORDER`` are skipped.
+    ``AFTER`` is never read (``after`` of ``factored_row_norm_triton``).
     """
     HALF: tl.constexpr = BLOCK_K // 2
     ti = tl.program_id(0)
@@ -302,8 +303,13 @@ def _gram_combine_kernel(
 
 
 @triton.jit
-def _bf16_split_kernel(X, TERMS, rows, cols, stride_xr, stride_xc, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``TERMS[t·rows + i, j]`` = the ``t``-th bf16 term of ``X[i, j]`` (three terms carry fp32 exactly)."""
+def _bf16_split_kernel(
+    X, TERMS, AFTER, rows, cols, stride_xr, stride_xc, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+):  # fmt: skip
+    """``TERMS[t·rows + i, j]`` = the ``t``-th bf16 term of ``X[i, j]`` (three terms carry fp32 exactly).
+
+    ``AFTER`` is never read (``after`` of ``factored_row_norm_triton``).
+    """
     rs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rs < rows)[:, None] & (cs < cols)[None, :]
@@ -457,8 +463,13 @@ def _fused_norm_kernel(
 
 
 @triton.jit
-def _row_squares_kernel(W, WSQ, d_out, d_in, stride_wo, stride_wi, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``WSQ[i] = Σ_k W_ik²`` in fp32 (``‖W‖²`` in its own pass, for ``W_SQUARES=False``)."""
+def _row_squares_kernel(
+    W, WSQ, AFTER, d_out, d_in, stride_wo, stride_wi, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
+):  # fmt: skip
+    """``WSQ[i] = Σ_k W_ik²`` in fp32 (``‖W‖²`` in its own pass, for ``W_SQUARES=False``).
+
+    ``AFTER`` is never read (``after`` of ``factored_row_norm_triton``).
+    """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < d_out
     squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
@@ -503,7 +514,7 @@ def triton_supports_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> bool
     return weight.dtype in (torch.bfloat16, torch.float16) and all(t.dtype in _TERMS for t in (lora_A, lora_B))
 
 
-def adapter_terms(lora_A: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+def adapter_terms(lora_A: Tensor, dtype: torch.dtype, after: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """``A`` as stacked ``dtype`` terms ``[T·r, d_in]`` and a scale: ``A = Σ_t terms_t / scale``.
 
     One term when ``A`` already has ``dtype``; otherwise three, each the rounding
@@ -512,11 +523,12 @@ def adapter_terms(lora_A: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | 
     that puts ``max|A|`` near 2^14, so the small terms stay above fp16's
     underflow (bf16 has fp32's range: no scale). The scale is ``None`` where there
     is none (the kernels then skip it: no tensor of ones, which costs a launch).
+    ``after``: see ``factored_row_norm_triton`` (bf16 terms only).
     """
     if lora_A.dtype == dtype:
         return lora_A, None
     if dtype == torch.bfloat16 and lora_A.dtype == torch.float32:
-        return bf16_terms_triton(lora_A), None
+        return bf16_terms_triton(lora_A, after), None
     a = lora_A.float()
     scale = None
     if dtype == torch.float16:
@@ -526,12 +538,17 @@ def adapter_terms(lora_A: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | 
     return torch.cat(split_terms(a, dtype, 3)), scale
 
 
-def bf16_terms_triton(x: Tensor) -> Tensor:
-    """An fp32 ``[rows, cols]`` matrix as its three bf16 terms stacked ``[3·rows, cols]`` (one kernel)."""
+def bf16_terms_triton(x: Tensor, after: Tensor | None = None) -> Tensor:
+    """An fp32 ``[rows, cols]`` matrix as its three bf16 terms stacked ``[3·rows, cols]`` (one kernel).
+
+    ``after``: see ``factored_row_norm_triton``.
+    """
     rows, cols = x.shape
     terms = torch.empty(3 * rows, cols, dtype=torch.bfloat16, device=x.device)
     grid = (triton.cdiv(rows, 32), triton.cdiv(cols, 128))
-    wrap_triton(_bf16_split_kernel)[grid](x, terms, rows, cols, x.stride(0), x.stride(1), BLOCK_R=32, BLOCK_C=128)
+    wrap_triton(_bf16_split_kernel)[grid](
+        x, terms, x if after is None else after, rows, cols, x.stride(0), x.stride(1), BLOCK_R=32, BLOCK_C=128
+    )
     return terms
 
 
@@ -563,7 +580,7 @@ def gram_plan(r: int, d_in: int, a_count: int) -> tuple[int, int, int]:
     return block, triton.cdiv(d_in, k_per_split), k_per_split
 
 
-def gram_terms(a_terms: Tensor, scale: Tensor | None, r: int) -> Tensor:
+def gram_terms(a_terms: Tensor, scale: Tensor | None, r: int, after: Tensor | None = None) -> Tensor:
     """``G = A·Aᵀ`` at fp32 accuracy as three bf16 terms ``[3, r, r]`` (``G = Σ_t terms[t]``).
 
     ``a_terms`` and ``scale`` are ``adapter_terms``'s (``A = Σ_t A_t / scale``, or
@@ -571,7 +588,7 @@ def gram_terms(a_terms: Tensor, scale: Tensor | None, r: int) -> Tensor:
     Two kernels: split-K products of the stacked terms with themselves on tensor
     cores (every ``A_i·A_jᵀ`` with ``i + j <= 2``, short accumulations added in
     fp32), then their fixed-order sum, with the power-of-two ``scale²`` divided
-    out, split into bf16 terms.
+    out, split into bf16 terms. ``after``: see ``factored_row_norm_triton``.
     """
     n, d_in = a_terms.shape
     count = n // r
@@ -581,6 +598,7 @@ def gram_terms(a_terms: Tensor, scale: Tensor | None, r: int) -> Tensor:
     wrap_triton(_pair_products_kernel)[(triton.cdiv(n, block), triton.cdiv(n, block), splits)](
         a_terms,
         pairs,
+        a_terms if after is None else after,
         n,
         d_in,
         r,
@@ -662,12 +680,23 @@ def norm_splits(tiles: int, d_in: int, multiprocessors: int) -> int:
     return best if multiprocessors > 1 else 1
 
 
-def row_squares_triton(weight: Tensor, out: Tensor | None = None) -> Tensor:
-    """``‖W_i‖²`` for every row, fp32 ``[d_out]`` (``out`` may be a ``[1, d_out]`` buffer)."""
+def row_squares_triton(weight: Tensor, out: Tensor | None = None, after: Tensor | None = None) -> Tensor:
+    """``‖W_i‖²`` for every row, fp32 ``[d_out]`` (``out`` may be a ``[1, d_out]`` buffer).
+
+    ``after``: see ``factored_row_norm_triton``.
+    """
     d_out, d_in = weight.shape
     out = torch.empty(d_out, dtype=torch.float32, device=weight.device) if out is None else out
     wrap_triton(_row_squares_kernel)[(triton.cdiv(d_out, 4),)](
-        weight, out, d_out, d_in, weight.stride(0), weight.stride(1), BLOCK_M=4, BLOCK_K=512
+        weight,
+        out,
+        weight if after is None else after,
+        d_out,
+        d_in,
+        weight.stride(0),
+        weight.stride(1),
+        BLOCK_M=4,
+        BLOCK_K=512,
     )
     return out
 
@@ -722,7 +751,12 @@ def norm_plan(
 
 
 def factored_row_norm_triton(
-    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, config: dict[str, object] | None = None
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    config: dict[str, object] | None = None,
+    after: Tensor | None = None,
 ) -> Tensor:
     """The factored norm on a GPU; fp32 ``[d_out]``.
 
@@ -738,15 +772,23 @@ def factored_row_norm_triton(
       rounded square root.
 
     Working memory: ``NormPlan.workspace_bytes``, ``O(d_out·r + r·d_in + r²)``.
+
+    ``after``, a tensor the norm does not read, orders it after the kernel that
+    writes ``after``: each kernel that starts a chain of the norm (the terms, the
+    Gram products, the row squares) takes it as an argument it never loads, and
+    Inductor schedules a kernel after the producers of all its tensor arguments.
+    The rewrite passes the base layer's output, so the norm's launches overlap
+    the base matmul instead of holding up an idle GPU (docs/design.md). Not
+    ordered: the few plain-torch ops that scale fp32 adapters for an fp16 ``W``.
     """
     if not triton_supports_norm(weight, lora_A, lora_B):
         raise ValueError(f"the Triton norm takes a bf16/fp16 weight and 16/32-bit adapters, not {weight.dtype}")
     d_out, d_in = weight.shape
     r = lora_A.shape[0]
-    a_terms, scale = adapter_terms(lora_A, weight.dtype)
+    a_terms, scale = adapter_terms(lora_A, weight.dtype, after)
     a_count = a_terms.shape[0] // r
     plan = norm_plan(d_out, d_in, r, a_count, _multiprocessors(weight.device), config)
-    g_terms = gram_terms(a_terms, scale, r)
+    g_terms = gram_terms(a_terms, scale, r, after)
     norm = torch.empty(d_out, dtype=torch.float32, device=weight.device)
     finish = plan.finish_in_kernel
     shares = plan.splits * plan.parts
@@ -754,7 +796,7 @@ def factored_row_norm_triton(
     wsq_parts = plan.splits if plan.fused_squares else 1
     w_squared = norm if finish else torch.empty(wsq_parts, d_out, dtype=torch.float32, device=weight.device)
     if not plan.fused_squares:
-        row_squares_triton(weight, out=w_squared)
+        row_squares_triton(weight, out=w_squared, after=after)
     u = _products(weight, a_terms) if plan.u_from_cublas else norm  # (a placeholder when the kernel forms U)
     wrap_triton(_fused_norm_kernel)[(plan.parts, plan.row_tiles, plan.splits)](
         weight,
@@ -798,19 +840,26 @@ def factored_row_norm_triton(
 
 
 @triton_op("dora_fused::factored_row_norm", mutates_args=())
-def _factored_row_norm_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+def _factored_row_norm_op(
+    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, after: Tensor | None = None
+) -> Tensor:
     torch._check(weight.dim() == 2 and lora_A.dim() == 2 and lora_B.dim() == 2)
     torch._check(lora_A.shape[1] == weight.shape[1] and lora_B.shape[0] == weight.shape[0])
     torch._check(lora_A.shape[0] == lora_B.shape[1])
     if weight.is_cuda and triton_supports_norm(weight, lora_A, lora_B):
-        return factored_row_norm_triton(weight, lora_A, lora_B, scaling)
+        ordered = after is not None and after.device == weight.device
+        return factored_row_norm_triton(weight, lora_A, lora_B, scaling, after=after if ordered else None)
     return factored_row_norm_torch(weight, lora_A, lora_B, scaling)
 
 
-def factored_row_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+def factored_row_norm(
+    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, after: Tensor | None = None
+) -> Tensor:
     """``||W + s·B·A||_row`` for ``W [d_out, d_in]``, ``A [r, d_in]``, ``B [d_out, r]``.
 
     Returns ``[d_out]`` in the accumulation dtype (fp32, or fp64 for fp64
-    inputs). Not differentiable: callers detach, as DoRA does.
+    inputs). Not differentiable: callers detach, as DoRA does. ``after`` is
+    never read; in compiled code the norm's kernels run after whatever writes it
+    (``factored_row_norm_triton``).
     """
-    return torch.ops.dora_fused.factored_row_norm(weight, lora_A, lora_B, float(scaling))
+    return torch.ops.dora_fused.factored_row_norm(weight, lora_A, lora_B, float(scaling), after)

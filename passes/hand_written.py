@@ -38,7 +38,7 @@ from dora_fused import kernels
 
 from .graph_view import arg, example_value, op_of, single_user, strip
 from .matching import CASTS, LowRankSum, NotDora, Unsupported, commuted, match_low_rank_sum, norm_input
-from .rewrite import TARGETS, erase_dead, insert_node
+from .rewrite import TARGETS, erase_dead, insert_node, norm_order_args
 
 __all__ = ["FORM", "HandWrittenMatch", "match_hand_written", "rewrite_hand_written"]
 
@@ -166,23 +166,22 @@ def rewrite_hand_written(graph: Graph, match: HandWrittenMatch, impl: tuple[str,
                 insert_node(graph, "call_method", "t", (n,), root)
                 for n in (low_rank.weight, low_rank.lora_B, low_rank.lora_A)
             )
+        if match.columns:  # x @ W and (x @ B) @ A
+            project, down_weight, up_weight = torch.matmul, low_rank.lora_B, low_rank.lora_A
+        else:
+            project, down_weight, up_weight = torch.nn.functional.linear, low_rank.lora_A, low_rank.lora_B
+        base = insert_node(graph, "call_function", project, (match.x, low_rank.weight), root)
         if match.detached:
             norm_target, norm_name = TARGETS["norm"][impl[0]]
             inputs = [insert_node(graph, "call_method", "detach", (n,), root) for n in operands]
+            after = norm_order_args(graph, norm_target, base, root)  # launched after the base matmul
+            norm = insert_node(graph, "call_function", norm_target, (*inputs, s, *after), root)
         else:  # the norm carries gradient: the differentiable plain-torch factored norm
             norm_target, norm_name = kernels.factored_row_norm_differentiable, "torch:factored_row_norm_differentiable"
-            inputs = list(operands)
-        norm = insert_node(graph, "call_function", norm_target, (*inputs, s), root)
+            norm = insert_node(graph, "call_function", norm_target, (*operands, s), root)
         m = insert_node(graph, "call_method", "reshape", (match.magnitude, -1), root)
-        if match.columns:  # x @ W and (x @ B) @ A
-            base = insert_node(graph, "call_function", torch.matmul, (match.x, low_rank.weight), root)
-            down = insert_node(graph, "call_function", torch.matmul, (match.x, low_rank.lora_B), root)
-            lora = insert_node(graph, "call_function", torch.matmul, (down, low_rank.lora_A), root)
-        else:
-            linear = torch.nn.functional.linear
-            base = insert_node(graph, "call_function", linear, (match.x, low_rank.weight), root)
-            down = insert_node(graph, "call_function", linear, (match.x, low_rank.lora_A), root)
-            lora = insert_node(graph, "call_function", linear, (down, low_rank.lora_B), root)
+        down = insert_node(graph, "call_function", project, (match.x, down_weight), root)
+        lora = insert_node(graph, "call_function", project, (down, up_weight), root)
         out = insert_node(graph, "call_function", kernels.compose_torch, (base, lora, m, norm, None, s, dtype), root)
         if match.bias is not None:
             out = insert_node(graph, "call_function", torch.add, (out, match.bias), root)

@@ -26,6 +26,7 @@ __all__ = [
     "insert_compose",
     "insert_node",
     "insert_norm",
+    "norm_order_args",
     "norm_position",
     "replace_root",
     "rewrite_peft_linear",
@@ -103,10 +104,10 @@ def norm_position(match: object) -> Node:
     same value. Launched first, its small kernels run on an idle GPU, each waiting
     for the host (8192² bf16 on the H100: 110-190 µs of idle GPU per forward);
     right after the base matmul they are launched while that matmul runs. Graphs
-    run in this order under ``inner="eager"``/``"aot_eager"``, and Inductor keeps
-    it in training graphs (seen on the H100). Inference graphs Inductor reorders
-    on its own (an inference-only locality pass and a peak-memory reordering are
-    free to move the norm): there it still runs first (docs/design.md).
+    run in this order under ``inner="eager"``/``"aot_eager"``. Inductor reorders
+    graphs on its own (in inference graphs it moved a free-standing norm back to
+    the start), so the Triton norm also takes the base output as an argument it
+    never reads (``norm_order_args``), an order Inductor must keep.
     """
     low_rank = match.norm
     candidates = [getattr(match, "result", None), low_rank.weight, low_rank.lora_A, low_rank.lora_B, low_rank.scaling]
@@ -114,12 +115,26 @@ def norm_position(match: object) -> Node:
     return max(nodes, key=_positions(next(iter(nodes)).graph).__getitem__)
 
 
+def norm_order_args(graph: Graph, target: object, result: object, like: Node) -> tuple[Node, ...]:
+    """``(detach(result),)`` for the Triton norm op, else ``()``: the op's ``after`` argument.
+
+    The op never reads ``after``; its first kernels take it as an argument, so
+    Inductor launches them after the kernel that writes ``result`` (the base
+    matmul) and their launches overlap it (``factored_row_norm_triton``). The
+    detach keeps the norm without gradient. Plain-torch norms are left to
+    Inductor's order.
+    """
+    if target is not TARGETS["norm"]["triton"][0] or not isinstance(result, Node):
+        return ()
+    return (insert_node(graph, "call_method", "detach", (result,), like),)
+
+
 def _positions(graph: Graph) -> dict[Node, int]:
     return {n: i for i, n in enumerate(graph.nodes)}
 
 
 def insert_norm(graph: Graph, match: object, target: object, like: Node) -> Node:
-    """``target(detach(W) as rows, detach(A), detach(B), s)`` for ``match.norm``, right after ``norm_position``.
+    """``target(detach(W) as rows, detach(A), detach(B), s[, after])`` for ``match.norm``, after ``norm_position``.
 
     An N-D ``W`` (Conv) is reshaped to its ``[d_out, K]`` rows. Norms PEFT's DoRA
     cache stores (graph outputs) take its value.
@@ -135,7 +150,8 @@ def _insert_norm_here(graph: Graph, match: object, target: object, like: Node) -
         weight = insert_node(graph, "call_method", "reshape", (weight, low_rank.layer_shape[0], -1), like)
     lora_A = insert_node(graph, "call_method", "detach", (low_rank.lora_A,), like)
     lora_B = insert_node(graph, "call_method", "detach", (low_rank.lora_B,), like)
-    norm = insert_node(graph, "call_function", target, (weight, lora_A, lora_B, low_rank.scaling), like)
+    after = norm_order_args(graph, target, getattr(match, "result", None), like)
+    norm = insert_node(graph, "call_function", target, (weight, lora_A, lora_B, low_rank.scaling, *after), like)
     store_norm(graph, getattr(match, "stored", []), norm, like)
     return norm
 

@@ -134,6 +134,8 @@ def test_norm_is_placed_right_after_the_base_output(train):
         between = nodes[position[result] + 1 : position[norm]]
         assert between and all(op_of(n) == "detach" and n.users == {norm: None} for n in between), between
         assert position[norm] < position[lora.args[0]]  # before both LoRA matmuls
+        after = norm.args[4]  # never read: Inductor keeps the norm's kernels after the base matmul
+        assert op_of(after) == "detach" and after.args[0] is result
 
 
 def _plain_llama():

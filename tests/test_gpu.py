@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
 from helpers import TINY_LLAMA, assert_close, dora_module_names, relative_error, tiny_llama_dora
 from peft import LoraConfig, get_peft_model
+from torch._inductor.utils import run_and_get_code
 
 import dora_fused
 from dora_fused.kernels import compose, factored_row_norm, lora_up_compose
@@ -180,6 +182,32 @@ def test_reduce_overhead_and_dynamic_token_counts(adapter_fp32):
         compose = "torch:compose_torch" if adapter_fp32 else "dora_fused.lora_up_compose"  # fused: 16-bit adapters
         assert all(r.ops[1] == compose for r in dora_fused.last_report().modules)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # static first size, then one dynamic graph
+
+
+_NORM_KERNELS = re.compile(
+    r"\b(_bf16_split_kernel|_pair_products_kernel|_row_squares_kernel|_fused_norm_kernel)\w*\.run\("
+)
+
+
+@pytest.mark.parametrize("adapter_fp32", [False, True], ids=["bf16", "fp32-adapters"])
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_norm_kernels_launch_after_the_base_matmul(adapter_fp32, grad):
+    """Inductor's code launches the norm's kernels after the base matmul, which hides their launches.
+
+    The norm reads parameters only; without its ``after`` argument Inductor put it
+    first in inference graphs, where each small kernel held up an idle GPU.
+    """
+    model = _dora_linear(1024, 1536, 32, adapter_fp32).eval()
+    with torch.set_grad_enabled(grad):
+        x = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+        got, codes = run_and_get_code(torch.compile(model, backend="dora_fused"), x)
+        assert_close(got, model(x), rtol=2e-2, atol=2e-2, what="output")
+    assert dora_fused.last_report().modules[0].ops[0] == "dora_fused.factored_row_norm"
+    code = next(c for c in codes if "(1024, 1536)" in c)  # the forward: W is [1536, 1024], read as Wᵀ
+    lines = code[code.index("def call(") :].splitlines()
+    base = next(i for i, line in enumerate(lines) if "extern_kernels." in line and "(1024, 1536)" in line)
+    norm = [i for i, line in enumerate(lines) if _NORM_KERNELS.search(line)]
+    assert norm and min(norm) > base, "\n".join(lines)
 
 
 @pytest.mark.parametrize("ops", ["triton", "torch"])

@@ -114,6 +114,8 @@ def test_ops_pass_opcheck():
     gen = torch.Generator().manual_seed(4)
     w, a, b = _adapter(11, 7, 3, torch.float32, torch.float32, gen)
     torch.library.opcheck(torch.ops.dora_fused.factored_row_norm.default, (w, a, b, 0.5))
+    after = torch.randn(2, 11, generator=gen)  # never read: orders the launches in compiled code
+    torch.library.opcheck(torch.ops.dora_fused.factored_row_norm.default, (w, a, b, 0.5, after))
     result = torch.randn(2, 3, 11, generator=gen, requires_grad=True)
     lora = torch.randn(2, 3, 11, generator=gen, requires_grad=True)
     m = torch.rand(11, generator=gen).add(0.5).requires_grad_()

@@ -113,6 +113,21 @@ def test_norm_kernel_tilings(device, config, dtype, adapter_dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("squares", [True, False], ids=["fused-squares", "own-squares"])
+def test_norm_kernels_never_read_after(device, adapter_dtype, squares):
+    """``after`` only orders the launches: a NaN-filled one leaves the norm bit for bit as it was."""
+    gen = _gen(device, "after", adapter_dtype, squares)
+    w = (torch.randn(37, 53, device=device, generator=gen) / 7).to(torch.bfloat16)
+    a = (torch.randn(5, 53, device=device, generator=gen) / 7).to(adapter_dtype)
+    b = (torch.randn(37, 5, device=device, generator=gen) / 3).to(adapter_dtype)
+    config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, BLOCK_R=16, W_SQUARES=squares, num_warps=4)
+    after = torch.full((3, 37), float("nan"), device=device, dtype=torch.bfloat16)
+    expected = factored_row_norm_triton(w, a, b, 0.7, config=config)
+    assert torch.equal(factored_row_norm_triton(w, a, b, 0.7, config=config, after=after), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("r,d_in", [(1, 1), (5, 300), (40, 33), (70, 129), (17, 2100)])
 @pytest.mark.parametrize("gram", [gram_fp32, gram_triton])
