@@ -10,9 +10,13 @@ one tensor-core ``W·Aᵀ`` with fp32 output)? Run on a CUDA GPU:
     python benchmarks/dora_linear.py --json results.json [--ranks 16,384] [--mode reduce-overhead]
 
 Method: CUDA-event timings, median and 10/90% quantiles of --reps runs after
---warmup runs. Peak memory is torch.cuda.max_memory_allocated during one call,
-minus the memory allocated before it (weights, input). Each contender runs on
-the same module, weights and input in one process. ``--mode`` is passed to every
+--warmup runs, each a single synchronized call; and the forward "back to back":
+20 calls in a row between two events, per call, median of --reps such runs
+(the floor's parts timed the same way), which is how a layer runs inside a
+model, where the host's time to a call's first launch overlaps earlier work.
+Peak memory is torch.cuda.max_memory_allocated during one call, minus the
+memory allocated before it (weights, input). Each contender runs on the same
+module, weights and input in one process. ``--mode`` is passed to every
 ``torch.compile`` (``reduce-overhead``: CUDA graphs, which take the host's launch
 latency out of the compiled contenders; PEFT eager and the floor's parts are not
 graphed).
@@ -29,7 +33,7 @@ from peft import LoraConfig, get_peft_model
 
 import dora_fused
 
-from timing import PeakMemory, environment, summarize, time_calls
+from timing import PeakMemory, environment, summarize, time_back_to_back, time_calls
 
 SHAPES = [(4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096)]  # (d_in, d_out)
 
@@ -76,8 +80,19 @@ def main() -> None:
     print_table(rows, args, meta(args))
 
 
-def floor_ms(model: nn.Module, x: torch.Tensor, reps: int, warmup: int) -> dict[str, float]:
-    """The forward floor's parts, each timed alone: base matmul, LoRA matmuls, one output pass, W·Aᵀ."""
+BACK_TO_BACK = 20  # calls in a row per back-to-back timing
+
+
+def back_to_back_ms(fn, reps: int, warmup: int) -> float:
+    """Median ms per call of ``fn`` called ``BACK_TO_BACK`` times in a row."""
+    return summarize(time_back_to_back(fn, BACK_TO_BACK, reps, warmup))["ms"]
+
+
+def floor_ms(model: nn.Module, x: torch.Tensor, reps: int, warmup: int) -> tuple[dict[str, float], dict[str, float]]:
+    """The forward floor's parts, each timed alone: base matmul, LoRA matmuls, one output pass, W·Aᵀ.
+
+    As single calls and back to back.
+    """
     layer = model.base_model.model[0]
     w = layer.base_layer.weight
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
@@ -91,7 +106,8 @@ def floor_ms(model: nn.Module, x: torch.Tensor, reps: int, warmup: int) -> dict[
             "pass": lambda: out.copy_(base_out),
             "w_at": lambda: torch.mm(w, a16.T, out_dtype=torch.float32),
         }
-        return {k: measure(f, reps, warmup)[0] for k, f in parts.items()}
+        single = {k: measure(f, reps, warmup)[0] for k, f in parts.items()}
+        return single, {k: back_to_back_ms(f, reps, warmup) for k, f in parts.items()}
 
 
 def run_case(d_in: int, d_out: int, rank: int, adapter_fp32: bool, args) -> list[dict]:
@@ -99,15 +115,15 @@ def run_case(d_in: int, d_out: int, rank: int, adapter_fp32: bool, args) -> list
     model = build(d_in, d_out, rank, adapter_fp32)
     lora_model = build(d_in, d_out, rank, adapter_fp32, dora=False)
     x = torch.randn(args.tokens, d_in, device="cuda", dtype=torch.bfloat16)
-    floor = floor_ms(model, x, args.reps, args.warmup)
-    contenders = {
-        "peft_eager": model,
-        "inductor": torch.compile(model, mode=args.mode),
-        "dora_fused": torch.compile(model, backend="dora_fused", mode=args.mode),
-        "lora_inductor": torch.compile(lora_model, mode=args.mode),
+    floor, floor_b2b = floor_ms(model, x, args.reps, args.warmup)
+    contenders = {  # name: (callable, the module whose gradients it writes)
+        "peft_eager": (model, model),
+        "inductor": (torch.compile(model, mode=args.mode), model),
+        "dora_fused": (torch.compile(model, backend="dora_fused", mode=args.mode), model),
+        "lora_inductor": (torch.compile(lora_model, mode=args.mode), lora_model),
     }
     graphed = args.mode == "reduce-overhead"
-    for name, fn in contenders.items():
+    for name, (fn, module) in contenders.items():
         xg = x.detach().clone().requires_grad_()
 
         def forward(fn=fn, x=x):
@@ -116,12 +132,17 @@ def run_case(d_in: int, d_out: int, rank: int, adapter_fp32: bool, args) -> list
             with torch.no_grad():
                 fn(x)
 
-        def train_step(fn=fn, xg=xg):
+        def train_step(fn=fn, xg=xg, module=module):
+            # fresh gradients each step, as an optimizer's zero_grad gives: accumulating into the
+            # previous step's would read CUDA-graph outputs that the next replay overwrites
+            module.zero_grad(set_to_none=True)
+            xg.grad = None
             if graphed:
                 torch.compiler.cudagraph_mark_step_begin()
             fn(xg).float().sum().backward()
 
         fwd = measure(forward, args.reps, args.warmup)
+        fwd_b2b = back_to_back_ms(forward, args.reps, args.warmup)
         fwd_ops = _ops() if name == "dora_fused" else None  # the no-grad graph's (the lora_up compose applies there)
         fwd_bwd = (float("nan"),) * 4 if args.forward_only else measure(train_step, args.reps, args.warmup)
         model.zero_grad(set_to_none=True)
@@ -137,6 +158,9 @@ def run_case(d_in: int, d_out: int, rank: int, adapter_fp32: bool, args) -> list
                 fwd_q10=fwd[1],
                 fwd_q90=fwd[2],
                 fwd_mb=fwd[3],
+                fwd_b2b_ms=fwd_b2b,
+                floor_b2b_ms=sum(floor_b2b.values()),
+                floor_b2b_parts=floor_b2b,
                 fwd_bwd_ms=fwd_bwd[0],
                 fwd_bwd_q10=fwd_bwd[1],
                 fwd_bwd_q90=fwd_bwd[2],
@@ -187,6 +211,20 @@ def print_table(rows: list[dict], args, info: dict) -> None:
             f"{i['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f} | {o['fwd_ms'] / o['floor_ms']:.2f} | "
             f"{o['fwd_ms'] / lo['fwd_ms']:.2f}, {o['fwd_bwd_ms'] / lo['fwd_bwd_ms']:.2f} | "
             f"{i['fwd_mb']:.0f}, {i['fwd_bwd_mb']:.0f} / {o['fwd_mb']:.0f}, {o['fwd_bwd_mb']:.0f} |"
+        )
+    print(
+        f"\nForward, {BACK_TO_BACK} calls back to back, ms per call\n"
+        "| r | adapters | layer | PEFT / Inductor / dora_fused / LoRA / floor | Inductor÷ours | ours÷floor "
+        "| ours÷LoRA |"
+    )
+    print("|" + "---|" * 7)
+    for (rank, adapters, shape), c in by_case.items():
+        p, i, o, lo = c["peft_eager"], c["inductor"], c["dora_fused"], c["lora_inductor"]
+        print(
+            f"| {rank} | {adapters} | {shape} | {p['fwd_b2b_ms']:.2f} / {i['fwd_b2b_ms']:.2f} / "
+            f"{o['fwd_b2b_ms']:.2f} / {lo['fwd_b2b_ms']:.2f} / {o['floor_b2b_ms']:.2f} | "
+            f"{i['fwd_b2b_ms'] / o['fwd_b2b_ms']:.2f} | {o['fwd_b2b_ms'] / o['floor_b2b_ms']:.2f} | "
+            f"{o['fwd_b2b_ms'] / lo['fwd_b2b_ms']:.2f} |"
         )
 
 

@@ -94,12 +94,21 @@ def print_timeline(trace_path: str) -> None:
         if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})
     }
     syncs = sorted(e["ts"] for e in events if e.get("name") == "cudaDeviceSynchronize")
+    sync_ends = sorted(e["ts"] + e["dur"] for e in events if e.get("name") == "cudaDeviceSynchronize")
+    host_cats = ("cpu_op", "user_annotation", "python_function")
+    host = [e for e in events if e.get("ph") == "X" and e.get("cat") in host_cats]
     calls: dict[int, list[tuple[float, dict]]] = {}
     for k in kernels:
         launched = launches.get(k["args"].get("correlation"), k["ts"])
         calls.setdefault(sum(s < launched for s in syncs), []).append((launched, k))
     for index, items in sorted(calls.items()):
         t0 = min(launched for launched, _ in items)
+        call_start = max((s for s in sync_ends if s < t0), default=None)
+        if call_start is not None:  # host work between the previous synchronize and this call's first launch
+            before = [e for e in host if call_start < e["ts"] < t0 and e["ts"] + e.get("dur", 0) <= t0 + 1]
+            top = sorted(before, key=lambda e: -e.get("dur", 0))[:6]
+            print(f"-- call {index}: host {t0 - call_start:.1f} µs from the previous synchronize to the first launch;")
+            print("   longest host events there: " + "; ".join(f"{e['name'][:48]} {e['dur']:.0f}" for e in top))
         end, idle = None, 0.0
         print(f"-- call {index}: launch / start / duration / GPU idle before, µs")
         for launched, k in items:

@@ -3,6 +3,9 @@
 - ``time_calls``: per-call times of a function, timed with CUDA events on a GPU
   and ``time.perf_counter`` on the CPU (where every op is synchronous), after
   warm-up calls; the function may mark intermediate points (``lap``).
+- ``time_back_to_back``: per-call time of a function called many times in a row
+  without synchronizing, as the layers of a model run (the host's work for a
+  call overlaps the GPU's work of earlier calls).
 - ``summarize``: median and 10/90% quantiles of a list of times.
 - ``PeakMemory``: peak CUDA memory above what was allocated when it started
   (``None`` on the CPU).
@@ -22,7 +25,7 @@ from datetime import date
 
 import torch
 
-__all__ = ["PeakMemory", "environment", "summarize", "synchronize", "time_calls"]
+__all__ = ["PeakMemory", "environment", "summarize", "synchronize", "time_back_to_back", "time_calls"]
 
 
 def synchronize() -> None:
@@ -70,6 +73,27 @@ def time_calls(
         totals.append(ms[-1])
         splits.append(ms[:-1])
     return totals, splits
+
+
+def time_back_to_back(fn: Callable[[], object], calls: int, reps: int, warmup: int = 0) -> list[float]:
+    """ms per call of ``calls`` calls in a row (one synchronize after them), for each of ``reps`` runs.
+
+    A single synchronized call also pays the host's time to its first launch;
+    here only the GPU's time per call counts once the host keeps ahead of it
+    (and the host's where it does not).
+    """
+    for _ in range(warmup):
+        fn()
+    synchronize()
+    times = []
+    for _ in range(reps):
+        start = _point()
+        for _ in range(calls):
+            fn()
+        end = _point()
+        synchronize()
+        times.append(_elapsed_ms(start, end) / calls)
+    return times
 
 
 def summarize(times: list[float]) -> dict[str, float]:
