@@ -36,6 +36,32 @@ def test_factored_norm_full_size(d_in, d_out, r, dtype, adapter_dtype):
     assert_close(got, exact, rtol=4e-6, atol=0, what="factored norm")
 
 
+@pytest.mark.parametrize(
+    "dtype,adapter_dtype",
+    [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float16, torch.float16)],
+    ids=["bf16", "fp32-adapters", "fp16"],
+)
+@pytest.mark.parametrize("r", [8, 24, 48, 64, 65, 128])
+def test_factored_norm_every_rank_class(r, dtype, adapter_dtype):
+    """Every tile class of ``norm_config`` (r up to 16, 32, 64, and above) launches and is fp32-exact.
+
+    The eager op launches the kernels with Triton's own defaults, where a config
+    that needs more shared memory than the GPU has fails at launch (r = 48 and 64
+    with fp32 adapters did, before their config was changed). Sizes are multiples
+    of 16, as in real layers: Triton pipelines the loads of aligned tensors only,
+    and the pipeline is what needs the memory.
+    """
+    gen = torch.Generator(device="cuda").manual_seed(r)
+    w = (torch.randn(2048, 3072, device="cuda", generator=gen) / 3072**0.5).to(dtype)
+    a = (torch.randn(r, 3072, device="cuda", generator=gen) / 3072**0.5).to(adapter_dtype)
+    b = (torch.randn(2048, r, device="cuda", generator=gen) / r**0.5).to(adapter_dtype)
+    exact = dense_row_norm_reference(w.double(), a.double(), b.double(), 0.8)
+    assert_close(factored_row_norm(w, a, b, 0.8), exact, rtol=4e-6, atol=0, what="eager op")
+    torch._dynamo.reset()  # one lambda for every case: stay under the recompile limit
+    compiled = torch.compile(lambda w, a, b: factored_row_norm(w, a, b, 0.8), fullgraph=True)
+    assert_close(compiled(w, a, b), exact, rtol=4e-6, atol=0, what="compiled op")
+
+
 @pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32-adapters"])
 @pytest.mark.parametrize("d_in,d_out", [(8192, 8192), (14336, 4096)])
 def test_factored_norm_compiled_full_size(d_in, d_out, adapter_dtype):
