@@ -20,6 +20,10 @@ from helpers import (
 from peft import LoraConfig, get_peft_model
 
 import dora_fused
+from dora_fused import kernels
+from dora_fused.passes import DoraRewritePass
+from dora_fused.passes.graph_view import op_of
+from dora_fused.passes.rewrite import TARGETS
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
@@ -204,22 +208,22 @@ def test_gpt2_fan_in_fan_out(train):
             assert_close(got[name], grad, rtol=1e-4, atol=1e-6, what=name)
 
 
+class _EmbeddingConvLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(30, 16)
+        self.conv = torch.nn.Conv1d(16, 12, 3)
+        self.lin = torch.nn.Linear(12, 5)
+
+    def forward(self, ids):
+        return self.lin(self.conv(self.emb(ids).transpose(1, 2)).mean(-1))
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_embedding_conv_and_linear_dora_are_all_rewritten(train):
-    class Mixed(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(30, 16)
-            self.conv = torch.nn.Conv1d(16, 12, 3)
-            self.lin = torch.nn.Linear(12, 5)
-
-        def forward(self, ids):
-            return self.lin(self.conv(self.emb(ids).transpose(1, 2)).mean(-1))
-
     torch.manual_seed(0)
-    model = get_peft_model(
-        Mixed(), LoraConfig(r=2, target_modules=["emb", "conv", "lin"], use_dora=True, init_lora_weights=False)
-    )
+    config = LoraConfig(r=2, target_modules=["emb", "conv", "lin"], use_dora=True, init_lora_weights=False)
+    model = get_peft_model(_EmbeddingConvLinear(), config)
     perturb_magnitudes(model, 0.5)
     model.train(train)
     ids = torch.randint(0, 30, (2, 9))
@@ -244,6 +248,44 @@ def test_embedding_conv_and_linear_dora_are_all_rewritten(train):
             # never less precise than eager: error against fp64 within 2x eager's (plus fp32 rounding)
             ours, theirs = (got[key].double() - grad).abs().max(), (eager[key].double() - grad).abs().max()
             assert ours <= 2 * theirs + 1e-6 * grad.abs().max(), f"{key}: {ours:.3g} vs eager {theirs:.3g}"
+
+
+_COMPOSES = {
+    TARGETS["compose"]["triton"][0],
+    TARGETS["compose"]["lora_up"][0],
+    kernels.compose_torch,
+    kernels.compose_with_base_torch,
+}
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_every_form_launches_its_triton_norm_after_the_base_output(train):
+    """The Triton norm takes the output its compose scales as ``after``, detached: Inductor then
+    launches the norm's kernels after that output's matmul (a GPU test checks the generated code)."""
+    torch.manual_seed(0)
+    config = LoraConfig(r=2, target_modules=["emb", "conv", "lin"], use_dora=True, init_lora_weights=False)
+    peft_model = get_peft_model(_EmbeddingConvLinear(), config).train(train)
+    cases = [
+        (peft_model, (torch.randint(0, 30, (2, 9)),), 3),
+        (HandWrittenDora(13, 11, 3).train(train), (torch.randn(4, 13),), 1),
+        (PaperConventionDora(13, 11, 3, detach=True, flat_magnitude=True).train(train), (torch.randn(4, 13),), 1),
+    ]
+    for model, args, expected in cases:
+        graphs = []
+
+        def keep(gm, example_inputs, graphs=graphs):
+            assert DoraRewritePass(ops="triton")(gm).error is None
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        torch.compile(model, backend=keep)(*args)
+        norms = [n for gm in graphs for n in gm.graph.nodes if n.target is TARGETS["norm"]["triton"][0]]
+        assert len(norms) == expected, type(model).__name__
+        for norm in norms:
+            after = norm.args[4]
+            assert op_of(after) == "detach" and after.users == {norm: None}, norm.format_node()
+            assert any(user.target in _COMPOSES for user in after.args[0].users), after.args[0].format_node()
 
 
 class ConvNet(torch.nn.Module):
