@@ -102,8 +102,9 @@ def norm_position(match: object) -> Node:
 
     The norm reads parameters only, so any position after its inputs computes the
     same value. Launched first, its small kernels run on an idle GPU, each waiting
-    for the host (8192² bf16 on the H100: 110-190 µs of idle GPU per forward);
-    right after the base matmul they are launched while that matmul runs. Graphs
+    for the host (8192² bf16 on the H100: 76-108 µs of idle GPU per forward);
+    right after the base matmul they are launched while that matmul runs (15 µs
+    idle on the H200). Graphs
     run in this order under ``inner="eager"``/``"aot_eager"``. Inductor reorders
     graphs on its own (in inference graphs it moved a free-standing norm back to
     the start), so the Triton norm also takes the base output as an argument it
