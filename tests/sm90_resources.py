@@ -1,0 +1,160 @@
+"""Shared memory the tensor-core kernels need on an H100, compiled on the CPU (no GPU needed).
+
+Triton compiles for a target it is told, here sm_90, given the specializations a
+launch on an aligned layer gets: 16-byte-aligned pointers, integer arguments
+divisible by 16, and unit strides as the constant 1 (Triton specializes
+arguments equal to 1). Those are what let it pipeline the loads through shared
+memory, and the pipeline is what can outgrow the 227 KB a block may use on an
+H100 or H200: the norm's config for 33-64 columns with fp32 adapters needed
+360448 bytes and failed at launch on an H200, and this reproduces that number
+(Triton 3.6 and 3.9).
+
+Run as a script (``python tests/sm90_resources.py``) it prints one JSON object,
+``{case: bytes}``, for every config class the launchers use. It must run
+without ``TRITON_INTERPRET`` (the interpreter's kernels cannot be compiled), so
+``test_launch_resources.py`` runs it in a subprocess.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+H100_SHARED_BYTES = 232448  # the most dynamic shared memory one block may use on an H100 / H200 (227 KB)
+SM90 = GPUTarget("cuda", 90, 32)
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def sm90_shared_bytes(
+    kernel: object,
+    *,
+    pointers: dict[str, str],
+    constexprs: dict[str, object],
+    unit: tuple[str, ...] = (),
+    floats: tuple[str, ...] = (),
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> int:
+    """Bytes of shared memory ``kernel`` needs for sm_90 with these constants, on aligned tensors.
+
+    ``pointers``: element type of each pointer argument (``"bf16"``, ``"fp32"``, …);
+    ``unit``: integer arguments equal to 1 (unit strides); ``floats``: fp32 scalars;
+    every other non-constexpr argument is an integer divisible by 16.
+    ``num_stages`` 3 is Triton's default.
+    """
+    names = list(inspect.signature(kernel.fn).parameters)
+    constants = {**constexprs, **dict.fromkeys(unit, 1)}
+    signature = {}
+    for name in names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + pointers[name]
+        else:
+            signature[name] = "fp32" if name in floats else "i32"
+    aligned = [n for n in names if signature[n] not in ("constexpr", "fp32")]
+    source = ASTSource(
+        kernel,
+        signature,
+        constexprs={(names.index(n),): v for n, v in constants.items()},
+        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned},
+    )
+    compiled = triton.compile(source, target=SM90, options=dict(num_warps=num_warps, num_stages=num_stages))
+    return compiled.metadata.shared
+
+
+def _norm_case(weight: torch.dtype, adapters: torch.dtype, r: int) -> int:
+    from dora_fused.kernels import factored_norm as fn  # the module (kernels/__init__ exports functions)
+
+    a_count = 1 if adapters == weight else 3
+    plan = fn.norm_plan(4096, 4096, r, a_count, multiprocessors=132)
+    options = dict(plan.kernel)
+    launch = dict(num_warps=options.pop("num_warps"), num_stages=options.pop("num_stages", 3))
+    constexprs = dict(
+        options,
+        A_TERMS=a_count,
+        A_SCALED=weight == torch.float16 and a_count == 3,
+        B_TERMS=fn._TERMS[adapters],
+        U_IN=plan.u_from_cublas,
+        W_SQUARES=plan.fused_squares,
+        FINISH=plan.finish_in_kernel,
+    )
+    w = _DTYPES[weight]
+    pointers = dict(W=w, A=w, A_SCALE="fp32", B=_DTYPES[adapters], G="bf16", U="fp32", WSQ="fp32", PART="fp32")
+    pointers["NORM"] = "fp32"
+    units = ("stride_wi", "stride_ak", "stride_br")
+    return sm90_shared_bytes(
+        fn._fused_norm_kernel, pointers=pointers, constexprs=constexprs, unit=units, floats=("scaling",), **launch
+    )
+
+
+def _gram_case(dtype: torch.dtype, r: int, count: int) -> int:
+    from dora_fused.kernels import factored_norm as fn  # the module (kernels/__init__ exports functions)
+
+    block, _, _ = fn.gram_plan(r, 4096, count)
+    constexprs = dict(MAX_ORDER=min(2, 2 * count - 2), BLOCK=block, BLOCK_K=fn._GRAM_BLOCK_K)
+    pointers = dict(X=_DTYPES[dtype], P="fp32", AFTER=_DTYPES[dtype])
+    return sm90_shared_bytes(fn._pair_products_kernel, pointers=pointers, constexprs=constexprs, unit=("stride_xk",))
+
+
+def _lora_up_case(dtype: torch.dtype, r: int) -> int:
+    from dora_fused.kernels.lora_up_compose import _lora_up_compose_kernel, lora_up_config
+
+    options = lora_up_config(r)
+    launch = dict(num_warps=options.pop("num_warps"), num_stages=options.pop("num_stages", 3))
+    t = _DTYPES[dtype]
+    pointers = dict(RESULT=t, HIDDEN=t, B=t, MAG=t, NORM="fp32", BIAS=t, OUT=t)
+    return sm90_shared_bytes(
+        _lora_up_compose_kernel,
+        pointers=pointers,
+        constexprs=dict(options, HAS_BIAS=True),
+        unit=("stride_hr", "stride_br"),
+        floats=("scaling",),
+        **launch,
+    )
+
+
+def _canary() -> int:
+    """The norm's former config for 64 columns of fp32 adapters (three A terms): 360448 bytes on the H200."""
+    from dora_fused.kernels import factored_norm as fn  # the module (kernels/__init__ exports functions)
+
+    constexprs = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, SUB_K=128, BLOCK_R=16, A_TERMS=3, A_SCALED=False, B_TERMS=3)
+    constexprs.update(U_IN=False, W_SQUARES=True, FINISH=True)
+    pointers = dict(W="bf16", A="bf16", A_SCALE="fp32", B="fp32", G="bf16", U="fp32", WSQ="fp32", PART="fp32")
+    pointers["NORM"] = "fp32"
+    return sm90_shared_bytes(
+        fn._fused_norm_kernel,
+        pointers=pointers,
+        constexprs=constexprs,
+        unit=("stride_wi", "stride_ak", "stride_br"),
+        floats=("scaling",),
+    )
+
+
+def cases() -> dict[str, int]:
+    """Shared bytes of every config class the launchers use, and of the canary."""
+    out = {"canary: former 64-column fp32-adapter norm config": _canary()}
+    pairs = [
+        (torch.bfloat16, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float16),
+        (torch.float16, torch.float32),
+    ]
+    for weight, adapters in pairs:
+        for r in (16, 32, 64, 384):
+            out[f"norm W {_DTYPES[weight]} adapters {_DTYPES[adapters]} r={r}"] = _norm_case(weight, adapters, r)
+    for dtype in (torch.bfloat16, torch.float16):
+        for r, count in ((16, 1), (16, 3), (384, 1), (384, 3)):
+            out[f"gram {_DTYPES[dtype]} r={r} terms={count}"] = _gram_case(dtype, r, count)
+        for r in (16, 384):
+            out[f"lora_up {_DTYPES[dtype]} r={r}"] = _lora_up_case(dtype, r)
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(cases()))
