@@ -25,6 +25,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from dora_fused.kernels import factored_norm as fn  # the module (kernels/__init__ exports functions)
+from dora_fused.kernels.lora_up_compose import _lora_up_compose_kernel, lora_up_config
+
 H100_SHARED_BYTES = 232448  # the most dynamic shared memory one block may use on an H100 / H200 (227 KB)
 SM90 = GPUTarget("cuda", 90, 32)
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -68,9 +71,21 @@ def sm90_shared_bytes(
     return compiled.metadata.shared
 
 
-def _norm_case(weight: torch.dtype, adapters: torch.dtype, r: int) -> int:
-    from dora_fused.kernels import factored_norm as fn  # the module (kernels/__init__ exports functions)
+def _norm_bytes(weight: str, adapters: str, constexprs: dict[str, object], **launch: int) -> int:
+    """``_fused_norm_kernel`` with these constants, for a ``weight``-dtype ``W`` and ``adapters``-dtype ``B``."""
+    pointers = dict(W=weight, A=weight, A_SCALE="fp32", B=adapters, G="bf16", U="fp32", WSQ="fp32", PART="fp32")
+    pointers["NORM"] = "fp32"
+    return sm90_shared_bytes(
+        fn._fused_norm_kernel,
+        pointers=pointers,
+        constexprs=constexprs,
+        unit=("stride_wi", "stride_ak", "stride_br"),
+        floats=("scaling",),
+        **launch,
+    )
 
+
+def _norm_case(weight: torch.dtype, adapters: torch.dtype, r: int) -> int:
     a_count = 1 if adapters == weight else 3
     plan = fn.norm_plan(4096, 4096, r, a_count, multiprocessors=132)
     options = dict(plan.kernel)
@@ -84,18 +99,10 @@ def _norm_case(weight: torch.dtype, adapters: torch.dtype, r: int) -> int:
         W_SQUARES=plan.fused_squares,
         FINISH=plan.finish_in_kernel,
     )
-    w = _DTYPES[weight]
-    pointers = dict(W=w, A=w, A_SCALE="fp32", B=_DTYPES[adapters], G="bf16", U="fp32", WSQ="fp32", PART="fp32")
-    pointers["NORM"] = "fp32"
-    units = ("stride_wi", "stride_ak", "stride_br")
-    return sm90_shared_bytes(
-        fn._fused_norm_kernel, pointers=pointers, constexprs=constexprs, unit=units, floats=("scaling",), **launch
-    )
+    return _norm_bytes(_DTYPES[weight], _DTYPES[adapters], constexprs, **launch)
 
 
 def _gram_case(dtype: torch.dtype, r: int, count: int) -> int:
-    from dora_fused.kernels import factored_norm as fn  # the module (kernels/__init__ exports functions)
-
     block, _, _ = fn.gram_plan(r, 4096, count)
     constexprs = dict(MAX_ORDER=min(2, 2 * count - 2), BLOCK=block, BLOCK_K=fn._GRAM_BLOCK_K)
     pointers = dict(X=_DTYPES[dtype], P="fp32", AFTER=_DTYPES[dtype])
@@ -103,8 +110,6 @@ def _gram_case(dtype: torch.dtype, r: int, count: int) -> int:
 
 
 def _lora_up_case(dtype: torch.dtype, r: int) -> int:
-    from dora_fused.kernels.lora_up_compose import _lora_up_compose_kernel, lora_up_config
-
     options = lora_up_config(r)
     launch = dict(num_warps=options.pop("num_warps"), num_stages=options.pop("num_stages", 3))
     t = _DTYPES[dtype]
@@ -121,19 +126,9 @@ def _lora_up_case(dtype: torch.dtype, r: int) -> int:
 
 def _canary() -> int:
     """The norm's former config for 64 columns of fp32 adapters (three A terms): 360448 bytes on the H200."""
-    from dora_fused.kernels import factored_norm as fn  # the module (kernels/__init__ exports functions)
-
-    constexprs = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, SUB_K=128, BLOCK_R=16, A_TERMS=3, A_SCALED=False, B_TERMS=3)
-    constexprs.update(U_IN=False, W_SQUARES=True, FINISH=True)
-    pointers = dict(W="bf16", A="bf16", A_SCALE="fp32", B="fp32", G="bf16", U="fp32", WSQ="fp32", PART="fp32")
-    pointers["NORM"] = "fp32"
-    return sm90_shared_bytes(
-        fn._fused_norm_kernel,
-        pointers=pointers,
-        constexprs=constexprs,
-        unit=("stride_wi", "stride_ak", "stride_br"),
-        floats=("scaling",),
-    )
+    constexprs = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, SUB_K=128, BLOCK_R=16, A_TERMS=3, A_SCALED=False)
+    constexprs.update(B_TERMS=3, U_IN=False, W_SQUARES=True, FINISH=True)
+    return _norm_bytes("bf16", "fp32", constexprs)
 
 
 def cases() -> dict[str, int]:
