@@ -103,10 +103,16 @@ def _norm_case(weight: torch.dtype, adapters: torch.dtype, r: int) -> int:
 
 
 def _gram_case(dtype: torch.dtype, r: int, count: int) -> int:
-    block, _, _ = fn.gram_plan(r, 4096, count)
-    constexprs = dict(MAX_ORDER=min(2, 2 * count - 2), BLOCK=block, BLOCK_K=fn._GRAM_BLOCK_K)
+    plan = fn.gram_plan(r, 4096, count)
+    constexprs = dict(MAX_ORDER=min(2, 2 * count - 2), BLOCK=plan.block, BLOCK_K=plan.block_k)
     pointers = dict(X=_DTYPES[dtype], P="fp32", AFTER=_DTYPES[dtype])
-    return sm90_shared_bytes(fn._pair_products_kernel, pointers=pointers, constexprs=constexprs, unit=("stride_xk",))
+    return sm90_shared_bytes(
+        fn._pair_products_kernel,
+        pointers=pointers,
+        constexprs=constexprs,
+        unit=("stride_xk",),
+        num_warps=plan.num_warps,
+    )
 
 
 def _lora_up_case(dtype: torch.dtype, r: int) -> int:

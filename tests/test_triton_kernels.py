@@ -84,6 +84,7 @@ def _assert_fp32_level(got, w, a, b, s):
         dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_R=32, num_warps=4),  # two ragged column tiles
         dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, BLOCK_R=16, num_warps=4),  # one tile: the kernel finishes itself
         dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, BLOCK_R=16, SPLIT_K=3, num_warps=4),  # d_in and B·G in 3 shares
+        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, BLOCK_R=16, SPLIT_K=3, num_warps=4),  # 2 chunks of G a tile
         dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, SUB_K=16, BLOCK_R=16, SPLIT_K=2, num_warps=4),  # 4 dots a chunk
         dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, BLOCK_R=16, W_SQUARES=False, num_warps=4),  # ‖W‖² in its own pass
         dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, BLOCK_R=16, SPLIT_K=5, W_SQUARES=False, num_warps=4),
@@ -95,6 +96,7 @@ def _assert_fp32_level(got, w, a, b, s):
         "2-tiles",
         "1-tile",
         "split-3",
+        "split-3-two-chunks-a-tile",
         "split-2-sub-4",
         "own-squares",
         "split-5-own-squares",
@@ -129,10 +131,11 @@ def test_norm_kernels_never_read_after(device, adapter_dtype, squares):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("r,d_in", [(1, 1), (5, 300), (40, 33), (70, 129), (17, 2100)])
+@pytest.mark.parametrize("r,d_in", [(1, 1), (5, 300), (40, 33), (70, 129), (17, 2100), (190, 300)])
 @pytest.mark.parametrize("gram", [gram_fp32, gram_triton])
 def test_gram_is_fp32_exact(device, adapter_dtype, r, d_in, gram):
-    """``A·Aᵀ`` to fp32 accuracy; d_in = 2100 makes gram_triton add many chunks, the last one ragged."""
+    """``A·Aᵀ`` to fp32 accuracy; d_in = 2100 makes gram_triton add many chunks, the last one ragged;
+    r = 190 with fp32 adapters stacks 570 rows of terms, which take the plan's 128-row tiles."""
     gen = _gen(device, r, d_in, adapter_dtype)
     a = (torch.randn(r, d_in, device=device, generator=gen) * torch.rand(d_in, device=device, generator=gen)).to(
         adapter_dtype
@@ -280,6 +283,17 @@ def test_triton_dtype_support():
         factored_row_norm_triton(*(torch.ones(2, 2),) * 3, 1.0)
 
 
+def test_gram_plan_tiles_and_shares():
+    """Large stacks take 128-row tiles; every split is a whole number of accumulations and covers d_in."""
+    assert factored_norm.gram_plan(384, 8192, 3).block == 128  # fp32 adapters: 1152 rows of terms
+    assert factored_norm.gram_plan(384, 8192, 1).block == 64
+    assert factored_norm.gram_plan(16, 8192, 3).block == 32
+    for r, d_in, count in [(384, 8192, 3), (384, 14336, 1), (16, 4096, 3), (190, 300, 3), (1, 1, 1)]:
+        plan = factored_norm.gram_plan(r, d_in, count)
+        assert plan.k_per_split % plan.block_k == 0
+        assert (plan.splits - 1) * plan.k_per_split < d_in <= plan.splits * plan.k_per_split
+
+
 def test_norm_splits_fill_the_last_wave():
     """Split-K only where it shortens the waves, and never below _MIN_SPLIT_K columns a split."""
     assert factored_norm.norm_splits(192, 8192, 132) == 2  # 2 waves (the second 45% full) → 1.5
@@ -292,6 +306,11 @@ def test_norm_splits_fill_the_last_wave():
 
 def test_norm_config_needs_two_dots_a_chunk():
     """One dot per chunk would let the compiler fold the fp32 add into one long tensor-core sum."""
-    w = torch.ones(4, 8, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="two SUB_K dots"):
-        factored_row_norm_triton(w, torch.ones(2, 8), torch.ones(4, 2), 1.0, config=dict(BLOCK_K=32, SUB_K=32))
+        factored_norm.norm_plan(4, 8, 2, 3, 1, config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SUB_K=32, BLOCK_R=16))
+
+
+def test_norm_config_chunks_of_g_divide_a_tile():
+    """The epilogue's half of ``B·G`` counts each chunk of G's rows as before or inside a tile."""
+    with pytest.raises(ValueError, match="BLOCK_R must divide BLOCK_N"):
+        factored_norm.norm_plan(4, 8, 2, 3, 1, config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, BLOCK_R=32))
