@@ -6,7 +6,8 @@ Questions:
    Inductor-compiled), with working memory ≤ 4·(d_out·r + r²) bytes + 64 MB?
 3. Below which layer size do the Triton ops stop paying off against the plain-torch
    ops (the ``MIN_TRITON_WEIGHT`` threshold of ``passes/heuristics.py``)?
-4. (--parts sweep) Which tile configuration suits the fused norm kernel (``norm_config``)?
+4. (--parts sweep, gram) Which tile configuration suits the fused norm kernel (``norm_config``),
+   and which tiles the Gram products (``gram_plan``)?
 5. (--parts lora_up) Is the LoRA up-projection with the compose in its epilogue faster than
    cuBLAS's ``h·Bᵀ`` followed by Inductor's compose, and which tiles suit it (``lora_up_config``)?
 
@@ -27,6 +28,7 @@ import statistics
 from datetime import date
 
 import torch
+import triton
 from torch._library.triton import set_wrap_triton_enabled
 
 from dora_fused.kernels import compose_reference, factored_row_norm_torch
@@ -222,6 +224,32 @@ def bench_small(tokens: int) -> list[dict]:
     return rows
 
 
+def bench_gram() -> list[dict]:
+    """``gram_terms`` with tile plans other than ``gram_plan``'s, and the error of ``G`` against fp64."""
+    from dora_fused.kernels import factored_norm as fn
+
+    rows = []
+    for d_in, adapters in [(8192, "fp32"), (14336, "fp32"), (4096, "fp32"), (8192, "bf16")]:
+        a = (torch.randn(384, d_in, device="cuda") / d_in**0.5).to(DTYPES[adapters])
+        a_terms, scale = fn.adapter_terms(a, torch.bfloat16)
+        exact = a.double() @ a.double().T
+        default = fn.gram_plan(384, d_in, a_terms.shape[0] // 384)
+        plans = {"default": default}
+        for block, block_k, warps in [(64, 64, 4), (64, 128, 4), (128, 64, 8), (128, 128, 8)]:
+            splits = max(1, min(triton.cdiv(264, triton.cdiv(a_terms.shape[0], block) ** 2), triton.cdiv(d_in, 512)))
+            k_per_split = triton.cdiv(triton.cdiv(d_in, splits), block_k) * block_k
+            plan = fn.GramPlan(block, block_k, warps, triton.cdiv(d_in, k_per_split), k_per_split)
+            plans[f"T{block} K{block_k} w{warps}"] = plan
+        for case, plan in plans.items():
+            with set_wrap_triton_enabled(False):
+                t = timed(lambda plan=plan: fn.gram_terms(a_terms, scale, 384, plan=plan), inner=3)
+                g = fn.gram_terms(a_terms, scale, 384, plan=plan).double().sum(0)
+            t["err"] = ((g - exact).abs().max() / exact.abs().max()).item()
+            rows.append(dict(op="gram", case=case, d_in=d_in, adapters=adapters, **t))
+            print(rows[-1], flush=True)
+    return rows
+
+
 def _cfg(bm, bn, bk, nw, st, sub=None, split=None, squares=True, cublas=False, br=32):
     """A ``_fused_norm_kernel`` config: ``split`` K shares, ``cublas``: U from a cuBLAS product."""
     cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SUB_K=sub or bk // 2, BLOCK_R=br, num_warps=nw, num_stages=st)
@@ -239,11 +267,15 @@ SWEEP = [  # 16-bit adapters, r > 64
     _cfg(128, 128, 128, 8, 3),
     _cfg(64, 128, 64, 4, 2, cublas=True),
     _cfg(64, 64, 64, 4, 2, cublas=True),
+    _cfg(64, 64, 64, 4, 3, cublas=True, br=64),
 ]
 SWEEP_TERMS = [  # fp32 adapters (three accumulators), r > 64
     _cfg(128, 64, 64, 8, 3),
     _cfg(64, 128, 64, 4, 2, cublas=True),
     _cfg(64, 64, 64, 4, 2, cublas=True),
+    _cfg(64, 64, 64, 4, 3, cublas=True, br=64),
+    _cfg(128, 64, 64, 8, 3, cublas=True, br=64),
+    _cfg(64, 128, 64, 4, 2, cublas=True, br=64),
 ]
 SWEEP_SMALL_R = [
     _cfg(64, 16, 256, 4, 3, split=1, br=16),
@@ -344,7 +376,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--ranks", default="16,384")
     parser.add_argument(
-        "--parts", default="compose,norm,small,lora_up", help="any of compose,norm,small,sweep,parts,lora_up"
+        "--parts", default="compose,norm,small,lora_up", help="any of compose,norm,small,sweep,gram,parts,lora_up"
     )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -356,6 +388,8 @@ def main() -> None:
         rows += bench_parts()
     if "sweep" in parts:
         rows += bench_sweep()
+    if "gram" in parts:
+        rows += bench_gram()
     if "compose" in parts:
         rows += bench_compose(args.tokens, copy_gbs)
     if "norm" in parts:
@@ -364,8 +398,6 @@ def main() -> None:
         rows += bench_small(512)
     if "lora_up" in parts:
         rows += bench_lora_up(args.tokens, [int(r) for r in args.ranks.split(",")])
-    import triton
-
     meta = dict(
         gpu=torch.cuda.get_device_name(),
         torch=torch.__version__,
@@ -398,6 +430,10 @@ def main() -> None:
             )
         elif r["op"] == "small":
             print(f"small {r['case']:6s} d={r['d']:4d} r={r['r']:2d} {r['adapters']}: {1000 * r['ms']:.1f} us")
+        elif r["op"] == "gram":
+            print(
+                f"gram {r['case']:14s} d_in={r['d_in']:5d} {r['adapters']}: {1000 * r['ms']:.1f} us err {r['err']:.1e}"
+            )
         else:
             cfg = r["config"]
             if isinstance(cfg, dict):

@@ -229,13 +229,15 @@ def _pair_products_kernel(
     over ``d_in`` loses bits: with ``G`` from one cuBLAS product of the terms, the
     norm was 1.2e-6 to 1.3e-5 off fp64 on the H100 (2e-7 with this kernel).
     Tiles lying wholly in blocks ``A_i·A_jᵀ`` with ``i + j > MAX_ORDER`` are skipped.
+    ``P`` is symmetric: only the tiles on and above the diagonal are computed, and
+    each one above it is also stored transposed, below it.
     ``AFTER`` is never read (``after`` of ``factored_row_norm_triton``).
     """
     HALF: tl.constexpr = BLOCK_K // 2
     ti = tl.program_id(0)
     tj = tl.program_id(1)
     split = tl.program_id(2)
-    if (ti * BLOCK) // r + (tj * BLOCK) // r <= MAX_ORDER:
+    if ti <= tj and (ti * BLOCK) // r + (tj * BLOCK) // r <= MAX_ORDER:
         rows = ti * BLOCK + tl.arange(0, BLOCK)
         cols = tj * BLOCK + tl.arange(0, BLOCK)
         k_lo = split * k_per_split
@@ -253,8 +255,10 @@ def _pair_products_kernel(
             y0 = tl.load(y_cols + ks0[:, None] * stride_xk, mask=y_mask & (ks0 < k_hi)[:, None], other=0.0)
             y1 = tl.load(y_cols + ks1[:, None] * stride_xk, mask=y_mask & (ks1 < k_hi)[:, None], other=0.0)
             acc += tl.dot(x1, y1, tl.dot(x0, y0))
-        out = P + split * n * n + rows[:, None] * n + cols[None, :]
-        tl.store(out, acc, mask=(rows < n)[:, None] & (cols < n)[None, :])
+        mask = (rows < n)[:, None] & (cols < n)[None, :]
+        tl.store(P + split * n * n + rows[:, None] * n + cols[None, :], acc, mask=mask)
+        if ti < tj:
+            tl.store(P + split * n * n + cols[None, :] * n + rows[:, None], acc, mask=mask)
 
 
 @triton.jit
@@ -613,7 +617,9 @@ def gram_plan(r: int, d_in: int, a_count: int) -> GramPlan:
     return GramPlan(block, block_k, num_warps, triton.cdiv(d_in, k_per_split), k_per_split)
 
 
-def gram_terms(a_terms: Tensor, scale: Tensor | None, r: int, after: Tensor | None = None) -> Tensor:
+def gram_terms(
+    a_terms: Tensor, scale: Tensor | None, r: int, after: Tensor | None = None, plan: GramPlan | None = None
+) -> Tensor:
     """``G = A·Aᵀ`` at fp32 accuracy as three bf16 terms ``[3, r, r]`` (``G = Σ_t terms[t]``).
 
     ``a_terms`` and ``scale`` are ``adapter_terms``'s (``A = Σ_t A_t / scale``, or
@@ -621,12 +627,13 @@ def gram_terms(a_terms: Tensor, scale: Tensor | None, r: int, after: Tensor | No
     Two kernels: split-K products of the stacked terms with themselves on tensor
     cores (every ``A_i·A_jᵀ`` with ``i + j <= 2``, short accumulations added in
     fp32), then their fixed-order sum, with the power-of-two ``scale²`` divided
-    out, split into bf16 terms. ``after``: see ``factored_row_norm_triton``.
+    out, split into bf16 terms. ``after``: see ``factored_row_norm_triton``;
+    ``plan`` overrides ``gram_plan`` (benchmarks).
     """
     n, d_in = a_terms.shape
     count = n // r
     max_order = min(2, 2 * count - 2)
-    plan = gram_plan(r, d_in, count)
+    plan = plan or gram_plan(r, d_in, count)
     pairs = torch.empty(plan.splits, n, n, dtype=torch.float32, device=a_terms.device)
     tiles = triton.cdiv(n, plan.block)
     wrap_triton(_pair_products_kernel)[(tiles, tiles, plan.splits)](
