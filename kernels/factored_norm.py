@@ -603,14 +603,18 @@ def gram_plan(r: int, d_in: int, a_count: int) -> GramPlan:
     (fp32 adapters at r = 384: 1152): on an H200 the pair products and their sum
     took 48 / 73 / 31 µs at d_in = 8192 / 14336 / 4096, against 75 / 126 / 43 µs
     with tiles of 64 and 64-column accumulations, and G came out closer to fp64
-    (3.3e-7 against 6.5e-7 of max |G|). Smaller stacks keep tiles of 64 (or 32):
-    16-bit adapters at r = 384 took 18 µs with them and 22 µs with 128.
+    (3.3e-7 against 6.5e-7 of max |G|; both before only the upper tiles were
+    computed: 31 / 44 / 23 µs since). Stacks of 97-512 rows take tiles of 64 with
+    128-column accumulations (16-bit adapters at r = 384, d_in = 8192: 13.7 µs,
+    17.1 with 64 columns, 17.2 with tiles of 128); up to 96 rows, tiles of 32.
     """
     n = a_count * r
     if n > 512:
         block, block_k, num_warps = 128, 128, 8
+    elif n > 96:
+        block, block_k, num_warps = 64, 128, 4
     else:
-        block, block_k, num_warps = (32 if n <= 96 else 64), 64, 4
+        block, block_k, num_warps = 32, 64, 4
     tiles = triton.cdiv(n, block) ** 2
     splits = max(1, min(triton.cdiv(_GRAM_PROGRAMS, tiles), triton.cdiv(d_in, _GRAM_MIN_SPLIT)))
     k_per_split = triton.cdiv(triton.cdiv(d_in, splits), block_k) * block_k
