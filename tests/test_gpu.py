@@ -180,15 +180,16 @@ def _dora_linear(d_in: int, d_out: int, r: int, adapter_fp32: bool) -> torch.nn.
     return model
 
 
-def test_auto_picks_triton_for_a_large_layer_and_torch_for_a_small_one():
-    big = _dora_linear(1024, 2048, 16, True)
-    torch.compile(big, backend="dora_fused")(torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16))
+@pytest.mark.parametrize("d_in,d_out,r", [(1024, 2048, 16), (64, 96, 4)])
+def test_auto_picks_the_triton_norm_at_every_size(d_in, d_out, r):
+    """No small-layer fallback: the Triton norm measured faster down to 64² (docs/benchmarks.md)."""
+    model = _dora_linear(d_in, d_out, r, True)
+    x = torch.randn(8, d_in, device="cuda", dtype=torch.bfloat16)
+    out = torch.compile(model, backend="dora_fused")(x)
     [record] = dora_fused.last_report().modules
     assert record.ops == ("dora_fused.factored_row_norm", "torch:compose_torch"), record.ops_reason
-    small = _dora_linear(64, 96, 4, True)
-    torch.compile(small, backend="dora_fused")(torch.randn(8, 64, device="cuda", dtype=torch.bfloat16))
-    [record] = dora_fused.last_report().modules
-    assert record.ops[0].startswith("torch:") and "small layer" in record.ops_reason
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("adapter_fp32", [False, True])
