@@ -196,9 +196,10 @@ def bench_small(tokens: int) -> list[dict]:
 
     Both with Inductor's compose (``auto``'s compose). GPU time in a CUDA graph, and
     50 calls back to back launched from the host (compiled code without CUDA
-    graphs: where the host's launches take longer than the GPU's work, they count). Each case compiles afresh
-    without dynamic shapes: one compiled function for every case reached Dynamo's
-    recompile limit and ran the later cases eagerly.
+    graphs: where the host's launches take longer than the GPU's work, they
+    count). Each case compiles afresh without dynamic shapes: one compiled
+    function for every case reached Dynamo's recompile limit and ran the later
+    cases eagerly.
     """
     rows = []
 
@@ -241,13 +242,10 @@ def bench_gram() -> list[dict]:
         a = (torch.randn(384, d_in, device="cuda") / d_in**0.5).to(DTYPES[adapters])
         a_terms, scale = fn.adapter_terms(a, torch.bfloat16)
         exact = a.double() @ a.double().T
-        default = fn.gram_plan(384, d_in, a_terms.shape[0] // 384)
-        plans = {"default": default}
-        for block, block_k, warps in [(64, 64, 4), (64, 128, 4), (128, 64, 8), (128, 128, 8)]:
-            splits = max(1, min(triton.cdiv(264, triton.cdiv(a_terms.shape[0], block) ** 2), triton.cdiv(d_in, 512)))
-            k_per_split = triton.cdiv(triton.cdiv(d_in, splits), block_k) * block_k
-            plan = fn.GramPlan(block, block_k, warps, triton.cdiv(d_in, k_per_split), k_per_split)
-            plans[f"T{block} K{block_k} w{warps}"] = plan
+        count = a_terms.shape[0] // 384
+        plans = {"default": fn.gram_plan(384, d_in, count)}
+        for tiles in [(64, 64, 4), (64, 128, 4), (128, 64, 8), (128, 128, 8)]:
+            plans["T{} K{} w{}".format(*tiles)] = fn.gram_plan(384, d_in, count, tiles=tiles)
         for case, plan in plans.items():
             with set_wrap_triton_enabled(False):
                 t = timed(lambda plan=plan: fn.gram_terms(a_terms, scale, 384, plan=plan), inner=3)

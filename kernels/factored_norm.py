@@ -596,20 +596,25 @@ class GramPlan:
     k_per_split: int
 
 
-def gram_plan(r: int, d_in: int, a_count: int) -> GramPlan:
-    """The plan for ``a_count`` stacked ``[r, d_in]`` terms.
+def gram_plan(r: int, d_in: int, a_count: int, tiles: tuple[int, int, int] | None = None) -> GramPlan:
+    """The plan for ``a_count`` stacked ``[r, d_in]`` terms; ``tiles``, ``(block, block_k, num_warps)``,
+    overrides the choice below (benchmarks).
 
-    Tiles of 128 with 128-column accumulations for stacks of more than 512 rows
-    (fp32 adapters at r = 384: 1152): on an H200 the pair products and their sum
-    took 48 / 73 / 31 µs at d_in = 8192 / 14336 / 4096, against 75 / 126 / 43 µs
-    with tiles of 64 and 64-column accumulations, and G came out closer to fp64
-    (3.3e-7 against 6.5e-7 of max |G|; both before only the upper tiles were
-    computed: 31 / 44 / 23 µs since). Stacks of 97-512 rows take tiles of 64 with
-    128-column accumulations (16-bit adapters at r = 384, d_in = 8192: 13.7 µs,
-    17.1 with 64 columns, 17.2 with tiles of 128); up to 96 rows, tiles of 32.
+    Measured on an H200, pair products and their sum:
+    - over 512 rows of terms (fp32 adapters at r = 384: 1152), tiles of 128 with
+      128-column accumulations: 48 / 73 / 31 µs at d_in = 8192 / 14336 / 4096,
+      against 75 / 126 / 43 µs for tiles of 64 with 64-column accumulations, and
+      G closer to fp64 (3.3e-7 against 6.5e-7 of max |G|). Computing only the
+      tiles on and above the diagonal then took it to 31 / 44 / 23 µs;
+    - 97 to 512 rows (16-bit adapters at r = 384), tiles of 64 with 128-column
+      accumulations: 13.5 µs at d_in = 8192, against 17.1 with 64 columns and
+      17.2 with tiles of 128;
+    - up to 96 rows, tiles of 32.
     """
     n = a_count * r
-    if n > 512:
+    if tiles is not None:
+        block, block_k, num_warps = tiles
+    elif n > 512:
         block, block_k, num_warps = 128, 128, 8
     elif n > 96:
         block, block_k, num_warps = 64, 128, 4
@@ -695,8 +700,9 @@ def norm_config(r: int, a_terms: int) -> dict[str, object]:
             return dict(BLOCK_M=64, BLOCK_N=n, BLOCK_K=128, SUB_K=64, BLOCK_R=16, num_warps=4, num_stages=2)
         return dict(BLOCK_M=64, BLOCK_N=n, BLOCK_K=256, SUB_K=128, BLOCK_R=16, num_warps=4)
     if a_terms == 3 and _has_mm_out_dtype():
-        # the kernel is the epilogue only; on an H200 (r = 384, four layer shapes) G in 64-row chunks
-        # with three stages took 141-352 µs for the whole norm, 32-row chunks with two 143-382 µs
+        # the kernel is the epilogue only; on an H200 (r = 384, four layer shapes, before the epilogue
+        # took half of B·G) G in 64-row chunks with three stages took 141-352 µs for the whole norm,
+        # 32-row chunks with two stages 143-382 µs
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_R=64, U_FROM="cublas", num_warps=4, num_stages=3)
     if a_terms == 3:  # three accumulators
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, SUB_K=32, BLOCK_R=32, num_warps=8, num_stages=3)

@@ -288,6 +288,7 @@ def test_gram_plan_tiles_and_shares():
     assert factored_norm.gram_plan(384, 8192, 3).block == 128  # fp32 adapters: 1152 rows of terms
     assert factored_norm.gram_plan(384, 8192, 1).block == 64
     assert factored_norm.gram_plan(16, 8192, 3).block == 32
+    assert factored_norm.gram_plan(384, 8192, 3, tiles=(64, 64, 4)) == factored_norm.GramPlan(64, 64, 4, 1, 8192)
     for r, d_in, count in [(384, 8192, 3), (384, 14336, 1), (16, 4096, 3), (190, 300, 3), (1, 1, 1)]:
         plan = factored_norm.gram_plan(r, d_in, count)
         assert plan.k_per_split % plan.block_k == 0
