@@ -242,14 +242,13 @@ def bench_gram() -> list[dict]:
         a = (torch.randn(384, d_in, device="cuda") / d_in**0.5).to(DTYPES[adapters])
         a_terms, scale = fn.adapter_terms(a, torch.bfloat16)
         exact = a.double() @ a.double().T
-        count = a_terms.shape[0] // 384
-        plans = {"default": fn.gram_plan(384, d_in, count)}
+        choices = {"default": None}
         for tiles in [(64, 64, 4), (64, 128, 4), (128, 64, 8), (128, 128, 8)]:
-            plans["T{} K{} w{}".format(*tiles)] = fn.gram_plan(384, d_in, count, tiles=tiles)
-        for case, plan in plans.items():
+            choices["T{} K{} w{}".format(*tiles)] = tiles
+        for case, tiles in choices.items():
             with set_wrap_triton_enabled(False):
-                t = timed(lambda plan=plan: fn.gram_terms(a_terms, scale, 384, plan=plan), inner=3)
-                g = fn.gram_terms(a_terms, scale, 384, plan=plan).double().sum(0)
+                t = timed(lambda tiles=tiles: fn.gram_terms(a_terms, scale, 384, tiles=tiles), inner=3)
+                g = fn.gram_terms(a_terms, scale, 384, tiles=tiles).double().sum(0)
             t["err"] = ((g - exact).abs().max() / exact.abs().max()).item()
             rows.append(dict(op="gram", case=case, d_in=d_in, adapters=adapters, **t))
             print(rows[-1], flush=True)

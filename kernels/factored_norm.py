@@ -627,7 +627,11 @@ def gram_plan(r: int, d_in: int, a_count: int, tiles: tuple[int, int, int] | Non
 
 
 def gram_terms(
-    a_terms: Tensor, scale: Tensor | None, r: int, after: Tensor | None = None, plan: GramPlan | None = None
+    a_terms: Tensor,
+    scale: Tensor | None,
+    r: int,
+    after: Tensor | None = None,
+    tiles: tuple[int, int, int] | None = None,
 ) -> Tensor:
     """``G = A·Aᵀ`` at fp32 accuracy as three bf16 terms ``[3, r, r]`` (``G = Σ_t terms[t]``).
 
@@ -637,12 +641,12 @@ def gram_terms(
     cores (every ``A_i·A_jᵀ`` with ``i + j <= 2``, short accumulations added in
     fp32), then their fixed-order sum, with the power-of-two ``scale²`` divided
     out, split into bf16 terms. ``after``: see ``factored_row_norm_triton``;
-    ``plan`` overrides ``gram_plan`` (benchmarks).
+    ``tiles``: see ``gram_plan`` (benchmarks).
     """
     n, d_in = a_terms.shape
     count = n // r
     max_order = min(2, 2 * count - 2)
-    plan = plan or gram_plan(r, d_in, count)
+    plan = gram_plan(r, d_in, count, tiles)
     pairs = torch.empty(plan.splits, n, n, dtype=torch.float32, device=a_terms.device)
     tiles = triton.cdiv(n, plan.block)
     wrap_triton(_pair_products_kernel)[(tiles, tiles, plan.splits)](
