@@ -20,7 +20,7 @@ from .matching import NotDora, Unsupported
 from .memory import dense_norm_bytes, rewritten_norm_bytes
 from .naming import module_path
 from .patterns import FORMS, Form
-from .rewrite import fusable_lora_up, norm_position
+from .rewrite import foldable_lora_up, fusable_lora_up, norm_position
 from .snapshot import ModuleSnapshot, graph_modules
 
 __all__ = ["DoraRewritePass", "PassOutcome"]
@@ -188,6 +188,7 @@ class DoraRewritePass:
             symbolic_scaling=any(isinstance(s, Node) for s in scalings),
             channel_dim=getattr(match, "channel_dim", -1),
             lora_up=fusable_lora_up(match),
+            folded_lora_up=foldable_lora_up(match),
         )
         impl, why = choose_ops(self.ops, facts)
         ops = form.rewrite(graph, match, impl)

@@ -13,6 +13,11 @@ each of the two ops to insert for one module. Both compute the same math:
   kernel, no ``[tokens, d_out]`` LoRA output in memory). Inference only, where
   ``LayerFacts.lora_up`` says it applies; it replaces the ``"triton"`` compose
   there, and ``"auto"``'s Inductor compose on layers that take the Triton norm.
+- ``"folded"`` (compose only): ``dora_fused.kernels.lora_up_folded_compose_torch``,
+  plain torch with ``g·s`` folded into the rows of ``B``, so that the backward
+  neither reads the ``[tokens, d_out]`` LoRA output nor writes its gradient.
+  Training only, where ``LayerFacts.folded_lora_up`` says it applies; it replaces
+  the ``"torch"`` compose there.
 - ``"torch"``: ``dora_fused.kernels.factored_row_norm_torch`` and
   ``compose_torch`` (``compose_reference`` with a hand-written backward), plain
   torch ops that Inductor fuses with the rest of the graph (cuBLAS for the
@@ -36,7 +41,9 @@ each of the two ops to insert for one module. Both compute the same math:
   less at the peak. ``ops="triton"`` inserts the Triton compose. Where no
   gradient is needed (``LayerFacts.lora_up``), ``"lora_up"``: it writes a new
   output in place of the LoRA output it no longer writes (the same peak), and
-  saves that output's write and read.
+  saves that output's write and read. Where a gradient is needed
+  (``LayerFacts.folded_lora_up``), ``"folded"``: the same forward, and a backward
+  with two passes over ``[tokens, d_out]`` and one saved activation fewer.
 """
 
 from __future__ import annotations
@@ -64,10 +71,11 @@ class LayerFacts:
     symbolic_scaling: bool = False  # s is a traced SymFloat (torch.compile(dynamic=True))
     channel_dim: int = -1  # where the output features are: -1 (Linear), 1 (Conv: channels first)
     lora_up: bool = False  # the "lora_up" compose applies (rewrite.fusable_lora_up): inference, 16-bit B(A·x)
+    folded_lora_up: bool = False  # the "folded" compose applies (rewrite.foldable_lora_up): training, B(A·x)
 
 
 Impl = Literal["triton", "torch"]
-ComposeImpl = Literal["triton", "torch", "lora_up"]
+ComposeImpl = Literal["triton", "torch", "lora_up", "folded"]
 
 
 def choose_ops(preference: OpsImpl, layer: LayerFacts) -> tuple[tuple[Impl, ComposeImpl], str]:
@@ -78,6 +86,8 @@ def choose_ops(preference: OpsImpl, layer: LayerFacts) -> tuple[tuple[Impl, Comp
         return (norm, "torch"), f"{why}; channels-first output: Inductor-fused compose"
     if layer.lora_up and norm == "triton":
         return (norm, "lora_up"), f"{why}; no gradient: LoRA up-projection fused with the compose"
+    if layer.folded_lora_up and compose == "torch":
+        return (norm, "folded"), f"{why}; training: the scale s*m/n folded into the LoRA up-projection's weight"
     return (norm, compose), why
 
 

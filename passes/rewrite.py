@@ -22,6 +22,7 @@ __all__ = [
     "TARGETS",
     "OpsChoice",
     "erase_dead",
+    "foldable_lora_up",
     "fusable_lora_up",
     "insert_compose",
     "insert_node",
@@ -44,6 +45,7 @@ TARGETS = {
         "torch": (kernels.compose_torch, "torch:compose_torch"),
         # (result, h, B, ...) in place of (result, lora, ...): see insert_compose
         "lora_up": (torch.ops.dora_fused.lora_up_compose.default, "dora_fused.lora_up_compose"),
+        "folded": (kernels.lora_up_folded_compose_torch, "torch:lora_up_folded_compose_torch"),
     },
 }
 _LORA_UP_DTYPES = (torch.bfloat16, torch.float16)
@@ -157,25 +159,47 @@ def _insert_norm_here(graph: Graph, match: object, target: object, like: Node) -
     return norm
 
 
-def fusable_lora_up(match: object) -> bool:
-    """Whether the ``"lora_up"`` compose can replace ``match``'s LoRA up-projection and compose.
+def _lora_up_values(match: object) -> tuple[torch.Tensor, ...] | None:
+    """``(root, result, h, B)`` values where the compose may take the LoRA up-projection ``linear(h, B)`` in.
 
-    The DoRA output needs no gradient (the op has no backward); the LoRA output is
-    ``linear(h, B)`` with no bias, read by nothing but the compose; ``result``,
-    ``h`` and ``B`` are 16-bit (``h`` and ``B`` of one dtype: tensor-core
-    operands); a Linear's output (features last) and a float ``s``.
+    That is: a Linear's output (features last), no separate base output, a float
+    ``s``, and a LoRA output ``linear(h, B)`` with no bias that nothing but the
+    compose reads; ``h`` and ``B`` of one dtype. Else None.
     """
     lora = getattr(match, "lora", None)
     if getattr(match, "base", None) is not None or getattr(match, "channel_dim", -1) != -1 or lora is None:
-        return False
+        return None
     if op_of(lora) != "linear" or arg(lora, 2, "bias") is not None or not isinstance(match.scaling, float):
-        return False
+        return None
     if any(user not in match.nodes for user in lora.users):
+        return None
+    values = tuple(example_value(n) for n in (match.root, match.result, lora.args[0], lora.args[1]))
+    if any(v is None for v in values) or values[2].dtype != values[3].dtype:
+        return None
+    return values
+
+
+def fusable_lora_up(match: object) -> bool:
+    """Whether the ``"lora_up"`` compose can replace ``match``'s LoRA up-projection and compose.
+
+    As ``_lora_up_values`` says, where the DoRA output needs no gradient (the op
+    has no backward) and ``result``, ``h`` and ``B`` are 16-bit (tensor-core operands).
+    """
+    values = _lora_up_values(match)
+    if values is None:
         return False
-    root, result, hidden, lora_B = (example_value(n) for n in (match.root, match.result, lora.args[0], lora.args[1]))
-    if any(v is None for v in (root, result, hidden, lora_B)) or root.requires_grad:
-        return False
-    return result.dtype in _LORA_UP_DTYPES and hidden.dtype in _LORA_UP_DTYPES and hidden.dtype == lora_B.dtype
+    root, result, hidden, _ = values
+    return not root.requires_grad and result.dtype in _LORA_UP_DTYPES and hidden.dtype in _LORA_UP_DTYPES
+
+
+def foldable_lora_up(match: object) -> bool:
+    """Whether the ``"folded"`` compose can replace ``match``'s LoRA up-projection and compose: in training.
+
+    As ``_lora_up_values`` says, where the DoRA output needs a gradient
+    (``kernels/folded_compose.py``: its backward writes no LoRA-output gradient).
+    """
+    values = _lora_up_values(match)
+    return values is not None and values[0].requires_grad
 
 
 def insert_compose(graph: Graph, match: object, norm: Node, impl: str, like: Node) -> tuple[Node, str]:
@@ -183,14 +207,15 @@ def insert_compose(graph: Graph, match: object, norm: Node, impl: str, like: Nod
 
     With a separate base output (dropout active) only the plain-torch
     ``compose_with_base_torch`` applies. ``"lora_up"`` (where ``fusable_lora_up``)
-    reads ``h`` and ``B`` of the LoRA output ``linear(h, B)`` in its place.
+    and ``"folded"`` (where ``foldable_lora_up``) read ``h`` and ``B`` of the LoRA
+    output ``linear(h, B)`` in its place.
     Call under ``graph.inserting_before``.
     """
     base, bias = getattr(match, "base", None), getattr(match, "bias", None)
     if base is not None:
         target, name = kernels.compose_with_base_torch, "torch:compose_with_base_torch"
         args = (match.result, base, match.lora, match.magnitude, norm, match.scaling)
-    elif impl == "lora_up":
+    elif impl in ("lora_up", "folded"):
         target, name = TARGETS["compose"][impl]
         hidden, lora_B = match.lora.args[:2]
         args = (match.result, hidden, lora_B, match.magnitude, norm, bias, match.scaling)

@@ -29,10 +29,10 @@ class TestTable(expecttest.TestCase):
             str(report),
             """\
 dora_fused: 1 graph, 0 graph breaks, 2 DoRA modules found, 2 rewritten, 0 left alone
-module              kind         d_out x d_in  r  base/adapter  adapter  status     ops                          norm memory
-base_model.model.0  PEFT Linear  10x12         2  fp32/fp32     default  rewritten  norm: torch, compose: torch  1.6 KB -> 792 B
-base_model.model.2  PEFT Linear  6x10          2  fp32/fp32     default  rewritten  norm: torch, compose: torch  960 B -> 456 B
-ops (2 modules): auto: cpu device, Triton kernels run on CUDA""",
+module              kind         d_out x d_in  r  base/adapter  adapter  status     ops                                                norm memory
+base_model.model.0  PEFT Linear  10x12         2  fp32/fp32     default  rewritten  norm: torch, compose: torch (scale folded into B)  1.6 KB -> 792 B
+base_model.model.2  PEFT Linear  6x10          2  fp32/fp32     default  rewritten  norm: torch, compose: torch (scale folded into B)  960 B -> 456 B
+ops (2 modules): auto: cpu device, Triton kernels run on CUDA; training: the scale s*m/n folded into the LoRA up-projection's weight""",
         )
 
     def test_a_module_left_alone_shows_its_reason(self):

@@ -600,7 +600,8 @@ def test_peft_dora_caching_in_eval_is_rewritten_on_the_filling_call_and_after(mo
         ("base_model.model.lin", "peft_cached_norm", "PEFT Linear", 10, 6),
         ("base_model.model.conv", "peft_cached_norm", "PEFT Conv", 4, 30),  # C_in · k
     }
-    linear_compose = "dora_fused.compose" if ops == "triton" else "torch:compose_torch"
+    # called with gradients enabled (eval() keeps them): the training compose, the scale folded into B
+    linear_compose = "dora_fused.compose" if ops == "triton" else "torch:lora_up_folded_compose_torch"
     assert {m.kind: m.ops for m in cached.modules} == {
         "PEFT Linear": (linear_compose,),
         "PEFT Conv": ("torch:compose_torch",),  # channels-first: the plain-torch compose
