@@ -1,6 +1,6 @@
 """dora_fused ops: factored row norm, fused compose, and the LoRA up-projection fused with the compose.
 
-``folded_compose`` is plain torch: the training compose with ``g·s`` folded into ``B``.
+``folded_compose`` is plain torch: the training compose whose backward folds ``g·s`` into ``B``.
 
 Each op is a ``torch.library`` custom op (``torch.ops.dora_fused.*``) with a
 fake implementation for tracing and a pure-torch implementation that runs on
@@ -22,7 +22,7 @@ from .factored_norm import (
     factored_row_norm_reference,
     factored_row_norm_torch,
 )
-from .folded_compose import folded_compose_reference, lora_up_folded_compose_torch
+from .folded_compose import lora_up_folded_compose_torch
 from .lora_up_compose import lora_up_compose, lora_up_compose_reference
 
 __all__ = [
@@ -37,7 +37,6 @@ __all__ = [
     "factored_row_norm_differentiable",
     "factored_row_norm_reference",
     "factored_row_norm_torch",
-    "folded_compose_reference",
     "lora_up_compose",
     "lora_up_compose_reference",
     "lora_up_folded_compose_torch",

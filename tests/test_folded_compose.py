@@ -1,4 +1,4 @@
-"""The training compose with the DoRA scale folded into the LoRA up-projection (``kernels/folded_compose.py``)."""
+"""The training compose whose backward folds the DoRA scale into B (``kernels/folded_compose.py``)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,23 @@ import pytest
 import torch
 from helpers import assert_close
 
-from dora_fused.kernels import compose_reference, compose_torch, folded_compose_reference, lora_up_folded_compose_torch
+from dora_fused.kernels import compose_reference, compose_torch, lora_up_compose_reference, lora_up_folded_compose_torch
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
-def _inputs(gen, tokens, d_out, r, dtype, adapter_dtype, vec_dtype, with_bias):
+def _inputs(gen, tokens, d_out, r, dtype, adapter_dtype, vec_dtype, with_bias, device="cpu"):
     """``result [*tokens, d_out]``, ``h [*tokens, r]``, ``B``, ``m``, ``n`` (no grad, as DoRA detaches it), ``b``."""
-    result = torch.randn(*tokens, d_out, generator=gen).to(dtype).requires_grad_()
-    hidden = torch.randn(*tokens, r, generator=gen).to(adapter_dtype).requires_grad_()
-    lora_B = (torch.randn(d_out, r, generator=gen) / r**0.5).to(adapter_dtype).requires_grad_()
-    magnitude = (torch.rand(d_out, generator=gen) + 0.5).to(vec_dtype).requires_grad_()
-    weight_norm = (torch.rand(d_out, generator=gen) + 0.5).to(vec_dtype)
-    bias = torch.randn(d_out, generator=gen).to(dtype).requires_grad_() if with_bias else None
+
+    def make(t, dtype):
+        return t.to(device, dtype)
+
+    result = make(torch.randn(*tokens, d_out, generator=gen), dtype).requires_grad_()
+    hidden = make(torch.randn(*tokens, r, generator=gen), adapter_dtype).requires_grad_()
+    lora_B = make(torch.randn(d_out, r, generator=gen) / r**0.5, adapter_dtype).requires_grad_()
+    magnitude = make(torch.rand(d_out, generator=gen) + 0.5, vec_dtype).requires_grad_()
+    weight_norm = make(torch.rand(d_out, generator=gen) + 0.5, vec_dtype)
+    bias = make(torch.randn(d_out, generator=gen), dtype).requires_grad_() if with_bias else None
     return result, hidden, lora_B, magnitude, weight_norm, bias
 
 
@@ -45,10 +51,13 @@ def test_gradcheck_in_fp64(with_bias):
     ids=["fp64", "bf16", "bf16-base-fp32-adapters", "fp16"],
 )
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
-def test_same_value_and_gradients_as_the_unfolded_compose(dtype, adapter_dtype, vec_dtype, with_bias):
-    """Output and every gradient as the unfolded compose gives them (fp64, same math), at the dtypes' rounding."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_value_and_gradients_as_the_unfolded_compose(dtype, adapter_dtype, vec_dtype, with_bias, device):
+    """Output and every gradient as the unfolded compose gives them (fp64, same math), at the dtypes' rounding.
+
+    On CUDA, ``P = dyᵀ·h`` of 16-bit operands is one tensor-core product with an fp32 result."""
     gen = torch.Generator().manual_seed(22)
-    ours = _inputs(gen, (3, 5), 11, 4, dtype, adapter_dtype, vec_dtype, with_bias)
+    ours = _inputs(gen, (3, 5), 11, 4, dtype, adapter_dtype, vec_dtype, with_bias, device)
     exact = [t.detach().double().requires_grad_(t.requires_grad) if t is not None else None for t in ours]
     out_dtype = torch.promote_types(dtype, adapter_dtype)
     out = lora_up_folded_compose_torch(*ours, 0.7, out_dtype)
@@ -59,7 +68,7 @@ def test_same_value_and_gradients_as_the_unfolded_compose(dtype, adapter_dtype, 
     scale = expected.abs().max().item()
     assert_close(out.double(), expected, rtol=0, atol=tol * scale, what="output")
 
-    dy = torch.randn(out.shape, generator=gen).to(out_dtype)
+    dy = torch.randn(out.shape, generator=gen).to(device, out_dtype)
     out.backward(dy)
     expected.backward(dy.double())
     for name, a, e in zip(("result", "h", "B", "m", "bias"), (*ours[:4], ours[5]), (*exact[:4], exact[5]), strict=True):
@@ -72,11 +81,15 @@ def test_same_value_and_gradients_as_the_unfolded_compose(dtype, adapter_dtype, 
         assert_close(a.grad.double(), e.grad, rtol=0, atol=bound, what=f"d_{name}")
 
 
-def test_matches_its_reference():
+def test_forward_is_the_unfolded_compose_bit_for_bit():
+    """The forward is the up-projection, then ``compose_reference``: the same value as the unfolded path."""
     gen = torch.Generator().manual_seed(23)
-    args = _inputs(gen, (9,), 13, 5, torch.bfloat16, torch.bfloat16, torch.float32, True)
-    got = lora_up_folded_compose_torch(*args, 1.5, torch.bfloat16)
-    assert torch.equal(got, folded_compose_reference(*args, 1.5, torch.bfloat16))
+    for dtype, adapter_dtype in [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]:
+        for with_bias in (False, True):
+            args = _inputs(gen, (9,), 13, 5, dtype, adapter_dtype, adapter_dtype, with_bias)
+            out_dtype = torch.promote_types(dtype, adapter_dtype)
+            got = lora_up_folded_compose_torch(*args, 1.5, out_dtype)
+            assert torch.equal(got, lora_up_compose_reference(*args, 1.5, out_dtype))
 
 
 def _saved_bytes(fn) -> list[tuple[int, ...]]:
