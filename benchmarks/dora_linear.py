@@ -38,10 +38,12 @@ from timing import PeakMemory, environment, summarize, time_back_to_back, time_c
 SHAPES = [(4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096)]  # (d_in, d_out)
 
 
-def build(d_in: int, d_out: int, r: int, adapter_fp32: bool, dora: bool = True) -> nn.Module:
+def build(d_in: int, d_out: int, r: int, adapter_fp32: bool, dora: bool = True, dropout: float = 0.0) -> nn.Module:
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(d_in, d_out, bias=False)).to("cuda", torch.bfloat16)
-    config = LoraConfig(r=r, lora_alpha=r, target_modules=["0"], use_dora=dora, init_lora_weights=False)
+    config = LoraConfig(
+        r=r, lora_alpha=r, target_modules=["0"], use_dora=dora, init_lora_weights=False, lora_dropout=dropout
+    )
     model = get_peft_model(base, config, autocast_adapter_dtype=adapter_fp32)
     with torch.no_grad():
         for name, p in model.named_parameters():

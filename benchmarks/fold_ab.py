@@ -7,10 +7,11 @@ needs a gradient; this script turns that choice off for the "unfolded" contender
 (``passes.dora_pass.foldable_lora_up``) to measure what it buys.
 
 - ``--what layer``: one PEFT DoRA Linear (bias-free, bf16 base, r = 384), 4096 tokens, at
-  4096², 8192², 4096→14336 and 14336→4096, with Inductor's DoRA and LoRA under Inductor beside
-  them. Each contender is compiled once on its own copy of the module; then 7 rounds, each
-  timing 20 back-to-back training steps (``out.float().sum().backward()``) of every contender
-  in turn. Median over rounds; peak MB of one step.
+  4096², 8192², 4096→14336 and 14336→4096 (``--shapes``), with Inductor's DoRA and LoRA under
+  Inductor beside them; ``--dropout`` > 0 gives PEFT's dropout form. Each contender is compiled
+  once on its own copy of the module; then 7 rounds, each timing 20 back-to-back training steps
+  (``out.float().sum().backward()``) of every contender in turn. Median over rounds; peak MB of
+  one step.
 - ``--what model``: an 8B-shaped Llama (``benchmarks/models.py``, 4 layers, 4096 tokens), DoRA
   r = 384 on every linear layer, forward+backward of the loss; 6 rounds of 3 steps.
 
@@ -84,12 +85,12 @@ def prepared(steps: dict[str, Callable[[], None]]) -> dict[str, float]:
     return peaks
 
 
-def layer_rows(fp32: bool, rank: int) -> list[dict]:
+def layer_rows(fp32: bool, rank: int, dropout: float, shapes: list[tuple[int, int]]) -> list[dict]:
     rows = []
-    for d_in, d_out in SHAPES:
+    for d_in, d_out in shapes:
         torch._dynamo.reset()
-        model = build(d_in, d_out, rank, fp32)
-        lora_model = build(d_in, d_out, rank, fp32, dora=False)
+        model = build(d_in, d_out, rank, fp32, dropout=dropout)
+        lora_model = build(d_in, d_out, rank, fp32, dora=False, dropout=dropout)
         xg = torch.randn(4096, d_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         unfolded, folded = copy.deepcopy(model), copy.deepcopy(model)  # Dynamo keys compiled code on the module
         contenders = {
@@ -115,6 +116,7 @@ def layer_rows(fp32: bool, rank: int) -> list[dict]:
                 shape=f"{d_in}->{d_out}",
                 r=rank,
                 adapters="fp32" if fp32 else "bf16",
+                dropout=dropout,
                 ms={k: statistics.median(v) for k, v in times.items()},
                 rounds=times,
                 mb=peaks,
@@ -160,10 +162,13 @@ def main() -> None:
     parser.add_argument("--what", choices=["layer", "model"], default="layer")
     parser.add_argument("--adapters", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--rank", type=int, default=384)
+    parser.add_argument("--dropout", type=float, default=0.0, help="layer: PEFT's lora_dropout (the dropout form)")
+    parser.add_argument("--shapes", default="all", help="layer: 'all' or e.g. 8192x8192,4096x14336 (d_in x d_out)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     fp32 = args.adapters == "fp32"
-    rows = layer_rows(fp32, args.rank) if args.what == "layer" else model_rows(fp32, args.rank)
+    shapes = SHAPES if args.shapes == "all" else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    rows = layer_rows(fp32, args.rank, args.dropout, shapes) if args.what == "layer" else model_rows(fp32, args.rank)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(meta=environment(), rows=rows), f, indent=1)

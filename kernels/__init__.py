@@ -22,7 +22,7 @@ from .factored_norm import (
     factored_row_norm_reference,
     factored_row_norm_torch,
 )
-from .folded_compose import lora_up_folded_compose_torch
+from .folded_compose import lora_up_folded_compose_torch, lora_up_folded_compose_with_base_torch
 from .lora_up_compose import lora_up_compose, lora_up_compose_reference
 
 __all__ = [
@@ -40,4 +40,5 @@ __all__ = [
     "lora_up_compose",
     "lora_up_compose_reference",
     "lora_up_folded_compose_torch",
+    "lora_up_folded_compose_with_base_torch",
 ]

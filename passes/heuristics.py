@@ -13,7 +13,8 @@ each of the two ops to insert for one module. Both compute the same math:
   kernel, no ``[tokens, d_out]`` LoRA output in memory). Inference only, where
   ``LayerFacts.lora_up`` says it applies; it replaces the ``"triton"`` compose
   there, and ``"auto"``'s Inductor compose on layers that take the Triton norm.
-- ``"folded"`` (compose only): ``dora_fused.kernels.lora_up_folded_compose_torch``,
+- ``"folded"`` (compose only): ``dora_fused.kernels.lora_up_folded_compose_torch``
+  (with dropout active, ``lora_up_folded_compose_with_base_torch``),
   plain torch with ``g·s`` folded into the rows of ``B``, so that the backward
   neither reads the ``[tokens, d_out]`` LoRA output nor writes its gradient.
   Training only, where ``LayerFacts.folded_lora_up`` says it applies; it replaces

@@ -46,6 +46,11 @@ TARGETS = {
         # (result, h, B, ...) in place of (result, lora, ...): see insert_compose
         "lora_up": (torch.ops.dora_fused.lora_up_compose.default, "dora_fused.lora_up_compose"),
         "folded": (kernels.lora_up_folded_compose_torch, "torch:lora_up_folded_compose_torch"),
+        # (result, base, h, B, ...): the folded compose of the dropout form
+        "folded_with_base": (
+            kernels.lora_up_folded_compose_with_base_torch,
+            "torch:lora_up_folded_compose_with_base_torch",
+        ),
     },
 }
 _LORA_UP_DTYPES = (torch.bfloat16, torch.float16)
@@ -159,15 +164,17 @@ def _insert_norm_here(graph: Graph, match: object, target: object, like: Node) -
     return norm
 
 
-def _lora_up_values(match: object) -> tuple[torch.Tensor, ...] | None:
+def _lora_up_values(match: object, with_base: bool = False) -> tuple[torch.Tensor, ...] | None:
     """``(root, result, h, B)`` values where the compose may take the LoRA up-projection ``linear(h, B)`` in.
 
-    That is: a Linear's output (features last), no separate base output, a float
-    ``s``, and a LoRA output ``linear(h, B)`` with no bias that nothing but the
-    compose reads; ``h`` and ``B`` of one dtype. Else None.
+    That is: a Linear's output (features last), a float ``s``, and a LoRA output
+    ``linear(h, B)`` with no bias that nothing but the compose reads; ``h`` and ``B``
+    of one dtype; a separate base output (dropout) only ``with_base``. Else None.
     """
     lora = getattr(match, "lora", None)
-    if getattr(match, "base", None) is not None or getattr(match, "channel_dim", -1) != -1 or lora is None:
+    if getattr(match, "channel_dim", -1) != -1 or lora is None:
+        return None
+    if getattr(match, "base", None) is not None and not with_base:
         return None
     if op_of(lora) != "linear" or arg(lora, 2, "bias") is not None or not isinstance(match.scaling, float):
         return None
@@ -195,24 +202,29 @@ def fusable_lora_up(match: object) -> bool:
 def foldable_lora_up(match: object) -> bool:
     """Whether the ``"folded"`` compose can replace ``match``'s LoRA up-projection and compose: in training.
 
-    As ``_lora_up_values`` says, where the DoRA output needs a gradient
-    (``kernels/folded_compose.py``: its backward writes no LoRA-output gradient).
+    As ``_lora_up_values`` says, a separate base output (dropout) included, where the
+    DoRA output needs a gradient (``kernels/folded_compose.py``: its backward writes
+    no LoRA-output gradient).
     """
-    values = _lora_up_values(match)
+    values = _lora_up_values(match, with_base=True)
     return values is not None and values[0].requires_grad
 
 
 def insert_compose(graph: Graph, match: object, norm: Node, impl: str, like: Node) -> tuple[Node, str]:
     """The compose of ``TARGETS["compose"][impl]`` for ``match`` with ``norm``, and its name for the record.
 
-    With a separate base output (dropout active) only the plain-torch
-    ``compose_with_base_torch`` applies. ``"lora_up"`` (where ``fusable_lora_up``)
+    With a separate base output (dropout active) the plain-torch
+    ``compose_with_base_torch`` applies, or its folded form for ``"folded"``. ``"lora_up"`` (where ``fusable_lora_up``)
     and ``"folded"`` (where ``foldable_lora_up``) read ``h`` and ``B`` of the LoRA
     output ``linear(h, B)`` in its place.
     Call under ``graph.inserting_before``.
     """
     base, bias = getattr(match, "base", None), getattr(match, "bias", None)
-    if base is not None:
+    if base is not None and impl == "folded":
+        target, name = TARGETS["compose"]["folded_with_base"]
+        hidden, lora_B = match.lora.args[:2]
+        args = (match.result, base, hidden, lora_B, match.magnitude, norm, match.scaling)
+    elif base is not None:
         target, name = kernels.compose_with_base_torch, "torch:compose_with_base_torch"
         args = (match.result, base, match.lora, match.magnitude, norm, match.scaling)
     elif impl in ("lora_up", "folded"):

@@ -170,6 +170,7 @@ _OP_LABELS = {
     "dora_fused.lora_up_compose": "compose: triton + LoRA up-projection",
     "torch:compose_torch": "compose: torch",
     "torch:lora_up_folded_compose_torch": "compose: torch (scale folded into B)",
+    "torch:lora_up_folded_compose_with_base_torch": "compose: torch (dropout base, scale folded into B)",
     "torch:compose_with_base_torch": "compose: torch (dropout base)",
 }
 

@@ -6,7 +6,15 @@ import pytest
 import torch
 from helpers import assert_close
 
-from dora_fused.kernels import compose_reference, compose_torch, lora_up_compose_reference, lora_up_folded_compose_torch
+from dora_fused.kernels import (
+    compose_reference,
+    compose_torch,
+    compose_with_base_reference,
+    compose_with_base_torch,
+    lora_up_compose_reference,
+    lora_up_folded_compose_torch,
+    lora_up_folded_compose_with_base_torch,
+)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -119,3 +127,47 @@ def test_saves_no_lora_output_for_backward():
 
     assert _saved_bytes(unfolded).count((40, 24)) == 2
     assert _saved_bytes(folded).count((40, 24)) == 1
+
+
+# --- the dropout form: out = result + (g - 1)·base + g·s·h·Bᵀ ------------------------------------
+
+
+def test_with_base_gradcheck_in_fp64():
+    gen = torch.Generator().manual_seed(26)
+    result, hidden, lora_B, m, n, _ = _inputs(gen, (2, 3), 7, 3, *(torch.float64,) * 3, False)
+    base = torch.randn(2, 3, 7, generator=gen, dtype=torch.float64).requires_grad_()
+    n.requires_grad_()
+
+    def f(result, base, hidden, lora_B, m, n):
+        return lora_up_folded_compose_with_base_torch(result, base, hidden, lora_B, m, n, 0.7, torch.float64)
+
+    assert torch.autograd.gradcheck(f, (result, base, hidden, lora_B, m, n))
+
+
+@pytest.mark.parametrize(
+    "dtype,adapter_dtype",
+    [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)],
+    ids=["bf16", "bf16-base-fp32-adapters"],
+)
+@pytest.mark.parametrize("device", DEVICES)
+def test_with_base_matches_the_unfolded_dropout_compose(dtype, adapter_dtype, device):
+    """Forward bit for bit as ``compose_with_base_reference``; gradients as the unfolded path's, in fp64."""
+    gen = torch.Generator().manual_seed(27)
+    result, hidden, lora_B, m, n, _ = _inputs(gen, (3, 5), 11, 4, dtype, adapter_dtype, adapter_dtype, False, device)
+    base = torch.randn(3, 5, 11, generator=gen).to(device, dtype).requires_grad_()
+    ours = (result, base, hidden, lora_B, m, n)
+    out_dtype = torch.promote_types(dtype, adapter_dtype)
+    out = lora_up_folded_compose_with_base_torch(*ours, 0.7, out_dtype)
+    lora = torch.nn.functional.linear(hidden, lora_B)
+    assert torch.equal(out, compose_with_base_reference(result, base, lora, m, n, 0.7, out_dtype))
+
+    exact = [t.detach().double().requires_grad_(t.requires_grad) for t in ours]
+    lora64 = torch.nn.functional.linear(exact[2], exact[3])
+    expected = compose_with_base_torch(exact[0], exact[1], lora64, exact[4], exact[5], 0.7, torch.float64)
+    dy = torch.randn(out.shape, generator=gen).to(device, out_dtype)
+    out.backward(dy)
+    expected.backward(dy.double())
+    for name, a, e in zip(("result", "base", "h", "B", "m"), ours[:5], exact[:5], strict=True):
+        assert a.grad.dtype == a.dtype, name
+        bound = 8.0 * torch.finfo(a.dtype).eps * e.grad.abs().max().item()
+        assert_close(a.grad.double(), e.grad, rtol=0, atol=bound, what=f"d_{name}")
