@@ -16,7 +16,7 @@ rows of ``B`` just as well (``lora·s·g = h·B'ᵀ``, ``B' = (s·g) ⊙_rows B`
 against the compose that takes ``lora`` (``compose_torch``), the ``[tokens,
 d_out]`` LoRA output is not saved for backward nor read there, and its gradient
 ``g·s ⊙ dy`` is never written: one saved activation and two passes over
-``[tokens, d_out]`` fewer, for two small ``[d_out, r]`` kernels more.
+``[tokens, d_out]`` fewer, for a small ``[d_out, r]`` kernel or two more.
 
 With dropout active PEFT runs the base layer again on the dropped input and composes
 ``out = result + (g - 1)·base + g·s·lora`` around that second output;
