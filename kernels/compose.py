@@ -49,6 +49,8 @@ __all__ = [
     "compose_with_base_reference",
     "compose_with_base_torch",
     "compute_dtype",
+    "scaled_sum",
+    "scaled_sum_with_base",
     "triton_supports_compose",
 ]
 
@@ -72,7 +74,14 @@ def compose_reference(
 ) -> Tensor:
     """``g·(result - b + s·lora) + b`` with ``g = m / n``, computed in fp32 (fp64), rounded once."""
     acc = compute_dtype(result, lora, magnitude, weight_norm, bias)
-    g = magnitude.to(acc) / weight_norm.to(acc)
+    return scaled_sum(result, lora, magnitude.to(acc) / weight_norm.to(acc), bias, scaling, out_dtype)
+
+
+def scaled_sum(
+    result: Tensor, lora: Tensor, g: Tensor, bias: Tensor | None, scaling: float, out_dtype: torch.dtype
+) -> Tensor:
+    """``g·(result - b + s·lora) + b`` for a given ``g``, computed in ``g``'s dtype, rounded once."""
+    acc = g.dtype
     base = result.to(acc)
     if bias is not None:
         b = bias.to(acc)
@@ -96,7 +105,14 @@ def compose_with_base_reference(
     Inductor fuses it into one pointwise kernel and derives the backward.
     """
     acc = compute_dtype(result, base, lora, magnitude, weight_norm)
-    g = magnitude.to(acc) / weight_norm.to(acc)
+    return scaled_sum_with_base(result, base, lora, magnitude.to(acc) / weight_norm.to(acc), scaling, out_dtype)
+
+
+def scaled_sum_with_base(
+    result: Tensor, base: Tensor, lora: Tensor, g: Tensor, scaling: float, out_dtype: torch.dtype
+) -> Tensor:
+    """``result + (g - 1)·base + g·s·lora`` for a given ``g``, computed in ``g``'s dtype, rounded once."""
+    acc = g.dtype
     return (result.to(acc) + (g - 1.0) * base.to(acc) + (g * scaling) * lora.to(acc)).to(out_dtype)
 
 

@@ -45,6 +45,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from .products import has_mm_out_dtype, product
+
 __all__ = [
     "GramPlan",
     "accumulation_dtype",
@@ -159,17 +161,13 @@ def _factored_row_norm_tensor_cores(weight: Tensor, lora_A: Tensor, lora_B: Tens
     return squared.clamp_min(0.0).sqrt()
 
 
-def _has_mm_out_dtype() -> bool:
-    return hasattr(torch.ops.aten.mm, "dtype")
-
-
 def factored_row_norm_torch(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
     """The factored norm in plain torch ops: the tensor-core path where it applies, else chunked.
 
     Traceable: the rewrite inserts it directly (Inductor then compiles it with the
     rest of the graph, with no per-call Python cost); the op below wraps it.
     """
-    if _tensor_core_terms(weight, lora_A) and _has_mm_out_dtype():
+    if _tensor_core_terms(weight, lora_A) and has_mm_out_dtype():
         return _factored_row_norm_tensor_cores(weight, lora_A, lora_B, scaling)
     return _factored_row_norm_chunked(weight, lora_A, lora_B, scaling)
 
@@ -573,14 +571,6 @@ def gram_fp32(lora_A: Tensor) -> Tensor:
     return a @ a.T
 
 
-def _products(x: Tensor, y: Tensor) -> Tensor:
-    """``x·yᵀ`` of 16-bit matrices with fp32 output: one cuBLAS call on CUDA (tensor cores, fp32
-    accumulation); off CUDA (the interpreter's tests) the same exact products accumulated in fp32."""
-    if x.is_cuda and _has_mm_out_dtype():
-        return torch.mm(x, y.T, out_dtype=torch.float32)
-    return x.float() @ y.float().T
-
-
 _GRAM_PROGRAMS = 264  # about two programs per H100 SM: tiles x splits aims at this many
 _GRAM_MIN_SPLIT = 512  # columns of d_in per split at least
 
@@ -703,7 +693,7 @@ def norm_config(r: int, a_terms: int) -> dict[str, object]:
             # 149-158 µs; K steps of 128 with Triton's default three stages were 61 / 186-189 µs.
             return dict(BLOCK_M=64, BLOCK_N=n, BLOCK_K=128, SUB_K=64, BLOCK_R=16, num_warps=4, num_stages=2)
         return dict(BLOCK_M=64, BLOCK_N=n, BLOCK_K=256, SUB_K=128, BLOCK_R=16, num_warps=4)
-    if a_terms == 3 and _has_mm_out_dtype():
+    if a_terms == 3 and has_mm_out_dtype():
         # the kernel is the epilogue only; on an H200 (r = 384, four layer shapes, before the epilogue
         # took half of B·G) G in 64-row chunks with three stages took 141-352 µs for the whole norm,
         # 32-row chunks with two stages 143-382 µs
@@ -861,7 +851,7 @@ def factored_row_norm_triton(
     w_squared = norm if finish else torch.empty(wsq_parts, d_out, dtype=torch.float32, device=weight.device)
     if not plan.fused_squares:
         row_squares_triton(weight, out=w_squared, after=after)
-    u = _products(weight, a_terms) if plan.u_from_cublas else norm  # (a placeholder when the kernel forms U)
+    u = product(weight, a_terms.T) if plan.u_from_cublas else norm  # (a placeholder when the kernel forms U)
     wrap_triton(_fused_norm_kernel)[(plan.parts, plan.row_tiles, plan.splits)](
         weight,
         a_terms,

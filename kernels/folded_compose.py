@@ -35,18 +35,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .compose import compute_dtype
+from .compose import compute_dtype, scaled_sum, scaled_sum_with_base
+from .products import product
 
 __all__ = ["lora_up_folded_compose_torch", "lora_up_folded_compose_with_base_torch"]
-
-
-def _product(x: Tensor, y: Tensor, acc: torch.dtype) -> Tensor:
-    """``x·y`` in ``acc``: 16-bit operands multiplied exactly on tensor cores with an ``acc`` (fp32) result on
-    CUDA (one cuBLAS call); elsewhere, or for 32/64-bit operands, promoted."""
-    if x.dtype == y.dtype and x.dtype in (torch.bfloat16, torch.float16) and acc == torch.float32 and x.is_cuda:
-        if hasattr(torch.ops.aten.mm, "dtype"):
-            return torch.mm(x, y, out_dtype=acc)
-    return x.to(acc) @ y.to(acc)
 
 
 class _FoldedLoraUpCompose(torch.autograd.Function):
@@ -58,11 +50,7 @@ class _FoldedLoraUpCompose(torch.autograd.Function):
 
     @staticmethod
     def forward(result, hidden, lora_B, g, bias, scaling, out_dtype):
-        lora = torch.nn.functional.linear(hidden, lora_B).to(g.dtype)
-        if bias is None:  # compose_reference's expression, with g given
-            return (g * (result.to(g.dtype) + scaling * lora)).to(out_dtype)
-        b = bias.to(g.dtype)
-        return (g * (result.to(g.dtype) - b + scaling * lora) + b).to(out_dtype)
+        return scaled_sum(result, torch.nn.functional.linear(hidden, lora_B), g, bias, scaling, out_dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -107,7 +95,7 @@ def _up_projection_grads(
         folded_B = ((s * g)[:, None] * lora_B.to(acc)).to(lora_B.dtype)
         d_hidden = (dy @ folded_B).reshape(hidden.shape)
     if needs[1] or needs[2]:
-        products = _product(dy.T, hidden.reshape(-1, hidden.shape[-1]), acc)  # P = dyᵀ·h, [d_out, r]
+        products = product(dy.T, hidden.reshape(-1, hidden.shape[-1]), acc)  # P = dyᵀ·h, [d_out, r]
         if needs[1]:
             d_lora_B = ((s * g)[:, None] * products).to(lora_B.dtype)
         if needs[2]:
@@ -120,9 +108,8 @@ class _FoldedLoraUpComposeWithBase(torch.autograd.Function):
 
     @staticmethod
     def forward(result, base, hidden, lora_B, g, scaling, out_dtype):
-        acc = g.dtype
-        lora = torch.nn.functional.linear(hidden, lora_B).to(acc)
-        return (result.to(acc) + (g - 1.0) * base.to(acc) + (g * scaling) * lora).to(out_dtype)
+        lora = torch.nn.functional.linear(hidden, lora_B)
+        return scaled_sum_with_base(result, base, lora, g, scaling, out_dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
