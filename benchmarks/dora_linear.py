@@ -16,7 +16,8 @@ Method: CUDA-event timings, median and 10/90% quantiles of --reps runs after
 model, where the host's time to a call's first launch overlaps earlier work.
 Peak memory is torch.cuda.max_memory_allocated during one call, minus the
 memory allocated before it (weights, input). Each contender runs on the same
-module, weights and input in one process. ``--mode`` is passed to every
+module, weights and input in one process; Dynamo's cache is cleared before each
+contender, so none pays for looking up another's compiled code. ``--mode`` is passed to every
 ``torch.compile`` (``reduce-overhead``: CUDA graphs, which take the host's launch
 latency out of the compiled contenders; PEFT eager and the floor's parts are not
 graphed).
@@ -126,6 +127,9 @@ def run_case(d_in: int, d_out: int, rank: int, adapter_fp32: bool, args) -> list
     }
     graphed = args.mode == "reduce-overhead"
     for name, (fn, module) in contenders.items():
+        # each contender compiles (lazily, at its first call) into an empty Dynamo cache: the code of the
+        # ones before it, cached on the same PEFT forward functions, is not looked up in its calls
+        torch._dynamo.reset()
         xg = x.detach().clone().requires_grad_()
 
         def forward(fn=fn, x=x):
