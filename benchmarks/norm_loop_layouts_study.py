@@ -34,7 +34,7 @@ import json
 import torch
 import triton
 import triton.language as tl
-from norm_main_loop_study import _main_loop_kernel
+from norm_main_loop_study import _main_loop_kernel, pair_squares
 from triton.testing import do_bench
 
 SHAPES = [(8192, 8192), (14336, 4096), (4096, 14336), (4096, 4096)]  # (d_out, d_in)
@@ -87,17 +87,10 @@ def _all_r_loop_kernel(
             wf = w.to(tl.float32)
             squares += wf * wf
             w = tl.where(kmask[None, :], w, 0.0)
-        if SQ == 2:  # bf16 pairs as int32: the high half is the upper bf16, the low half shifted up
-            ks2 = k0 // 2 + tl.arange(0, SUB_K // 2)
-            pairs = tl.load(
-                W32 + rows[:, None] * (stride_wo // 2) + ks2[None, :],
-                mask=rmask[:, None] & (ks2 < k_hi // 2)[None, :],
-                other=0,
-            )
-            lo = (pairs << 16).to(tl.float32, bitcast=True)
-            hi = (pairs & -65536).to(tl.float32, bitcast=True)
-            sq_lo += lo * lo
-            sq_hi += hi * hi
+        if SQ == 2:  # a second load of W as int32 pairs
+            lo2, hi2 = pair_squares(W32, rows, rmask, stride_wo, k0, k_hi, SUB_K)
+            sq_lo += lo2
+            sq_hi += hi2
         a_tile = A + cols[None, :] * stride_ar + ks[:, None]
         u0 = tl.dot(w, tl.load(a_tile, mask=(cols < r)[None, :] & kmask[:, None], other=0.0), u0)
         if NB > 1:

@@ -48,6 +48,22 @@ SHAPES = [(8192, 8192), (4096, 14336), (14336, 4096), (4096, 4096)]  # (d_out, d
 
 
 @triton.jit
+def pair_squares(W32, rows, rmask, stride_wo, k_start, k_hi, SUB_K: tl.constexpr):
+    """Squares of a bf16 ``W``'s ``[rows, k_start : k_start + SUB_K]`` tile, from ``W`` read again as int32 pairs.
+
+    Returns the squares of the pairs' low and high halves (``[rows, SUB_K / 2]`` each, fp32): the
+    high half of a pair is the upper bf16 as the top of an fp32, the low half shifted up is the lower.
+    """
+    ks2 = k_start // 2 + tl.arange(0, SUB_K // 2)
+    pairs = tl.load(
+        W32 + rows[:, None] * (stride_wo // 2) + ks2[None, :], mask=rmask[:, None] & (ks2 < k_hi // 2)[None, :], other=0
+    )
+    lo = (pairs << 16).to(tl.float32, bitcast=True)
+    hi = (pairs & -65536).to(tl.float32, bitcast=True)
+    return lo * lo, hi * hi
+
+
+@triton.jit
 def _main_loop_kernel(
     W, W32, A, U, WSQ, d_out, d_in, r, k_per_split, stride_wo, stride_wi, stride_ar, stride_ak,
     CHAIN: tl.constexpr, SQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -83,17 +99,10 @@ def _main_loop_kernel(
             if SQ == 1:
                 wf = w.to(tl.float32)
                 squares += wf * wf
-            if SQ == 2:  # bf16 pairs as int32: the high half is the upper bf16, the low half shifted up
-                ks2 = (k0 + step * SUB_K) // 2 + tl.arange(0, SUB_K // 2)
-                pairs = tl.load(
-                    W32 + rows[:, None] * (stride_wo // 2) + ks2[None, :],
-                    mask=rmask[:, None] & (ks2 < k_hi // 2)[None, :],
-                    other=0,
-                )
-                lo = (pairs << 16).to(tl.float32, bitcast=True)
-                hi = (pairs & -65536).to(tl.float32, bitcast=True)
-                sq_lo += lo * lo
-                sq_hi += hi * hi
+            if SQ == 2:
+                lo2, hi2 = pair_squares(W32, rows, rmask, stride_wo, k0 + step * SUB_K, k_hi, SUB_K)
+                sq_lo += lo2
+                sq_hi += hi2
         if not CHAIN:
             u += c
     tl.store(U + split * d_out * r + rows[:, None] * r + cols[None, :], u, mask=rmask[:, None] & cmask[None, :])
