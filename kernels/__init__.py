@@ -7,38 +7,56 @@ fake implementation for tracing and a pure-torch implementation that runs on
 any device; each module also exports its reference math.
 """
 
-from .compose import (
-    compose,
-    compose_backward_reference,
-    compose_reference,
-    compose_torch,
-    compose_with_base_reference,
-    compose_with_base_torch,
-)
-from .factored_norm import (
-    dense_row_norm_reference,
-    factored_row_norm,
-    factored_row_norm_differentiable,
-    factored_row_norm_reference,
-    factored_row_norm_torch,
-)
-from .folded_compose import lora_up_folded_compose_torch, lora_up_folded_compose_with_base_torch
-from .lora_up_compose import lora_up_compose, lora_up_compose_reference
+if __name__ != "dora_fused.kernels":
+    # Found as the top-level package "kernels" because the checkout root is on sys.path
+    # (``python -m``/``-c`` run from the root). That name is Hugging Face's kernels package, which
+    # transformers imports: import the installed one instead, or fail as the import would anywhere else.
+    # (The same guard opens passes/ and src/: it must run before any import of this project.)
+    import importlib
+    import os
+    import sys
 
-__all__ = [
-    "compose",
-    "compose_backward_reference",
-    "compose_reference",
-    "compose_torch",
-    "compose_with_base_reference",
-    "compose_with_base_torch",
-    "dense_row_norm_reference",
-    "factored_row_norm",
-    "factored_row_norm_differentiable",
-    "factored_row_norm_reference",
-    "factored_row_norm_torch",
-    "lora_up_compose",
-    "lora_up_compose_reference",
-    "lora_up_folded_compose_torch",
-    "lora_up_folded_compose_with_base_torch",
-]
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _path = sys.path[:]
+    sys.path[:] = [p for p in _path if os.path.abspath(p or os.curdir) != _root]
+    del sys.modules[__name__]
+    try:
+        importlib.import_module(__name__)
+    finally:
+        sys.path[:] = _path
+else:
+    from .compose import (
+        compose,
+        compose_backward_reference,
+        compose_reference,
+        compose_torch,
+        compose_with_base_reference,
+        compose_with_base_torch,
+    )
+    from .factored_norm import (
+        dense_row_norm_reference,
+        factored_row_norm,
+        factored_row_norm_differentiable,
+        factored_row_norm_reference,
+        factored_row_norm_torch,
+    )
+    from .folded_compose import lora_up_folded_compose_torch, lora_up_folded_compose_with_base_torch
+    from .lora_up_compose import lora_up_compose, lora_up_compose_reference
+
+    __all__ = [
+        "compose",
+        "compose_backward_reference",
+        "compose_reference",
+        "compose_torch",
+        "compose_with_base_reference",
+        "compose_with_base_torch",
+        "dense_row_norm_reference",
+        "factored_row_norm",
+        "factored_row_norm_differentiable",
+        "factored_row_norm_reference",
+        "factored_row_norm_torch",
+        "lora_up_compose",
+        "lora_up_compose_reference",
+        "lora_up_folded_compose_torch",
+        "lora_up_folded_compose_with_base_torch",
+    ]

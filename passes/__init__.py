@@ -3,7 +3,24 @@
 See README.md in this folder for the invariants every pass keeps.
 """
 
-from .dora_pass import DoraRewritePass, PassOutcome
-from .patterns import FORMS, Form
+if __name__ != "dora_fused.passes":
+    # Found as the top-level package "passes" because the checkout root is on sys.path
+    # (``python -m``/``-c`` run from the root). That name belongs to any installed package of
+    # that name: import it instead, or fail as the import would anywhere else.
+    import importlib
+    import os
+    import sys
 
-__all__ = ["FORMS", "DoraRewritePass", "Form", "PassOutcome"]
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _path = sys.path[:]
+    sys.path[:] = [p for p in _path if os.path.abspath(p or os.curdir) != _root]
+    del sys.modules[__name__]
+    try:
+        importlib.import_module(__name__)
+    finally:
+        sys.path[:] = _path
+else:
+    from .dora_pass import DoraRewritePass, PassOutcome
+    from .patterns import FORMS, Form
+
+    __all__ = ["FORMS", "DoraRewritePass", "Form", "PassOutcome"]

@@ -2,8 +2,9 @@
 
 Dynamo records the same operation in several spellings: ``operator.mul``,
 ``torch.mul`` and ``Tensor.mul``; ``F.linear`` and ``torch._C._nn.linear``;
-``x.T`` as ``getattr(x, "T")``. Matchers ask :func:`op_of` for a canonical
-name and never look at targets directly, so adding a spelling is one line here.
+``x.T`` as ``getattr(x, "T")`` (torch 2.11-2.14) or as the aten op
+``numpy_T`` (torch 2.15). Matchers ask :func:`op_of` for a canonical name and
+never look at targets directly, so adding a spelling is one line here.
 """
 
 from __future__ import annotations
@@ -57,6 +58,13 @@ _FUNCTIONS: dict[object, str] = {
     torch.transpose: "transpose",
 }
 
+# aten ops Dynamo records as call_function targets (an OpOverloadPacket, or one of its overloads), by op name
+_ATEN: dict[str, str] = {
+    "numpy_T": "t",
+    "mT": "t",
+    "t": "t",
+}
+
 _METHODS: dict[str, str] = {
     "add": "add",
     "sub": "sub",
@@ -84,6 +92,9 @@ def op_of(node: object) -> str | None:
     if node.op == "call_function":
         if node.target is getattr and len(node.args) == 2 and node.args[1] in ("T", "mT"):
             return "t"
+        if isinstance(node.target, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
+            packet = getattr(node.target, "overloadpacket", node.target)
+            return _ATEN.get(packet.__name__) if packet.__module__ == "torch._ops.aten" else None
         return _FUNCTIONS.get(node.target)
     if node.op == "call_method":
         return _METHODS.get(str(node.target))

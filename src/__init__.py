@@ -11,27 +11,44 @@ logger. It has no other side effects. ``audit(model, *args)`` reports what the
 backend would rewrite without compiling.
 """
 
-from .logs import configure_from_env
-from .peft_tracing import enable_peft_tracing
-from .report import SCHEMA, ModuleRecord, RewriteReport, clear_reports, last_report, reports
+if __name__ != "dora_fused":
+    # Found as the top-level package "src" because the checkout root is on sys.path
+    # (``python -m``/``-c`` run from the root). That name belongs to any installed package of
+    # that name (PyPI has one): import it instead, or fail as the import would anywhere else.
+    import importlib
+    import os
+    import sys
 
-enable_peft_tracing()
-configure_from_env()
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _path = sys.path[:]
+    sys.path[:] = [p for p in _path if os.path.abspath(p or os.curdir) != _root]
+    del sys.modules[__name__]
+    try:
+        importlib.import_module(__name__)
+    finally:
+        sys.path[:] = _path
+else:
+    from .logs import configure_from_env
+    from .peft_tracing import enable_peft_tracing
+    from .report import SCHEMA, ModuleRecord, RewriteReport, clear_reports, last_report, reports
 
-from .backend import DoraFusedBackend, audit, backend, dora_fused, register_name  # noqa: E402
+    enable_peft_tracing()
+    configure_from_env()
 
-register_name()
+    from .backend import DoraFusedBackend, audit, backend, dora_fused, register_name
 
-__all__ = [
-    "SCHEMA",
-    "DoraFusedBackend",
-    "ModuleRecord",
-    "RewriteReport",
-    "audit",
-    "backend",
-    "clear_reports",
-    "dora_fused",
-    "last_report",
-    "reports",
-]
-__version__ = "0.1.0"
+    register_name()
+
+    __all__ = [
+        "SCHEMA",
+        "DoraFusedBackend",
+        "ModuleRecord",
+        "RewriteReport",
+        "audit",
+        "backend",
+        "clear_reports",
+        "dora_fused",
+        "last_report",
+        "reports",
+    ]
+    __version__ = "0.1.0"
