@@ -1,5 +1,7 @@
 """dora_fused ops: factored row norm, fused compose, and the LoRA up-projection fused with the compose.
 
+The factored norm recomputes the rows where its sum cancels densely (``ill_conditioned_rows``).
+
 ``folded_compose`` is plain torch: the training compose whose backward folds ``g·s`` into ``B``.
 
 Each op is a ``torch.library`` custom op (``torch.ops.dora_fused.*``) with a
@@ -33,10 +35,10 @@ else:
         compose_with_base_reference,
         compose_with_base_torch,
     )
+    from .differentiable_norm import factored_row_norm_differentiable
     from .factored_norm import (
         dense_row_norm_reference,
         factored_row_norm,
-        factored_row_norm_differentiable,
         factored_row_norm_reference,
         factored_row_norm_torch,
     )

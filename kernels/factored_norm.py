@@ -45,6 +45,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from .ill_conditioned_rows import refine_ill_conditioned_rows, refine_ill_conditioned_rows_triton
 from .products import has_mm_out_dtype, product
 
 __all__ = [
@@ -54,7 +55,6 @@ __all__ = [
     "bf16_terms_triton",
     "dense_row_norm_reference",
     "factored_row_norm",
-    "factored_row_norm_differentiable",
     "factored_row_norm_reference",
     "factored_row_norm_torch",
     "factored_row_norm_triton",
@@ -94,8 +94,8 @@ def factored_row_norm_reference(weight: Tensor, lora_A: Tensor, lora_B: Tensor, 
     return squared.clamp_min(0.0).sqrt()
 
 
-def _factored_row_norm_chunked(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
-    """Same math as the reference, promoting at most ``CHUNK_BYTES`` of ``W`` at a time."""
+def _factored_sums_chunked(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> tuple[Tensor, ...]:
+    """``(n², T0, T2)``: the factored sum, ``‖W_i‖²``, ``s²·‖(B·A)_i‖²``; ``CHUNK_BYTES`` of W promoted at a time."""
     acc = accumulation_dtype(weight, lora_A, lora_B)
     d_out, d_in = weight.shape
     a = lora_A.to(acc)
@@ -103,24 +103,18 @@ def _factored_row_norm_chunked(weight: Tensor, lora_A: Tensor, lora_B: Tensor, s
     gram = a @ a_t
     itemsize = torch.finfo(acc).bits // 8
     rows = max(1, CHUNK_BYTES // max(1, d_in * itemsize))
-    chunks = []
+    sums, w_squares, lora_squares = [], [], []
     for start in range(0, d_out, rows):
         w = weight[start : start + rows].to(acc)
         b = lora_B[start : start + rows].to(acc)
-        squared = (
-            (w * w).sum(1) + (2.0 * scaling) * (b * (w @ a_t)).sum(1) + (scaling * scaling) * ((b @ gram) * b).sum(1)
-        )
-        chunks.append(squared.clamp_min(0.0).sqrt())
-    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-
-
-def factored_row_norm_differentiable(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
-    """The factored norm in differentiable plain-torch ops (autograd gives the norm's exact gradient).
-
-    For forms whose norm is not detached. Rows of W are promoted in chunks of at
-    most ``CHUNK_BYTES``, as in the chunked path.
-    """
-    return _factored_row_norm_chunked(weight, lora_A, lora_B, scaling)
+        w_squared = (w * w).sum(1)
+        lora_squared = (scaling * scaling) * ((b @ gram) * b).sum(1)
+        sums.append(w_squared + (2.0 * scaling) * (b * (w @ a_t)).sum(1) + lora_squared)
+        w_squares.append(w_squared)
+        lora_squares.append(lora_squared)
+    if len(sums) == 1:
+        return sums[0], w_squares[0], lora_squares[0]
+    return torch.cat(sums), torch.cat(w_squares), torch.cat(lora_squares)
 
 
 def split_terms(t: Tensor, dtype: torch.dtype, terms: int) -> list[Tensor]:
@@ -148,28 +142,33 @@ def _tensor_core_terms(weight: Tensor, lora_A: Tensor) -> int:
     return 0  # fp16 splits of fp32 can underflow: use the chunked path
 
 
-def _factored_row_norm_tensor_cores(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
-    """``U = W·Aᵀ`` on tensor cores with fp32 accumulation; ``W`` read in its own dtype."""
+def _factored_sums_tensor_cores(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> tuple[Tensor, ...]:
+    """``(n², T0, T2)`` with ``U = W·Aᵀ`` on tensor cores, fp32 accumulation; ``W`` read in its own dtype."""
     terms = split_terms(lora_A, weight.dtype, _tensor_core_terms(weight, lora_A))
     u = torch.mm(weight, terms[0].T, out_dtype=torch.float32)
     for term in terms[1:]:
         u = u + torch.mm(weight, term.T, out_dtype=torch.float32)
     a, b = lora_A.float(), lora_B.float()
     gram = a @ a.T
-    base = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()
-    squared = base + (2.0 * scaling) * (b * u).sum(1) + (scaling * scaling) * ((b @ gram) * b).sum(1)
-    return squared.clamp_min(0.0).sqrt()
+    w_squared = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()
+    lora_squared = (scaling * scaling) * ((b @ gram) * b).sum(1)
+    return w_squared + (2.0 * scaling) * (b * u).sum(1) + lora_squared, w_squared, lora_squared
 
 
 def factored_row_norm_torch(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
     """The factored norm in plain torch ops: the tensor-core path where it applies, else chunked.
 
+    Ill-conditioned rows are then recomputed densely (``ill_conditioned_rows``).
     Traceable: the rewrite inserts it directly (Inductor then compiles it with the
-    rest of the graph, with no per-call Python cost); the op below wraps it.
+    rest of the graph, with no per-call Python cost; the refinement is one opaque
+    op); the op below wraps it.
     """
     if _tensor_core_terms(weight, lora_A) and has_mm_out_dtype():
-        return _factored_row_norm_tensor_cores(weight, lora_A, lora_B, scaling)
-    return _factored_row_norm_chunked(weight, lora_A, lora_B, scaling)
+        squared, w_squared, lora_squared = _factored_sums_tensor_cores(weight, lora_A, lora_B, scaling)
+    else:
+        squared, w_squared, lora_squared = _factored_sums_chunked(weight, lora_A, lora_B, scaling)
+    norm = squared.clamp_min(0.0).sqrt()
+    return refine_ill_conditioned_rows(norm, w_squared, lora_squared, weight, lora_A, lora_B, scaling)
 
 
 # ----------------------------------------------------------------------------
@@ -334,6 +333,7 @@ def _fused_norm_kernel(
     U,
     WSQ,
     PART,
+    LSQ,
     NORM,
     d_out,
     d_in,
@@ -361,9 +361,13 @@ def _fused_norm_kernel(
 ):
     """One ``[BLOCK_M rows, BLOCK_N of r]`` tile of the norm over one split of ``d_in``, ``U`` in registers::
 
-        PART[split, j, i] = Σ_{k in tile j} B_ik·(2s·U_ik + s²·Σ_{l < end of tile j} c_l·B_il·G_lk)
+        PART[split, j, i] = 2s·Σ_{k in tile j} B_ik·U_ik + LSQ[split, j, i]
+        LSQ[split, j, i]  = s²·Σ_{k in tile j} B_ik·Σ_{l < end of tile j} c_l·B_il·G_lk
                             U = W[:, split]·A[:, split]ᵀ,  c_l = 2 before tile j, 1 inside it
         WSQ[split, i]     = Σ_{k in split} W_ik²          (column tile 0, with ``W_SQUARES``)
+
+    ``LSQ`` and ``WSQ`` summed are the sum's terms ``s²·‖(B·A)_i‖²`` and ``‖W_i‖²``,
+    which ``ill_conditioned_rows`` reads.
 
     ``U`` and ``‖W‖²`` are linear in the columns of ``d_in`` and the ``B·G`` term
     in its ``r`` chunks, so split-K programs each take a share of both and the
@@ -388,7 +392,7 @@ def _fused_norm_kernel(
     tile counted twice (``BLOCK_R`` divides ``BLOCK_N``, so a chunk lies wholly
     before or inside it). That is about half the products of the full ``B·G``
     when ``r`` spans several tiles. With one column tile and one split
-    (``FINISH``) it writes ``NORM``.
+    (``FINISH``) it writes ``NORM`` and the totals ``WSQ`` and ``LSQ``.
     """
     s = tl.cast(scaling, tl.float32)  # Inductor passes Python floats as fp64
     pid_n = tl.program_id(0)  # column tiles vary fastest: programs sharing W's rows run together
@@ -464,12 +468,16 @@ def _fused_norm_kernel(
     b = tl.load(
         B + rows[:, None] * stride_bo + cols[None, :] * stride_br, mask=rmask[:, None] & cmask[None, :], other=0.0
     ).to(tl.float32)
-    partial = tl.sum(b * ((2.0 * s) * u + (s * s) * bg), axis=1)
+    lora_squared = (s * s) * tl.sum(b * bg, axis=1)
+    partial = (2.0 * s) * tl.sum(b * u, axis=1) + lora_squared
+    share = (split * tl.num_programs(0) + pid_n) * d_out + rows
+    tl.store(LSQ + share, lora_squared, mask=rmask)
     if FINISH:
         w_squared = tl.sum(squares, axis=1)
         tl.store(NORM + rows, tl.sqrt_rn(tl.maximum(w_squared + partial, 0.0)), mask=rmask)
+        tl.store(WSQ + rows, w_squared, mask=rmask)
     else:
-        tl.store(PART + (split * tl.num_programs(0) + pid_n) * d_out + rows, partial, mask=rmask)
+        tl.store(PART + share, partial, mask=rmask)
         if W_SQUARES:
             if pid_n == 0:
                 tl.store(WSQ + split * d_out + rows, tl.sum(squares, axis=1), mask=rmask)
@@ -498,17 +506,26 @@ def _row_squares_kernel(
 
 
 @triton.jit
-def _norm_finish_kernel(WSQ, PART, NORM, d_out, wsq_parts, parts, BLOCK: tl.constexpr):
-    """``NORM = sqrt(max(Σ_j WSQ[j] + Σ_j PART[j], 0))``, the shares added in a fixed order."""
+def _norm_finish_kernel(
+    WSQ, PART, LSQ, NORM, WSQ_TOTAL, LSQ_TOTAL, d_out, wsq_parts, parts, BLOCK: tl.constexpr
+):  # fmt: skip
+    """``NORM = sqrt(max(Σ_j WSQ[j] + Σ_j PART[j], 0))``, the shares added in a fixed order.
+
+    Also writes the terms' totals ``WSQ_TOTAL = Σ_j WSQ[j]`` and ``LSQ_TOTAL = Σ_j LSQ[j]``.
+    """
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < d_out
     total = tl.zeros([BLOCK], dtype=tl.float32)
+    lora_squared = tl.zeros([BLOCK], dtype=tl.float32)
     for j in range(0, parts):
         total += tl.load(PART + j * d_out + offsets, mask=mask, other=0.0)
+        lora_squared += tl.load(LSQ + j * d_out + offsets, mask=mask, other=0.0)
     w_squared = tl.zeros([BLOCK], dtype=tl.float32)
     for j in range(0, wsq_parts):
         w_squared += tl.load(WSQ + j * d_out + offsets, mask=mask, other=0.0)
     tl.store(NORM + offsets, tl.sqrt_rn(tl.maximum(w_squared + total, 0.0)), mask=mask)
+    tl.store(WSQ_TOTAL + offsets, w_squared, mask=mask)
+    tl.store(LSQ_TOTAL + offsets, lora_squared, mask=mask)
 
 
 # ----------------------------------------------------------------------------
@@ -772,10 +789,11 @@ class NormPlan:
     def workspace_bytes(self, d_out: int, d_in: int, r: int, a_count: int) -> int:
         """Bytes the norm allocates besides its ``[d_out]`` result."""
         total = (a_count > 1) * a_count * r * d_in * 2  # A's 16-bit terms
+        total += 2 * d_out * 4  # the sum's terms, for the ill-conditioned rows
         total += gram_plan(r, d_in, a_count).splits * (a_count * r) ** 2 * 4 + 3 * r * r * 2  # Gram partials, G's terms
         total += self.u_from_cublas * d_out * a_count * r * 4
         if not self.finish_in_kernel:
-            total += (self.splits * self.parts + (self.splits if self.fused_squares else 1)) * d_out * 4
+            total += (2 * self.splits * self.parts + (self.splits if self.fused_squares else 1)) * d_out * 4
         return total
 
 
@@ -823,7 +841,9 @@ def factored_row_norm_triton(
       ``B·G`` and the row sums are its epilogue; ``B·G`` never reaches memory;
     - where ``r`` spans several column tiles or ``d_in`` several splits, a small
       kernel adds the shares in a fixed order, clamps and takes a correctly
-      rounded square root.
+      rounded square root;
+    - the rows where the sum cancels are recomputed densely, in one kernel that
+      stops at once where none is flagged (``ill_conditioned_rows``).
 
     Working memory: ``NormPlan.workspace_bytes``, ``O(d_out·r + r·d_in + r²)``.
 
@@ -843,12 +863,16 @@ def factored_row_norm_triton(
     a_count = a_terms.shape[0] // r
     plan = norm_plan(d_out, d_in, r, a_count, _multiprocessors(weight.device), config)
     g_terms = gram_terms(a_terms, scale, r, after)
-    norm = torch.empty(d_out, dtype=torch.float32, device=weight.device)
+    device = weight.device
+    norm = torch.empty(d_out, dtype=torch.float32, device=device)
+    w_total = torch.empty(d_out, dtype=torch.float32, device=device)  # the sum's terms ‖W_i‖² and s²·‖(B·A)_i‖²
+    lora_total = torch.empty(d_out, dtype=torch.float32, device=device)
     finish = plan.finish_in_kernel
     shares = plan.splits * plan.parts
-    partial = norm if finish else torch.empty(shares, d_out, dtype=torch.float32, device=weight.device)
+    partial = norm if finish else torch.empty(shares, d_out, dtype=torch.float32, device=device)
+    lora_squared = lora_total if finish else torch.empty(shares, d_out, dtype=torch.float32, device=device)
     wsq_parts = plan.splits if plan.fused_squares else 1
-    w_squared = norm if finish else torch.empty(wsq_parts, d_out, dtype=torch.float32, device=weight.device)
+    w_squared = w_total if finish else torch.empty(wsq_parts, d_out, dtype=torch.float32, device=device)
     if not plan.fused_squares:
         row_squares_triton(weight, out=w_squared, after=after)
     u = product(weight, a_terms.T) if plan.u_from_cublas else norm  # (a placeholder when the kernel forms U)
@@ -861,6 +885,7 @@ def factored_row_norm_triton(
         u,
         w_squared,
         partial,
+        lora_squared,
         norm,
         d_out,
         d_in,
@@ -884,8 +909,9 @@ def factored_row_norm_triton(
     )
     if not finish:
         wrap_triton(_norm_finish_kernel)[(triton.cdiv(d_out, 1024),)](
-            w_squared, partial, norm, d_out, wsq_parts, shares, BLOCK=1024
+            w_squared, partial, lora_squared, norm, w_total, lora_total, d_out, wsq_parts, shares, BLOCK=1024
         )
+    refine_ill_conditioned_rows_triton(norm, w_total, lora_total, weight, lora_A, lora_B, scaling, launch=wrap_triton)
     return norm
 
 
