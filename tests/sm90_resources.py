@@ -73,7 +73,8 @@ def sm90_shared_bytes(
 
 def _norm_bytes(weight: str, adapters: str, constexprs: dict[str, object], **launch: int) -> int:
     """``_fused_norm_kernel`` with these constants, for a ``weight``-dtype ``W`` and ``adapters``-dtype ``B``."""
-    pointers = dict(W=weight, A=weight, A_SCALE="fp32", B=adapters, G="bf16", U="fp32", WSQ="fp32", PART="fp32", LSQ="fp32")
+    pointers = dict(W=weight, A=weight, A_SCALE="fp32", B=adapters, G="bf16", U="fp32", WSQ="fp32", PART="fp32")
+    pointers["LSQ"] = "fp32"
     pointers["NORM"] = "fp32"
     return sm90_shared_bytes(
         fn._fused_norm_kernel,
