@@ -24,9 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout
-    )
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def _installed(distribution: str) -> bool:

@@ -249,3 +249,31 @@ def test_compiled_peft_layer_with_cancelling_rows_is_finite_and_as_exact_as_the_
         ours_error = (ours[key] - exact[key]).abs().max()
         peft_error = (peft[key] - exact[key]).abs().max()
         assert ours_error <= 1.01 * peft_error + unit * exact[key].abs().max(), (key, ours_error, peft_error)
+
+
+# --- on a GPU, at layer size -------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4096, 4096, 16), (4096, 4096, 384), (14336, 4096, 64), (4096, 14336, 8)])
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
+def test_triton_norm_at_layer_size_is_never_less_exact_than_peft(shape, adapter_dtype):
+    d_out, d_in, r = shape
+    w, a, b = (t.cuda() for t in adversarial(d_out, d_in, r, torch.bfloat16, adapter_dtype))
+    ours = _row_errors(factored_row_norm(w, a, b, SCALING), w, a, b)
+    peft = _row_errors(_peft_dense(w, a, b), w, a, b)
+    assert torch.isfinite(ours).all()
+    assert (ours <= peft + 8 * _unit(torch.float32)).all(), (ours - peft).max()
+
+
+@pytest.mark.gpu
+def test_refinement_runs_inside_a_cuda_graph():
+    w, a, b = (t.cuda() for t in adversarial(1024, 2048, 32, torch.bfloat16, torch.float32))
+    factored_row_norm(w, a, b, SCALING)  # compile the kernels outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = factored_row_norm(w, a, b, SCALING)
+    graph.replay()
+    torch.testing.assert_close(captured, factored_row_norm(w, a, b, SCALING), rtol=0, atol=0)
+    peft = _row_errors(_peft_dense(w, a, b), w, a, b)
+    assert (_row_errors(captured, w, a, b) <= peft + 8 * _unit(torch.float32)).all()
