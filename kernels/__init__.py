@@ -12,9 +12,11 @@ any device; each module also exports its reference math.
 if __name__ != "dora_fused.kernels":
     # Found as the top-level package "kernels" because the checkout root is on sys.path
     # (``python -m``/``-c`` run from the root). That name is Hugging Face's kernels package, which
-    # transformers imports: import the installed one instead, or fail as the import would anywhere else.
+    # transformers imports: import the installed one instead (or stand in for none, below).
     # (The same guard opens passes/ and src/: it must run before any import of this project.)
     import importlib
+    import importlib.machinery
+    import importlib.util
     import os
     import sys
 
@@ -24,6 +26,14 @@ if __name__ != "dora_fused.kernels":
     del sys.modules[__name__]
     try:
         importlib.import_module(__name__)
+    except ModuleNotFoundError as error:
+        if error.name != __name__:
+            raise
+        # None is installed: an empty namespace package, as a folder without __init__.py gives
+        # (no __file__, no __version__: transformers' availability check reads that as absent).
+        _spec = importlib.machinery.ModuleSpec(__name__, None, is_package=True)
+        _spec.submodule_search_locations = []
+        sys.modules[__name__] = importlib.util.module_from_spec(_spec)
     finally:
         sys.path[:] = _path
 else:

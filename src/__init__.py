@@ -14,8 +14,10 @@ backend would rewrite without compiling.
 if __name__ != "dora_fused":
     # Found as the top-level package "src" because the checkout root is on sys.path
     # (``python -m``/``-c`` run from the root). That name belongs to any installed package of
-    # that name (PyPI has one): import it instead, or fail as the import would anywhere else.
+    # that name (PyPI has one): import it instead.
     import importlib
+    import importlib.machinery
+    import importlib.util
     import os
     import sys
 
@@ -25,6 +27,14 @@ if __name__ != "dora_fused":
     del sys.modules[__name__]
     try:
         importlib.import_module(__name__)
+    except ModuleNotFoundError as error:
+        if error.name != __name__:
+            raise
+        # None is installed: an empty namespace package, as a folder without __init__.py gives
+        # (no __file__, no __version__: transformers' availability check reads that as absent).
+        _spec = importlib.machinery.ModuleSpec(__name__, None, is_package=True)
+        _spec.submodule_search_locations = []
+        sys.modules[__name__] = importlib.util.module_from_spec(_spec)
     finally:
         sys.path[:] = _path
 else:
