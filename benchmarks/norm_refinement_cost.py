@@ -85,7 +85,7 @@ def main() -> None:
                     3,
                 )
                 rows.append({**case, **{k: summarize(v) for k, v in times.items()}})
-                median = {k: rows[-1][k]["median"] * 1e3 for k in times}
+                median = {k: rows[-1][k]["ms"] * 1e3 for k in times}
                 print(
                     f"{d_out:>5}x{d_in:<5} r={r:<4} {case['adapters']:<9} norm {median['norm']:8.1f} us"
                     f"  check {median['check']:6.1f} us ({median['check'] / median['norm']:5.1%})"
