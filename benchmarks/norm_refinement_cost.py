@@ -9,7 +9,10 @@ norm reads parameters only), back-to-back calls of:
 - ``flagged``: the check kernel with ``--flagged`` rows made to cancel
   (their dense recomputation included).
 
-Prints a table and writes JSON (``--out``) with GPU, versions and date.
+Back-to-back eager calls include each launch's host time (Python launches of a
+Triton kernel take tens of µs); the ``graphs`` columns replay CUDA graphs of the
+same calls, which leaves the GPU time alone (what compiled code with CUDA
+graphs pays). Prints a table and writes JSON (``--out``) with GPU, versions and date.
 Run: ``python benchmarks/norm_refinement_cost.py --out bench-out/norm_refinement.json``.
 """
 
@@ -46,6 +49,24 @@ def _layer(d_out: int, d_in: int, r: int, adapter_dtype: torch.dtype, flagged: i
 def _terms(w, a, b):
     w32, a32, b32 = w.float(), a.float(), b.float()
     return (w32 * w32).sum(1), SCALING**2 * ((b32 @ (a32 @ a32.T)) * b32).sum(1)
+
+
+def _graph_time_us(fn, calls: int = 20, reps: int = 20) -> float:
+    """GPU time of one call, from CUDA-graph replays of ``calls`` calls (no host launch cost)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (reps * calls)
 
 
 def main() -> None:
@@ -85,11 +106,19 @@ def main() -> None:
                     3,
                 )
                 rows.append({**case, **{k: summarize(v) for k, v in times.items()}})
+                rows[-1]["graph_us"] = {
+                    "norm": _graph_time_us(lambda: factored_row_norm(w, a, b, SCALING)),
+                    "check": _graph_time_us(
+                        lambda: refine_ill_conditioned_rows_triton(scratch, w_sq, lora_sq, w, a, b, SCALING)
+                    ),
+                }
                 median = {k: rows[-1][k]["ms"] * 1e3 for k in times}
+                graph = rows[-1]["graph_us"]
                 print(
                     f"{d_out:>5}x{d_in:<5} r={r:<4} {case['adapters']:<9} norm {median['norm']:8.1f} us"
                     f"  check {median['check']:6.1f} us ({median['check'] / median['norm']:5.1%})"
-                    f"  {args.flagged} rows flagged {median['flagged']:8.1f} us",
+                    f"  {args.flagged} rows flagged {median['flagged']:8.1f} us"
+                    f"  | graphs: norm {graph['norm']:6.1f} us check {graph['check']:5.1f} us",
                     flush=True,
                 )
     if args.out:
