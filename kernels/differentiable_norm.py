@@ -66,12 +66,12 @@ def _gradients_op(
         dense = w[flagged] + scaling * (b[flagged] @ a)  # e_i of the flagged rows, as the dense path forms it
         grad_b[flagged] = scaling * c[flagged] * (dense @ a.T)
         grad_a = grad_a + scaling * (cb[flagged].T @ dense)
-    return grad_w.to(weight.dtype), grad_a.to(lora_A.dtype), grad_b.to(lora_B.dtype)
+    return tuple(g.to(t.dtype).contiguous() for g, t in ((grad_w, weight), (grad_a, lora_A), (grad_b, lora_B)))
 
 
 @_gradients_op.register_fake
 def _(grad, norm, weight, lora_A, lora_B, scaling):
-    return torch.empty_like(weight), torch.empty_like(lora_A), torch.empty_like(lora_B)
+    return tuple(t.new_empty(t.shape) for t in (weight, lora_A, lora_B))  # contiguous, as the implementation
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -94,4 +94,6 @@ _norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 def factored_row_norm_differentiable(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
     """``‖W + s·B·A‖_row`` (``[d_out]``, accumulation dtype) with its exact gradient to ``W``, ``A`` and ``B``."""
+    if isinstance(scaling, torch.SymFloat):  # a traced s (dynamic=True): the op's float would specialize it
+        lora_B, scaling = lora_B * scaling, 1.0  # autograd carries the gradient on through the product
     return torch.ops.dora_fused.factored_row_norm_with_grad(weight, lora_A, lora_B, float(scaling))

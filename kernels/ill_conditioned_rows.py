@@ -233,6 +233,8 @@ def refine_ill_conditioned_rows(
     (module docstring). ``weight`` may be N-D (a Conv weight: its rows are
     flattened past dim 0). Returns a new tensor; not differentiable.
     """
+    if isinstance(scaling, torch.SymFloat):  # a traced s (dynamic=True): the op's float would specialize it
+        lora_B, scaling = lora_B.to(norm.dtype) * scaling, 1.0
     return torch.ops.dora_fused.refine_ill_conditioned_rows(
         norm, w_squared, lora_squared, weight, lora_A, lora_B, float(scaling)
     )
