@@ -48,11 +48,14 @@ class LowRankSum:
     scaling: float | Node  # a Python float, or the node of a symbolic float (dynamic=True)
     nodes: list[Node] = field(default_factory=list)  # the dense path, for removal
     identity_trick: bool = False  # B·A built as linear(linear(eye(d_in), A), B).T (memory estimate)
+    # W rows per row of B·A: a grouped Conv's B·A is [d_out / c, c·K], its row j the c rows c·j … c·j + c - 1 of W
+    row_blocks: int = 1
 
     @property
     def layer_shape(self) -> tuple[int, int]:
         """``(d_out, d_in)`` of the rows the norm runs over (``W`` flattened past dim 0, as Conv weights are)."""
-        return int(example_value(self.lora_B).shape[0]), int(example_value(self.lora_A).shape[1])
+        rows, cols = int(example_value(self.lora_B).shape[0]), int(example_value(self.lora_A).shape[1])
+        return rows * self.row_blocks, cols // self.row_blocks
 
 
 def commuted(node: Node, want_first) -> tuple[object, object] | None:
@@ -142,8 +145,8 @@ def _direct_product(node: Node, nodes: list[Node]) -> tuple[Node, Node]:
     a, b = example_value(a_node), example_value(b_node)
     if len(node.args) != 2 or node.kwargs or a is None or b is None or a.dim() != 2 or b.dim() != 2:
         raise Unsupported("the low-rank update is not a recognized B·A product")
-    if b.shape[1] != a.shape[0] or a.shape[0] > min(a.shape[1], b.shape[0]):
-        raise Unsupported("the product is not low-rank B [d_out, r] · A [r, d_in]")
+    if b.shape[1] != a.shape[0]:  # any r: the factored identity holds whether or not r < min(d_out, d_in)
+        raise Unsupported("the product is not B [d_out, r] · A [r, d_in]")
     nodes.append(node)
     return a_node, b_node
 
@@ -231,7 +234,12 @@ def match_low_rank_sum(x: object, shared: tuple[Node, ...] = ()) -> LowRankSum:
     weight = strip(weight_side, CASTS, weight_nodes)
     nodes.extend(weight_nodes)
     w, a, b = example_value(weight), example_value(lora_A), example_value(lora_B)
-    if w is None or w.dim() < 2 or (w.shape[0], math.prod(w.shape[1:])) != (b.shape[0], a.shape[1]):
+    if w is None or w.dim() < 2:
+        raise Unsupported("W + s·B·A with shapes that do not line up")
+    row_blocks = w.shape[0] // b.shape[0] if b.shape[0] and w.shape[0] % b.shape[0] == 0 else 0
+    if not row_blocks or (w.shape[0], math.prod(w.shape[1:]) * row_blocks) != (b.shape[0] * row_blocks, a.shape[1]):
+        raise Unsupported("W + s·B·A with shapes that do not line up")
+    if row_blocks > 1 and reshaped is None:
         raise Unsupported("W + s·B·A with shapes that do not line up")
     if w.shape != example_value(x).shape:
         raise Unsupported("W + s·B·A broadcasts W")
@@ -251,4 +259,4 @@ def match_low_rank_sum(x: object, shared: tuple[Node, ...] = ()) -> LowRankSum:
         if len(computed_users) > 1 and n not in weight_nodes and n not in shared:
             raise Unsupported(f"intermediate {n.name} of the dense norm path is used elsewhere")
     scaling = float(scaling) if is_scalar(scaling) else scaling  # a node: symbolic under dynamic=True
-    return LowRankSum(weight, lora_A, lora_B, scaling, nodes, identity_trick)
+    return LowRankSum(weight, lora_A, lora_B, scaling, nodes, identity_trick, row_blocks)

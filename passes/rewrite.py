@@ -9,6 +9,8 @@ erased.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch.fx import Graph, Node
 
@@ -62,11 +64,14 @@ def _fake_value(node: Node) -> None:
     """Fill ``example_value`` by running the node's target on its inputs' fake values."""
 
     def fake(a: object) -> object:
+        if isinstance(a, (list, tuple)):
+            return type(a)(fake(v) for v in a)
         return a.meta.get("example_value", a.meta.get("val")) if isinstance(a, Node) else a  # tensors and SymFloats
 
     args = tuple(fake(a) for a in node.args)
     kwargs = {k: fake(v) for k, v in node.kwargs.items()}
-    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    flat = [v for a in (*args, *kwargs.values()) for v in (a if isinstance(a, (list, tuple)) else (a,))]
+    tensors = [a for a in flat if isinstance(a, torch.Tensor)]
     mode = getattr(tensors[0], "fake_mode", None) if tensors else None
     if mode is None:
         return
@@ -153,13 +158,26 @@ def insert_norm(graph: Graph, match: object, target: object, like: Node) -> Node
 
 def _insert_norm_here(graph: Graph, match: object, target: object, like: Node) -> Node:
     low_rank = match.norm
+    blocks = low_rank.row_blocks
     weight = insert_node(graph, "call_method", "detach", (low_rank.weight,), like)
-    if example_value(low_rank.weight).dim() > 2:
-        weight = insert_node(graph, "call_method", "reshape", (weight, low_rank.layer_shape[0], -1), like)
+    if example_value(low_rank.weight).dim() > 2 or blocks > 1:
+        weight = insert_node(graph, "call_method", "reshape", (weight, low_rank.layer_shape[0] // blocks, -1), like)
     lora_A = insert_node(graph, "call_method", "detach", (low_rank.lora_A,), like)
     lora_B = insert_node(graph, "call_method", "detach", (low_rank.lora_B,), like)
     after = norm_order_args(graph, target, getattr(match, "result", None), like)
-    norm = insert_node(graph, "call_function", target, (weight, lora_A, lora_B, low_rank.scaling, *after), like)
+    if blocks == 1:
+        norm = insert_node(graph, "call_function", target, (weight, lora_A, lora_B, low_rank.scaling, *after), like)
+    else:  # a grouped Conv: block t of B·A's row j updates W row c·j + t; one norm per block, interleaved
+        width = low_rank.layer_shape[1]
+        norms = []
+        for t in range(blocks):
+            columns = (slice(None), slice(t * width, (t + 1) * width))
+            w_t = insert_node(graph, "call_function", operator.getitem, (weight, columns), like)
+            a_t = insert_node(graph, "call_function", operator.getitem, (lora_A, columns), like)
+            args = (w_t, a_t, lora_B, low_rank.scaling, *after)
+            norms.append(insert_node(graph, "call_function", target, args, like))
+        stacked = insert_node(graph, "call_function", torch.stack, (norms, 1), like)
+        norm = insert_node(graph, "call_method", "reshape", (stacked, -1), like)
     store_norm(graph, getattr(match, "stored", []), norm, like)
     return norm
 
