@@ -61,7 +61,7 @@ def _inputs(match: object) -> set[Node]:
     """Every graph value the replacement reads: the match's fields that are nodes."""
     low_rank = match.norm
     values = [low_rank.weight, low_rank.lora_A, low_rank.lora_B, low_rank.scaling] if low_rank is not None else []
-    fields = ("magnitude", "result", "lora", "bias", "base", "x", "scaling", "weight_norm")
+    fields = ("magnitude", "result", "lora", "bias", "base", "x", "scaling", "weight_norm", "lora_factor")
     values += [getattr(match, f, None) for f in fields]
     return {v for v in values if isinstance(v, Node)}
 

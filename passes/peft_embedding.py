@@ -7,6 +7,7 @@ takes the norm of its transpose, one entry per embedding dimension)::
     n    = detach(to(linalg_norm(W.T + s·detach((A_t @ B_t).T), dim=1)))       [dim]
     g    = m / n
     out  = g·result + (g·lora)·s          lora = embedding(ids, A_t) @ B_t,  result = embedding(ids, W)
+    out  = g·result + ((g·lora)·s)·e      a scaled embedding (Gemma's embed_scale e: one value, already in result)
 
 With ``B = lora_embedding_B [dim, r]`` and ``A = lora_embedding_A [r, num_embeddings]``,
 ``W.T + s·B·A`` is the usual DoRA sum, so the factored norm applies as is.
@@ -15,18 +16,20 @@ Replacement::
 
     n   = factored_row_norm(detach(W.T), detach(A), detach(B), s)     # fp32 [dim]
     out = compose(result, lora, m, n, None, s, dtype(out))            # g·(result + s·lora), rounded once
+    out = compose(result, lora·e, m, n, None, s, dtype(out))          # with embed_scale
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import operator
+from dataclasses import dataclass, field, replace
 
 from torch.fx import Graph, Node
 
-from .graph_view import example_value, is_scalar, is_symbolic_scalar, op_of
+from .graph_view import example_value, is_scalar, is_symbolic_scalar, op_of, strip
 from .matching import LowRankSum, NotDora, Unsupported, commuted, match_low_rank_sum, match_row_norm
 from .peft_compose import scale_from_norm
-from .rewrite import TARGETS, insert_compose, insert_norm, replace_root
+from .rewrite import TARGETS, insert_compose, insert_node, insert_norm, replace_root
 
 __all__ = ["FORM", "PeftEmbeddingMatch", "match_peft_embedding", "rewrite_peft_embedding"]
 
@@ -44,6 +47,7 @@ class PeftEmbeddingMatch:
     nodes: list[Node] = field(default_factory=list)
     form: str = FORM
     stored: list[Node] = field(default_factory=list)  # norm values PEFT's DoRA cache keeps (graph outputs)
+    lora_factor: Node | None = None  # the embed_scale the DoRA term is multiplied by, if any
 
 
 def match_peft_embedding(anchor: Node) -> PeftEmbeddingMatch:
@@ -67,7 +71,18 @@ def match_peft_embedding(anchor: Node) -> PeftEmbeddingMatch:
         raise Unsupported("g·lora is not multiplied by the scaling")
     lora, result, scaling = lora[0], result[0], (float(pair[0]) if is_scalar(pair[0]) else pair[0])
     root = next(iter(scaled.users), None)
-    if op_of(root) != "add" or set(root.args) != {result_mul, scaled} or len(scaled.users) != 1:
+    dora_term, lora_factor = scaled, None
+    if op_of(root) == "mul" and len(scaled.users) == 1:  # ((g·lora)·s)·embed_scale
+        pair = commuted(root, lambda a: a is scaled)
+        factor = strip(pair[1], ("to",)) if pair is not None else None
+        value = example_value(factor)
+        if value is None or value.numel() != 1 or not value.dtype.is_floating_point:
+            raise Unsupported("the Embedding DoRA term is multiplied by something other than one scale")
+        dora_term, lora_factor, root = root, pair[1], next(iter(root.users), None)
+        nodes.append(dora_term)
+    if op_of(root) != "add" or set(root.args) != {result_mul, dora_term} or len(dora_term.users) != 1:
+        raise Unsupported("the two Embedding DoRA terms are not summed")
+    if len(scaled.users) != 1:
         raise Unsupported("the two Embedding DoRA terms are not summed")
     if len(result_mul.users) != 1:
         raise Unsupported("g·result is used elsewhere")
@@ -89,7 +104,9 @@ def match_peft_embedding(anchor: Node) -> PeftEmbeddingMatch:
     if root_val.shape != r_val.shape:
         raise Unsupported("the DoRA scale broadcasts the output to another shape")
     nodes += [lora_mul, scaled, result_mul, root]
-    return PeftEmbeddingMatch(low_rank, magnitude, result, lora, scaling, root, nodes, stored=stored)
+    return PeftEmbeddingMatch(
+        low_rank, magnitude, result, lora, scaling, root, nodes, stored=stored, lora_factor=lora_factor
+    )
 
 
 def rewrite_peft_embedding(graph: Graph, match: PeftEmbeddingMatch, impl: tuple[str, str]) -> tuple[str, ...]:
@@ -97,6 +114,9 @@ def rewrite_peft_embedding(graph: Graph, match: PeftEmbeddingMatch, impl: tuple[
     norm_target, norm_name = TARGETS["norm"][impl[0]]
     norm = insert_norm(graph, match, norm_target, match.root)
     with graph.inserting_before(match.root):
+        if match.lora_factor is not None:  # embed_scale: the compose takes lora·e (e cast as PEFT casts it)
+            lora = insert_node(graph, "call_function", operator.mul, (match.lora, match.lora_factor), match.lora)
+            match = replace(match, lora=lora)
         composed, compose_name = insert_compose(graph, match, norm, impl[1], match.root)
     replace_root(graph, match, composed)
     return norm_name, compose_name

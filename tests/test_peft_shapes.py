@@ -39,7 +39,8 @@ def _check_against_eager_and_fp64(model: torch.nn.Module, x: torch.Tensor, train
     model64 = copy.deepcopy(model).double()
     compiled = torch.compile(compiled_model, backend=dora_fused.backend(inner="aot_eager"))
     with torch.set_grad_enabled(train):
-        out, want, exact = compiled(x), model(x), model64(x.double())
+        exact_input = x.double() if x.is_floating_point() else x
+        out, want, exact = compiled(x), model(x), model64(exact_input)
     report = dora_fused.last_report()
     assert len(report.rewritten) == 1, report
     tolerance = 1e-5
@@ -80,3 +81,23 @@ def test_rank_above_the_layer_dims_is_rewritten(train):
 def test_rank_above_a_linear_layers_dims_is_rewritten(train):
     model = _dora(torch.nn.Sequential(torch.nn.Linear(6, 5)), 9, ["0"])
     _check_against_eager_and_fp64(model, torch.randn(3, 6, generator=torch.Generator().manual_seed(4)), train)
+
+
+class ScaledEmbeddingNet(torch.nn.Module):
+    """Gemma's scaled word embedding (transformers' ``Gemma3TextScaledWordEmbedding``) and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+        self.embed = Gemma3TextScaledWordEmbedding(23, 10, padding_idx=0, embed_scale=10**0.5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_scaled_embedding_dora_is_rewritten(train):
+    model = _dora(ScaledEmbeddingNet(), 4, ["embed"])
+    ids = torch.randint(0, 23, (3, 7), generator=torch.Generator().manual_seed(5))
+    _check_against_eager_and_fp64(model, ids, train)
