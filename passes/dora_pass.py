@@ -46,9 +46,9 @@ class PassOutcome:
 def _layer_and_adapter(anchor: Node) -> tuple[str, str | None]:
     """PEFT puts the norm inside ``<layer>.lora_magnitude_vector.<adapter>``."""
     path = module_path(anchor)
-    if _MAGNITUDE in path:
-        layer, adapter = path.rsplit(_MAGNITUDE, 1)
-        return layer, adapter
+    if _MAGNITUDE in "." + path:  # "lora_magnitude_vector.<adapter>" alone: the compiled module is the PEFT layer
+        layer, adapter = ("." + path).rsplit(_MAGNITUDE, 1)
+        return layer.removeprefix(".") or "(root)", adapter
     return path or "(root)", None  # the compiled module itself
 
 

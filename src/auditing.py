@@ -13,6 +13,7 @@ Like ``explain``, it resets Dynamo's caches before and after tracing.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -88,9 +89,18 @@ def dora_modules(model: nn.Module) -> list[ModuleRecord]:
     return found
 
 
-def _merge(seen: list[ModuleRecord], model_modules: list[ModuleRecord], traced: set[str]) -> list[ModuleRecord]:
+CHECKPOINT_SIDE_EFFECT = (
+    "in an activation-checkpointed layer that Dynamo could not trace as one graph: its forward has a side effect "
+    "(PEFT clears its DoRA cache on every call); set torch._dynamo.config."
+    "skip_fwd_side_effects_in_bwd_under_checkpoint = True to have it traced and rewritten"
+)
+
+
+def _merge(
+    seen: list[ModuleRecord], model_modules: list[ModuleRecord], traced: set[str], breaks: list[str] = ()
+) -> list[ModuleRecord]:
     """The pass's records, completed from the model; the model's DoRA modules the pass did not report, appended."""
-    by_key = {(m.name, m.adapter): m for m in model_modules}
+    by_key = {(m.name or "(root)", m.adapter): replace(m, name=m.name or "(root)") for m in model_modules}
     merged = []
     for record in seen:
         if (record.name, record.adapter) not in by_key:
@@ -112,6 +122,8 @@ def _merge(seen: list[ModuleRecord], model_modules: list[ModuleRecord], traced: 
     for missing in by_key.values():
         if any(path == missing.name or path.startswith(missing.name + ".") for path in traced):
             reason = f"traced, but no supported DoRA form matched its norm ({missing.kind} is not supported yet)"
+        elif any(b.startswith("HOP: Unsafe side effect") for b in breaks):
+            reason = CHECKPOINT_SIDE_EFFECT
         else:
             reason = "in no traced graph: it ran outside the compiled graphs (graph break or not called)"
         merged.append(ModuleRecord(**{**missing.__dict__, "status": "skipped", "reason": reason}))
@@ -133,7 +145,10 @@ def audit_model(rewrite_pass: DoraRewritePass, model: nn.Module, *args: Any, **k
     errors = [report.error for report in recorder.reports if report.error]
     return RewriteReport(
         modules=_merge(
-            [m for report in recorder.reports for m in report.modules], dora_modules(model), recorder.traced_modules
+            [m for report in recorder.reports for m in report.modules],
+            dora_modules(model),
+            recorder.traced_modules,
+            breaks,
         ),
         error="; ".join(errors) or None,
         graph_count=len(recorder.reports),

@@ -617,6 +617,18 @@ def test_peft_dora_caching_in_eval_is_rewritten_on_the_filling_call_and_after(mo
     assert_close(compiled(ids), reference(ids), rtol=1e-4, atol=1e-5, what="after train().eval()")
 
 
+def test_gradient_checkpointing_under_dynamos_defaults_says_what_to_set():
+    """PEFT's DoRA forward clears its cache on every call: a side effect that Dynamo's default config
+    refuses inside a checkpoint. The audit says so, naming the setting that lets it through."""
+    model = tiny_llama_dora(torch.float32, torch.float32).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    embeds = torch.randn(1, 5, TINY_LLAMA["hidden_size"], requires_grad=True)
+    report = dora_fused.audit(model, inputs_embeds=embeds)
+    assert report.rewritten == []
+    assert {name for name, _ in report.skipped} == dora_module_names(model)
+    assert all("skip_fwd_side_effects_in_bwd_under_checkpoint = True" in reason for _, reason in report.skipped)
+
+
 def test_gradient_checkpointing_bodies_are_rewritten(monkeypatch):
     """With activation checkpointing the layers sit in checkpoint subgraphs (a higher-order op): rewritten there."""
     monkeypatch.setattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint", True)
