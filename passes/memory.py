@@ -4,7 +4,7 @@ Counted: the intermediates each path allocates for the norm, from shapes and
 dtypes alone (no activations, no allocator rounding). They are what
 ``audit()`` reports next to each module; benchmarks/ measure the real peaks.
 
-Dense (PEFT, GUIDE §1), in the adapter dtype ``a``::
+Dense (PEFT), in the adapter dtype ``a``::
 
     B·A [d_out, d_in] + (W + s·BA) [d_out, d_in]
     + eye [d_in, d_in] + A(eye) [d_in, r] with PEFT Linear's identity trick

@@ -1,6 +1,6 @@
 """PEFT's DoRA Linear (``peft.tuners.lora.dora.DoraLinearLayer`` via ``lora.Linear``).
 
-Search form, as Dynamo traces peft 0.21 (GUIDE §4), ``s`` a Python float::
+Search form, as Dynamo traces peft 0.21, ``s`` a Python float::
 
     n    = detach(to(linalg_norm(to(W) + s·detach(to(linear(linear(eye(d_in), A), B).T)), dim=1)))
     g    = view(m / n, 1, -1)

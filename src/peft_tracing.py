@@ -3,7 +3,7 @@
 peft 0.21's ``dequantize_module_weight`` evaluates
 ``type(module.weight).__module__.startswith("torchao.")``, which Dynamo cannot
 trace: every DoRA layer then splits into three graphs and the dense ``B·A``
-never meets its norm in one graph (GUIDE §4). We register a Dynamo polyfill
+never meets its norm in one graph (docs/design.md, "Why PEFT needs polyfills"). We register a Dynamo polyfill
 (``torch._dynamo.substitute_in_graph``) that Dynamo inlines instead of the
 original. Eager calls still run PEFT's own function; nothing in PEFT is edited.
 
