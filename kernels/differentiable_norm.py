@@ -66,12 +66,13 @@ def _gradients_op(
         dense = w[flagged] + scaling * (b[flagged] @ a)  # e_i of the flagged rows, as the dense path forms it
         grad_b[flagged] = scaling * c[flagged] * (dense @ a.T)
         grad_a = grad_a + scaling * (cb[flagged].T @ dense)
-    return tuple(g.to(t.dtype).contiguous() for g, t in ((grad_w, weight), (grad_a, lora_A), (grad_b, lora_B)))
+    # each gradient laid out as its input (a transposed W's gradient transposed too), as the fake says
+    return tuple(torch.empty_like(t).copy_(g) for g, t in ((grad_w, weight), (grad_a, lora_A), (grad_b, lora_B)))
 
 
 @_gradients_op.register_fake
 def _(grad, norm, weight, lora_A, lora_B, scaling):
-    return tuple(t.new_empty(t.shape) for t in (weight, lora_A, lora_B))  # contiguous, as the implementation
+    return torch.empty_like(weight), torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
 def _setup_context(ctx, inputs, output) -> None:
