@@ -18,7 +18,7 @@ from .graph_view import arg, example_value, mutated_tensor, op_of, strip
 from .heuristics import LayerFacts, OpsImpl, choose_ops
 from .matching import NotDora, Unsupported
 from .memory import dense_norm_bytes, rewritten_norm_bytes
-from .naming import module_path
+from .naming import ROOT, module_path
 from .patterns import FORMS, Form
 from .rewrite import foldable_lora_up, fusable_lora_up, norm_position
 from .snapshot import ModuleSnapshot, graph_modules
@@ -48,8 +48,8 @@ def _layer_and_adapter(anchor: Node) -> tuple[str, str | None]:
     path = module_path(anchor)
     if _MAGNITUDE in "." + path:  # "lora_magnitude_vector.<adapter>" alone: the compiled module is the PEFT layer
         layer, adapter = ("." + path).rsplit(_MAGNITUDE, 1)
-        return layer.removeprefix(".") or "(root)", adapter
-    return path or "(root)", None  # the compiled module itself
+        return layer.removeprefix(".") or ROOT, adapter
+    return path or ROOT, None  # the compiled module itself
 
 
 def _dtype(node: object) -> str | None:

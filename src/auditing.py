@@ -22,7 +22,7 @@ from torch.fx import GraphModule
 
 from dora_fused.passes import DoraRewritePass
 from dora_fused.passes.memory import dense_norm_bytes
-from dora_fused.passes.naming import module_path
+from dora_fused.passes.naming import ROOT, FrameNames, module_path
 
 from .logs import graph_break_reasons, short_reason
 from .report import ModuleRecord, RewriteReport
@@ -33,16 +33,19 @@ __all__ = ["audit_model", "dora_modules"]
 class _Recorder:
     """A Dynamo backend that runs the rewrite pass for its records, then runs the graph as traced."""
 
-    def __init__(self, rewrite_pass: DoraRewritePass) -> None:
+    def __init__(self, rewrite_pass: DoraRewritePass, model: nn.Module) -> None:
         self.rewrite_pass = rewrite_pass
+        self.model = model
         self.reports: list[RewriteReport] = []
         self.traced_modules: set[str] = set()  # qualified names of modules with nodes in some graph
 
     def __call__(self, gm: GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        self.traced_modules.update(module_path(node) for node in gm.graph.nodes)
+        names = FrameNames.of(gm, example_inputs, [self.model])  # a graph break resumes inside a submodule
+        self.traced_modules.update(names.qualify(module_path(node)) for node in gm.graph.nodes)
         report = RewriteReport(graph_breaks=graph_break_reasons(gm))
         outcome = self.rewrite_pass(gm)
-        report.modules, report.error = outcome.records, outcome.error
+        report.modules = [replace(m, name=names.qualify(m.name)) for m in outcome.records]
+        report.error = outcome.error
         if outcome.error is None:
             outcome.restore(gm)
         self.reports.append(report)
@@ -100,14 +103,9 @@ def _merge(
     seen: list[ModuleRecord], model_modules: list[ModuleRecord], traced: set[str], breaks: list[str] = ()
 ) -> list[ModuleRecord]:
     """The pass's records, completed from the model; the model's DoRA modules the pass did not report, appended."""
-    by_key = {(m.name or "(root)", m.adapter): replace(m, name=m.name or "(root)") for m in model_modules}
+    by_key = {(m.name or ROOT, m.adapter): replace(m, name=m.name or ROOT) for m in model_modules}
     merged = []
     for record in seen:
-        if (record.name, record.adapter) not in by_key:
-            # after a graph break Dynamo resumes inside a submodule: its paths are relative to it
-            full = [key for key in by_key if key[1] == record.adapter and key[0].endswith("." + record.name)]
-            if len(full) == 1:
-                record = ModuleRecord(**{**record.__dict__, "name": full[0][0]})
         known = by_key.pop((record.name, record.adapter), None)
         if known is not None:
             record = ModuleRecord(
@@ -132,7 +130,7 @@ def _merge(
 
 def audit_model(rewrite_pass: DoraRewritePass, model: nn.Module, *args: Any, **kwargs: Any) -> RewriteReport:
     """Trace ``model(*args, **kwargs)`` and report what ``rewrite_pass`` would do (see the module docstring)."""
-    recorder = _Recorder(rewrite_pass)
+    recorder = _Recorder(rewrite_pass, model)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     try:

@@ -22,6 +22,7 @@ from torch.fx import GraphModule
 
 from dora_fused.passes import DoraRewritePass
 from dora_fused.passes.heuristics import OpsImpl
+from dora_fused.passes.naming import FrameNames, calling_modules
 
 from .auditing import audit_model
 from .logs import graph_break_reasons, log_report
@@ -81,7 +82,8 @@ class DoraFusedBackend:
         report = RewriteReport(graph_breaks=graph_break_reasons(gm))
         outcome = self.rewrite_pass(gm) if self.rewrite else None
         if outcome is not None:
-            report.modules = outcome.records
+            names = FrameNames.of(gm, example_inputs, calling_modules())
+            report.modules = [replace(m, name=names.qualify(m.name)) for m in outcome.records]
             report.error = outcome.error
         try:
             compiled = self._compile_inner(gm, example_inputs, mode, options)
