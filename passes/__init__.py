@@ -31,6 +31,8 @@ if __name__ != "dora_fused.passes":
         sys.path[:] = _path
 else:
     from .dora_pass import DoraRewritePass, PassOutcome
-    from .patterns import FORMS, Form
+    from .form import ComposeMatch, DoraMatch, Form
+    from .patterns import FORMS
+    from .records import ModuleRecord
 
-    __all__ = ["FORMS", "DoraRewritePass", "Form", "PassOutcome"]
+    __all__ = ["FORMS", "ComposeMatch", "DoraMatch", "DoraRewritePass", "Form", "ModuleRecord", "PassOutcome"]

@@ -12,14 +12,14 @@ from pathlib import Path
 
 from torch.fx import Graph, GraphModule, Node
 
-from dora_fused.report import KINDS, NON_PEFT_KINDS, ModuleRecord
-
-from .graph_view import arg, example_value, mutated_tensor, op_of, strip
+from .form import DoraMatch, Form
+from .graph_view import example_value, mutated_tensor, op_of, strip
 from .heuristics import LayerFacts, OpsImpl, choose_ops
 from .matching import NotDora, Unsupported
 from .memory import dense_norm_bytes, rewritten_norm_bytes
 from .naming import ROOT, module_path
-from .patterns import FORMS, Form
+from .patterns import FORMS
+from .records import ModuleRecord
 from .rewrite import foldable_lora_up, fusable_lora_up, norm_position
 from .snapshot import ModuleSnapshot, graph_modules
 
@@ -57,24 +57,7 @@ def _dtype(node: object) -> str | None:
     return str(value.dtype).removeprefix("torch.") if value is not None else None
 
 
-def _inputs(match: object) -> set[Node]:
-    """Every graph value the replacement reads: the match's fields that are nodes."""
-    low_rank = match.norm
-    values = [low_rank.weight, low_rank.lora_A, low_rank.lora_B, low_rank.scaling] if low_rank is not None else []
-    fields = ("magnitude", "result", "lora", "bias", "base", "x", "scaling", "weight_norm", "lora_factor")
-    values += [getattr(match, f, None) for f in fields]
-    return {v for v in values if isinstance(v, Node)}
-
-
-def _base_weight(match: object) -> Node | None:
-    """W of the layer: the norm's, or the base output's weight argument when no norm is in the graph."""
-    if match.norm is not None:
-        return match.norm.weight
-    result = getattr(match, "result", None)
-    return arg(result, 1, "weight") if op_of(result) in ("linear", "conv") else None
-
-
-def _mutated_in_span(graph: Graph, anchor: Node, match: object) -> str | None:
+def _mutated_in_span(graph: Graph, anchor: Node, match: DoraMatch) -> str | None:
     """Name of an input the graph writes in place where the replacement reads it, if any.
 
     The replacement reads its inputs at the root, and the inserted norm reads W,
@@ -83,11 +66,11 @@ def _mutated_in_span(graph: Graph, anchor: Node, match: object) -> str | None:
     or to the tensor it views) would make it read another value.
     """
     order = {n: i for i, n in enumerate(graph.nodes)}
-    inputs = _inputs(match)
+    inputs = match.inputs
     roots = {strip(n, ("view", "t", "detach", "to")) for n in inputs} | inputs
     # a write before the first matched node reaches the original and the replacement alike
     first = min(order[n] for n in [*match.nodes, anchor] if n in order)
-    if getattr(match, "norm", None) is not None and getattr(match, "result", None) is not None:
+    if match.norm is not None and match.base_output is not None:
         first = min(first, order[norm_position(match)])  # where insert_norm puts the norm
     for node in graph.nodes:
         if first < order[node] < order[match.root]:
@@ -95,11 +78,6 @@ def _mutated_in_span(graph: Graph, anchor: Node, match: object) -> str | None:
             if isinstance(target, Node) and ({target, strip(target, ("view", "t", "detach", "to"))} & roots):
                 return target.name
     return None
-
-
-def _kind(form: str, adapter: str | None) -> str:
-    """What kind of module a form's match is: PEFT's layers carry an adapter name."""
-    return KINDS.get(form, "") if adapter is not None else NON_PEFT_KINDS.get(form, "DoRA-like")
 
 
 class DoraRewritePass:
@@ -149,44 +127,41 @@ class DoraRewritePass:
 
     def _rewrite_one(self, graph: Graph, anchor: Node) -> ModuleRecord | None:
         name, adapter = _layer_and_adapter(anchor)
-        unsupported: tuple[str, Unsupported] | None = None  # the last form that got past NotDora, and why
+        unsupported: tuple[Form, Unsupported] | None = None  # the last form that got past NotDora, and why
         for form in self.forms:
-            if op_of(anchor) not in form.anchors:
+            if op_of(anchor) not in form.anchors or not form.applies_to(adapter is not None):
                 continue
             try:
                 match = form.match(anchor)
             except NotDora:
                 continue
             except Unsupported as why:
-                unsupported = (form.name, why)
+                unsupported = (form, why)
                 continue
             mutated = _mutated_in_span(graph, anchor, match)
             if mutated is not None:
-                unsupported = (form.name, Unsupported(f"{mutated} is modified in place between the norm and its use"))
+                unsupported = (form, Unsupported(f"{mutated} is modified in place between the norm and its use"))
                 break
             return self._rewrite(graph, form, match, name, adapter)
         if unsupported is None:
             return None
-        form_name, why = unsupported
-        kind = _kind(form_name, adapter) if adapter is not None else "DoRA-like"  # unknown until it matches
-        return ModuleRecord(name, adapter, form_name, "skipped", reason=str(why), kind=kind)
+        form, why = unsupported
+        kind = form.kind if adapter is not None else "DoRA-like"  # outside PEFT, unknown until a form matches
+        return ModuleRecord(name, adapter, form.name, "skipped", reason=str(why), kind=kind)
 
-    def _rewrite(self, graph: Graph, form: Form, match: object, name: str, adapter: str | None) -> ModuleRecord:
+    def _rewrite(self, graph: Graph, form: Form, match: DoraMatch, name: str, adapter: str | None) -> ModuleRecord:
         low_rank = match.norm  # None where the graph computes no norm (PEFT's cached norm)
-        weight = _base_weight(match)
-        lora_A = low_rank.lora_A if low_rank is not None else match.lora_A
-        lora_B = low_rank.lora_B if low_rank is not None else match.lora_B
+        weight = match.base_weight
+        lora_A, _ = match.adapter_factors
         w, a = example_value(weight), example_value(lora_A)
-        values = (weight, lora_A, lora_B, match.magnitude, getattr(match, "result", None), getattr(match, "lora", None))
-        d_out, d_in = getattr(match, "layer_shape", (int(w.shape[0]), int(w.shape[1])))
-        scalings = (getattr(low_rank, "scaling", None), getattr(match, "scaling", None))
+        d_out, d_in = match.layer_shape
         facts = LayerFacts(
             device=a.device,
             d_out=d_out,
             d_in=d_in,
-            dtypes=tuple(example_value(n).dtype for n in values if n is not None),
-            symbolic_scaling=any(isinstance(s, Node) for s in scalings),
-            channel_dim=getattr(match, "channel_dim", -1),
+            dtypes=tuple(example_value(n).dtype for n in match.operands),
+            symbolic_scaling=any(isinstance(s, Node) for s in match.scalings),
+            channel_dim=match.channel_dim,
             lora_up=fusable_lora_up(match),
             folded_lora_up=foldable_lora_up(match),
         )
@@ -211,7 +186,7 @@ class DoraRewritePass:
             magnitude_dtype=_dtype(match.magnitude),
             ops=ops,
             ops_reason=why,
-            kind=getattr(match, "kind", None) or _kind(form.name, adapter),
+            kind=match.kind or form.kind,
             dense_bytes=dense,
             rewritten_bytes=rewritten,
         )

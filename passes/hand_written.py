@@ -29,34 +29,35 @@ same-dtype layers are matched (``x``, ``W``, ``A``, ``B``, ``m``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch.fx import Graph, Node
 
 from dora_fused import kernels
 
+from .form import DoraMatch
 from .graph_view import arg, example_value, op_of, single_user, strip
 from .matching import CASTS, LowRankSum, NotDora, Unsupported, commuted, match_low_rank_sum, norm_input
 from .rewrite import TARGETS, erase_dead, insert_node, norm_order_args
 
-__all__ = ["FORM", "HandWrittenMatch", "match_hand_written", "rewrite_hand_written"]
+__all__ = ["HandWrittenMatch", "match_hand_written", "rewrite_hand_written"]
 
-FORM = "hand_written"
 _VIEWS = ("view", "detach")
 
 
-@dataclass
-class HandWrittenMatch:
+@dataclass(kw_only=True)
+class HandWrittenMatch(DoraMatch):
+    """``magnitude`` as written (``[d_out, 1]`` or ``[d_out]``); ``root``: ``linear(x, w', b)`` or ``x @ w'``."""
+
     norm: LowRankSum
-    magnitude: Node  # m as written ([d_out, 1] or [d_out])
     x: Node
     bias: Node | None
     detached: bool
-    root: Node  # linear(x, w', b) or x @ w': its value is replaced
-    nodes: list[Node] = field(default_factory=list)
-    form: str = FORM
     columns: bool = False  # the paper's convention: W is [d_in, d_out], the norm runs over dim 0
+
+    READS: ClassVar[tuple[str, ...]] = ("magnitude", "x", "bias")
 
     @property
     def layer_shape(self) -> tuple[int, int]:
@@ -150,7 +151,16 @@ def match_hand_written(anchor: Node) -> HandWrittenMatch:
         raise Unsupported("hand-written DoRA with mixed dtypes is not a supported form yet")
     if isinstance(low_rank.scaling, Node):
         raise Unsupported("symbolic scaling in the hand-written form is not supported yet")
-    return HandWrittenMatch(low_rank, magnitude, x, bias, detached, root, nodes, columns=columns)
+    return HandWrittenMatch(
+        norm=low_rank,
+        magnitude=magnitude,
+        x=x,
+        bias=bias,
+        detached=detached,
+        root=root,
+        nodes=nodes,
+        columns=columns,
+    )
 
 
 def rewrite_hand_written(graph: Graph, match: HandWrittenMatch, impl: tuple[str, str]) -> tuple[str, ...]:

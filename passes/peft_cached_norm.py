@@ -17,43 +17,43 @@ The Embedding compose is not matched here (its cached graph is left as traced).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from torch.fx import Graph, Node
+from torch.fx import Node
 
+from .form import ComposeMatch
 from .graph_view import arg, example_value, op_of, single_user, strip
 from .matching import CASTS, NotDora, Unsupported
 from .peft_compose import match_compose
-from .rewrite import insert_compose, insert_node, replace_root
 
-__all__ = ["ANCHORS", "FORM", "CachedNormMatch", "match_cached_norm", "rewrite_cached_norm"]
+__all__ = ["ANCHORS", "CachedNormMatch", "match_cached_norm"]
 
-FORM = "peft_cached_norm"
 ANCHORS = ("div",)
 _LORA_OPS = {-1: "linear", 1: "conv"}  # channel dim -> the op of the LoRA path
 
 
-@dataclass
-class CachedNormMatch:
-    weight_norm: Node  # the cached norm, a graph input
-    magnitude: Node
+@dataclass(kw_only=True)
+class CachedNormMatch(ComposeMatch):
+    """No norm in the graph: ``weight_norm`` is the cached norm, a graph input; A and B are read off the LoRA path."""
+
+    norm: None = None
+    weight_norm: Node
     lora_A: Node
     lora_B: Node
-    result: Node
-    lora: Node
-    bias: Node | None
-    scaling: float | Node
-    root: Node
-    channel_dim: int  # -1 (Linear) or 1 (Conv)
-    nodes: list[Node] = field(default_factory=list)
-    form: str = FORM
-    base: Node | None = None
-    norm: None = None  # no norm is computed in this graph
 
     @property
     def layer_shape(self) -> tuple[int, int]:
         a, b = example_value(self.lora_A), example_value(self.lora_B)
         return int(b.shape[0]), math.prod(a.shape[1:])  # Conv: A is [r, C_in, *k]
+
+    @property
+    def adapter_factors(self) -> tuple[Node, Node]:
+        return self.lora_A, self.lora_B
+
+    @property
+    def base_weight(self) -> Node | None:
+        """W: the base output's weight argument."""
+        return arg(self.result, 1, "weight") if op_of(self.result) in ("linear", "conv") else None
 
     @property
     def kind(self) -> str:
@@ -99,14 +99,12 @@ def match_cached_norm(anchor: Node) -> CachedNormMatch:
         raise Unsupported("bias is not a [d_out] vector")
     compose.check_one_device(magnitude, weight_norm)
     return CachedNormMatch(
-        weight_norm, magnitude, lora_A, lora_B, channel_dim=channel_dim, nodes=[*chain, *nodes], **compose.fields()
+        weight_norm=weight_norm,
+        magnitude=magnitude,
+        lora_A=lora_A,
+        lora_B=lora_B,
+        channel_dim=channel_dim,
+        nodes=[*chain, *nodes],
+        **compose.fields(),
     )
 
-
-def rewrite_cached_norm(graph: Graph, match: CachedNormMatch, impl: tuple[str, str]) -> tuple[str, ...]:
-    """Insert the compose with the cached norm before the root; retarget its users."""
-    with graph.inserting_before(match.root):
-        norm = insert_node(graph, "call_method", "detach", (match.weight_norm,), match.root)
-        composed, compose_name = insert_compose(graph, match, norm, impl[1], match.root)
-    replace_root(graph, match, composed)
-    return (compose_name,)

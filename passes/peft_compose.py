@@ -21,7 +21,7 @@ from torch.fx import Node
 from .graph_view import example_value, is_scalar, is_symbolic_scalar, op_of, single_user
 from .matching import CASTS, Unsupported, commuted
 
-__all__ = ["ComposeMatch", "match_compose", "only_user", "output_dtype", "scale_from_norm"]
+__all__ = ["PeftCompose", "match_compose", "only_user", "output_dtype", "scale_from_norm"]
 
 
 def only_user(node: Node) -> Node:
@@ -62,8 +62,8 @@ def scale_from_norm(norm: Node, nodes: list[Node], stored: list[Node]) -> tuple[
 
 
 @dataclass
-class ComposeMatch:
-    """PEFT's compose around ``g``: ``root = result + ((g - 1)·base + (g·lora)·s)``."""
+class PeftCompose:
+    """PEFT's compose around ``g`` as found: ``root = result + ((g - 1)·base + (g·lora)·s)``."""
 
     result: Node
     lora: Node
@@ -73,7 +73,7 @@ class ComposeMatch:
     root: Node
 
     def fields(self) -> dict[str, object]:
-        """The match fields a form's match object takes from the compose (same names)."""
+        """The ``form.ComposeMatch`` fields this gives (same names)."""
         return dict(
             result=self.result, lora=self.lora, bias=self.bias, base=self.base, scaling=self.scaling, root=self.root
         )
@@ -85,7 +85,7 @@ class ComposeMatch:
             raise Unsupported("compose inputs on different devices")
 
 
-def match_compose(g: Node, d_out: int, nodes: list[Node], channel_dim: int = -1) -> ComposeMatch:
+def match_compose(g: Node, d_out: int, nodes: list[Node], channel_dim: int = -1) -> PeftCompose:
     """Match PEFT's DoRA compose from ``g = m / n`` on (shared by the Linear and Conv forms).
 
     ``channel_dim`` is where the output features are: -1 for Linear, 1 for Conv.
@@ -164,7 +164,7 @@ def match_compose(g: Node, d_out: int, nodes: list[Node], channel_dim: int = -1)
     values = [r_val, l_val] + [example_value(n) for n in (bias, separate_base) if n is not None]
     if any(not v.dtype.is_floating_point for v in values):
         raise Unsupported("non-floating compose inputs")
-    return ComposeMatch(result, lora, bias, separate_base, scaling, root)
+    return PeftCompose(result, lora, bias, separate_base, scaling, root)
 
 
 def output_dtype(node: Node) -> torch.dtype:

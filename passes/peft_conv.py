@@ -26,40 +26,26 @@ compose kernels take output features on the last dim.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from torch.fx import Graph, Node
+from torch.fx import Node
 
+from .form import ComposeMatch
 from .graph_view import arg, example_value, op_of, strip
 from .matching import LowRankSum, Unsupported, match_low_rank_sum, trailing_norm_input
 from .peft_compose import match_compose, only_user, scale_from_norm
-from .rewrite import TARGETS, insert_compose, insert_node, insert_norm, replace_root
 
-__all__ = ["FORM", "PeftConvMatch", "match_peft_conv", "rewrite_peft_conv"]
+__all__ = ["PeftConvMatch", "match_peft_conv"]
 
-FORM = "peft_conv"
 CHANNEL_DIM = 1
 
 
-@dataclass
-class PeftConvMatch:
-    norm: LowRankSum
-    magnitude: Node  # [1, C_out, 1, ...]
-    result: Node
-    lora: Node
-    bias: Node | None  # the [1, C_out, 1, ...] view PEFT subtracts
-    scaling: float | Node
-    root: Node
-    nodes: list[Node] = field(default_factory=list)
-    form: str = FORM
-    base: Node | None = None  # a separate base output (dropout active)
-    channel_dim: int = CHANNEL_DIM
-    stored: list[Node] = field(default_factory=list)  # norm values PEFT's DoRA cache keeps (graph outputs)
+@dataclass(kw_only=True)
+class PeftConvMatch(ComposeMatch):
+    """``magnitude`` and ``bias`` (the view PEFT subtracts) are ``[1, C_out, 1, ...]``; the rows are ``(C_out, K)``."""
 
-    @property
-    def layer_shape(self) -> tuple[int, int]:
-        """``(C_out, K)``: the rows the norm runs over."""
-        return self.norm.layer_shape
+    norm: LowRankSum
+    channel_dim: int = CHANNEL_DIM
 
 
 def _transposed_norm(anchor: Node, nodes: list[Node]) -> Node:
@@ -104,16 +90,5 @@ def match_peft_conv(anchor: Node) -> PeftConvMatch:
         raise Unsupported("bias is not viewed as [1, C_out, 1, ...]")
     _check_lora(compose.lora, low_rank)
     compose.check_one_device(magnitude, low_rank.weight)
-    return PeftConvMatch(low_rank, magnitude, nodes=nodes, stored=stored, **compose.fields())
+    return PeftConvMatch(norm=low_rank, magnitude=magnitude, nodes=nodes, stored=stored, **compose.fields())
 
-
-def rewrite_peft_conv(graph: Graph, match: PeftConvMatch, impl: tuple[str, str]) -> tuple[str, ...]:
-    """Insert the factored norm of W's rows (after the base output) and the channels-first compose before the root."""
-    norm_target, norm_name = TARGETS["norm"][impl[0]]
-    norm = insert_norm(graph, match, norm_target, match.root)
-    with graph.inserting_before(match.root):
-        shape = tuple(example_value(match.magnitude).shape)
-        norm = insert_node(graph, "call_method", "view", (norm, *shape), match.root)
-        composed, compose_name = insert_compose(graph, match, norm, "torch", match.root)
-    replace_root(graph, match, composed)
-    return norm_name, compose_name

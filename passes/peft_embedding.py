@@ -21,33 +21,23 @@ Replacement::
 
 from __future__ import annotations
 
-import operator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
-from torch.fx import Graph, Node
+from torch.fx import Node
 
+from .form import ComposeMatch
 from .graph_view import example_value, is_scalar, is_symbolic_scalar, op_of, strip
 from .matching import LowRankSum, NotDora, Unsupported, commuted, match_low_rank_sum, match_row_norm
 from .peft_compose import scale_from_norm
-from .rewrite import TARGETS, insert_compose, insert_node, insert_norm, replace_root
 
-__all__ = ["FORM", "PeftEmbeddingMatch", "match_peft_embedding", "rewrite_peft_embedding"]
-
-FORM = "peft_embedding"
+__all__ = ["PeftEmbeddingMatch", "match_peft_embedding"]
 
 
-@dataclass
-class PeftEmbeddingMatch:
+@dataclass(kw_only=True)
+class PeftEmbeddingMatch(ComposeMatch):
+    """No bias and no separate base output; ``lora_factor``: the embed_scale the DoRA term is multiplied by."""
+
     norm: LowRankSum
-    magnitude: Node
-    result: Node
-    lora: Node
-    scaling: float | Node
-    root: Node
-    nodes: list[Node] = field(default_factory=list)
-    form: str = FORM
-    stored: list[Node] = field(default_factory=list)  # norm values PEFT's DoRA cache keeps (graph outputs)
-    lora_factor: Node | None = None  # the embed_scale the DoRA term is multiplied by, if any
 
 
 def match_peft_embedding(anchor: Node) -> PeftEmbeddingMatch:
@@ -105,18 +95,14 @@ def match_peft_embedding(anchor: Node) -> PeftEmbeddingMatch:
         raise Unsupported("the DoRA scale broadcasts the output to another shape")
     nodes += [lora_mul, scaled, result_mul, root]
     return PeftEmbeddingMatch(
-        low_rank, magnitude, result, lora, scaling, root, nodes, stored=stored, lora_factor=lora_factor
+        norm=low_rank,
+        magnitude=magnitude,
+        result=result,
+        lora=lora,
+        scaling=scaling,
+        root=root,
+        nodes=nodes,
+        stored=stored,
+        lora_factor=lora_factor,
     )
 
-
-def rewrite_peft_embedding(graph: Graph, match: PeftEmbeddingMatch, impl: tuple[str, str]) -> tuple[str, ...]:
-    """Insert the factored norm (after the base output) and the compose (before the root); retarget its users."""
-    norm_target, norm_name = TARGETS["norm"][impl[0]]
-    norm = insert_norm(graph, match, norm_target, match.root)
-    with graph.inserting_before(match.root):
-        if match.lora_factor is not None:  # embed_scale: the compose takes lora·e (e cast as PEFT casts it)
-            lora = insert_node(graph, "call_function", operator.mul, (match.lora, match.lora_factor), match.lora)
-            match = replace(match, lora=lora)
-        composed, compose_name = insert_compose(graph, match, norm, impl[1], match.root)
-    replace_root(graph, match, composed)
-    return norm_name, compose_name

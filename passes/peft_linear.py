@@ -1,4 +1,8 @@
-"""PEFT's DoRA Linear (``peft.tuners.lora.dora.DoraLinearLayer`` via ``lora.Linear``).
+"""PEFT's DoRA Linear (``peft.tuners.lora.dora.DoraLinearLayer`` via ``lora.Linear``), and torchtune-style modules.
+
+torchtune's ``DoRALinear`` traces to the same graph outside a PEFT layer (with
+the bias inside ``result``, so ``base = result``): the same matcher serves both
+forms (``patterns.FORMS`` tells them apart by where the norm runs).
 
 Search form, as Dynamo traces peft 0.21, ``s`` a Python float::
 
@@ -23,32 +27,23 @@ elementwise products (in the input dtype) are gone: never less precise.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch.fx import Node
 
+from .form import ComposeMatch
 from .graph_view import arg, example_value, op_of, strip
 from .matching import LowRankSum, Unsupported, match_low_rank_sum, match_row_norm
 from .peft_compose import match_compose, scale_from_norm
 
 __all__ = ["PeftLinearMatch", "match_peft_linear"]
 
-FORM = "peft_linear"
 
+@dataclass(kw_only=True)
+class PeftLinearMatch(ComposeMatch):
+    """``root = add(result, dora)``; ``nodes``: everything from the dense product to the root."""
 
-@dataclass
-class PeftLinearMatch:
     norm: LowRankSum
-    magnitude: Node
-    result: Node
-    lora: Node
-    bias: Node | None
-    scaling: float | Node  # the compose's s (the norm has its own: PEFT reads the same value twice)
-    root: Node  # add(result, dora): its value is replaced
-    nodes: list[Node] = field(default_factory=list)  # everything from the norm to the root
-    form: str = FORM
-    base: Node | None = None  # a separate base output (dropout active: the base layer on the dropped input)
-    stored: list[Node] = field(default_factory=list)  # norm values PEFT's DoRA cache keeps (graph outputs)
 
 
 def match_peft_linear(anchor: Node) -> PeftLinearMatch:
@@ -67,7 +62,7 @@ def match_peft_linear(anchor: Node) -> PeftLinearMatch:
         raise Unsupported("bias is not a [d_out] vector")
     _check_lora(compose.lora, low_rank)
     compose.check_one_device(magnitude, low_rank.weight)
-    return PeftLinearMatch(low_rank, magnitude, nodes=nodes, stored=stored, **compose.fields())
+    return PeftLinearMatch(norm=low_rank, magnitude=magnitude, nodes=nodes, stored=stored, **compose.fields())
 
 
 def _check_lora(lora: object, low_rank: LowRankSum) -> None:

@@ -1,5 +1,9 @@
 """Replace a matched DoRA subgraph with the factored norm and the fused compose.
 
+``rewrite_with_compose`` is the replacement of every ``form.ComposeMatch`` (the
+PEFT forms and torchtune-style modules); the other helpers insert nodes for it
+and for forms with a replacement of their own (``hand_written``).
+
 Invariants (see passes/README.md): the replacement computes the same value as
 the root it replaces (to equal or better precision); it introduces no aliasing
 and no mutation; every inserted node gets ``example_value`` meta computed by
@@ -10,15 +14,16 @@ erased.
 from __future__ import annotations
 
 import operator
+from dataclasses import replace
 
 import torch
 from torch.fx import Graph, Node
 
 from dora_fused import kernels  # registers torch.ops.dora_fused.*
 
+from .form import ComposeMatch, DoraMatch
 from .graph_view import arg, example_value, op_of
 from .peft_compose import output_dtype
-from .peft_linear import PeftLinearMatch
 
 __all__ = [
     "TARGETS",
@@ -32,7 +37,7 @@ __all__ = [
     "norm_order_args",
     "norm_position",
     "replace_root",
-    "rewrite_peft_linear",
+    "rewrite_with_compose",
     "store_norm",
 ]
 
@@ -109,7 +114,7 @@ def erase_dead(graph: Graph, nodes: list[Node]) -> None:
             graph.erase_node(node)
 
 
-def norm_position(match: object) -> Node:
+def norm_position(match: DoraMatch) -> Node:
     """The node the norm goes right after: the base layer's output, or the last of the norm's inputs if later.
 
     The norm reads parameters only, so any position after its inputs computes the
@@ -123,7 +128,7 @@ def norm_position(match: object) -> Node:
     never reads (``norm_order_args``), an order Inductor must keep.
     """
     low_rank = match.norm
-    candidates = [getattr(match, "result", None), low_rank.weight, low_rank.lora_A, low_rank.lora_B, low_rank.scaling]
+    candidates = [match.base_output, low_rank.weight, low_rank.lora_A, low_rank.lora_B, low_rank.scaling]
     nodes = {n for n in candidates if isinstance(n, Node)}
     return max(nodes, key=_positions(next(iter(nodes)).graph).__getitem__)
 
@@ -146,7 +151,7 @@ def _positions(graph: Graph) -> dict[Node, int]:
     return {n: i for i, n in enumerate(graph.nodes)}
 
 
-def insert_norm(graph: Graph, match: object, target: object, like: Node) -> Node:
+def insert_norm(graph: Graph, match: DoraMatch, target: object, like: Node) -> Node:
     """``target(detach(W) as rows, detach(A), detach(B), s[, after])`` for ``match.norm``, after ``norm_position``.
 
     An N-D ``W`` (Conv) is reshaped to its ``[d_out, K]`` rows. Norms PEFT's DoRA
@@ -156,7 +161,7 @@ def insert_norm(graph: Graph, match: object, target: object, like: Node) -> Node
         return _insert_norm_here(graph, match, target, like)
 
 
-def _insert_norm_here(graph: Graph, match: object, target: object, like: Node) -> Node:
+def _insert_norm_here(graph: Graph, match: DoraMatch, target: object, like: Node) -> Node:
     low_rank = match.norm
     blocks = low_rank.row_blocks
     weight = insert_node(graph, "call_method", "detach", (low_rank.weight,), like)
@@ -164,7 +169,7 @@ def _insert_norm_here(graph: Graph, match: object, target: object, like: Node) -
         weight = insert_node(graph, "call_method", "reshape", (weight, low_rank.layer_shape[0] // blocks, -1), like)
     lora_A = insert_node(graph, "call_method", "detach", (low_rank.lora_A,), like)
     lora_B = insert_node(graph, "call_method", "detach", (low_rank.lora_B,), like)
-    after = norm_order_args(graph, target, getattr(match, "result", None), like)
+    after = norm_order_args(graph, target, match.base_output, like)
     if blocks == 1:
         norm = insert_node(graph, "call_function", target, (weight, lora_A, lora_B, low_rank.scaling, *after), like)
     else:  # a grouped Conv: block t of B·A's row j updates W row c·j + t; one norm per block, interleaved
@@ -178,21 +183,22 @@ def _insert_norm_here(graph: Graph, match: object, target: object, like: Node) -
             norms.append(insert_node(graph, "call_function", target, args, like))
         stacked = insert_node(graph, "call_function", torch.stack, (norms, 1), like)
         norm = insert_node(graph, "call_method", "reshape", (stacked, -1), like)
-    store_norm(graph, getattr(match, "stored", []), norm, like)
+    if isinstance(match, ComposeMatch):
+        store_norm(graph, match.stored, norm, like)
     return norm
 
 
-def _lora_up_values(match: object, with_base: bool = False) -> tuple[torch.Tensor, ...] | None:
+def _lora_up_values(match: DoraMatch, with_base: bool = False) -> tuple[torch.Tensor, ...] | None:
     """``(root, result, h, B)`` values where the compose may take the LoRA up-projection ``linear(h, B)`` in.
 
     That is: a Linear's output (features last), a float ``s``, and a LoRA output
     ``linear(h, B)`` with no bias that nothing but the compose reads; ``h`` and ``B``
     of one dtype; a separate base output (dropout) only ``with_base``. Else None.
     """
-    lora = getattr(match, "lora", None)
-    if getattr(match, "channel_dim", -1) != -1 or lora is None:
+    if not isinstance(match, ComposeMatch) or match.channel_dim != -1:
         return None
-    if getattr(match, "base", None) is not None and not with_base:
+    lora = match.lora
+    if match.base is not None and not with_base:
         return None
     if op_of(lora) != "linear" or arg(lora, 2, "bias") is not None or not isinstance(match.scaling, float):
         return None
@@ -204,7 +210,7 @@ def _lora_up_values(match: object, with_base: bool = False) -> tuple[torch.Tenso
     return values
 
 
-def fusable_lora_up(match: object) -> bool:
+def fusable_lora_up(match: DoraMatch) -> bool:
     """Whether the ``"lora_up"`` compose can replace ``match``'s LoRA up-projection and compose.
 
     As ``_lora_up_values`` says, where the DoRA output needs no gradient (the op
@@ -217,7 +223,7 @@ def fusable_lora_up(match: object) -> bool:
     return not root.requires_grad and result.dtype in _LORA_UP_DTYPES and hidden.dtype in _LORA_UP_DTYPES
 
 
-def foldable_lora_up(match: object) -> bool:
+def foldable_lora_up(match: DoraMatch) -> bool:
     """Whether the ``"folded"`` compose can replace ``match``'s LoRA up-projection and compose: in training.
 
     As ``_lora_up_values`` says, a separate base output (dropout) included, where the
@@ -228,7 +234,7 @@ def foldable_lora_up(match: object) -> bool:
     return values is not None and values[0].requires_grad
 
 
-def insert_compose(graph: Graph, match: object, norm: Node, impl: str, like: Node) -> tuple[Node, str]:
+def insert_compose(graph: Graph, match: ComposeMatch, norm: Node, impl: str, like: Node) -> tuple[Node, str]:
     """The compose of ``TARGETS["compose"][impl]`` for ``match`` with ``norm``, and its name for the record.
 
     With a separate base output (dropout active) the plain-torch
@@ -237,7 +243,7 @@ def insert_compose(graph: Graph, match: object, norm: Node, impl: str, like: Nod
     output ``linear(h, B)`` in its place.
     Call under ``graph.inserting_before``.
     """
-    base, bias = getattr(match, "base", None), getattr(match, "bias", None)
+    base, bias = match.base, match.bias
     if base is not None and impl == "folded":
         target, name = TARGETS["compose"]["folded_with_base"]
         hidden, lora_B = match.lora.args[:2]
@@ -255,23 +261,36 @@ def insert_compose(graph: Graph, match: object, norm: Node, impl: str, like: Nod
     return insert_node(graph, "call_function", target, (*args, output_dtype(match.root)), like), name
 
 
-def replace_root(graph: Graph, match: object, composed: Node) -> None:
+def replace_root(graph: Graph, match: ComposeMatch, composed: Node) -> None:
     """Move the root's users to ``composed`` and erase what the match left unused (and its LoRA output)."""
     match.root.replace_all_uses_with(composed)
-    lora = getattr(match, "lora", None)
-    erase_dead(graph, [*match.nodes, *([lora] if isinstance(lora, Node) else [])])
+    erase_dead(graph, [*match.nodes, match.lora])
 
 
-def rewrite_peft_linear(
-    graph: Graph, match: PeftLinearMatch, impl: OpsChoice = ("triton", "triton")
-) -> tuple[str, ...]:
+def rewrite_with_compose(graph: Graph, match: ComposeMatch, impl: OpsChoice = ("triton", "triton")) -> tuple[str, ...]:
     """Insert the factored norm (after the base output) and the compose (before the root); retarget the root's users.
 
-    Returns the names of what was inserted, for the record.
+    Where the graph has no norm to factor (PEFT's cached norm) the compose takes
+    ``detach(weight_norm)`` as it is; the factored ``[d_out]`` norm is viewed as ``m``
+    where ``m`` has another shape (a Conv's ``[1, C_out, 1, ...]``); a DoRA term scaled by one
+    more factor (``lora_factor``) gives the compose ``lora·factor``. Returns the
+    names of what was inserted, for the record.
     """
-    norm_target, norm_name = TARGETS["norm"][impl[0]]
-    norm = insert_norm(graph, match, norm_target, match.root)
+    inserted: list[str] = []
+    if match.norm is not None:
+        norm_target, norm_name = TARGETS["norm"][impl[0]]
+        norm = insert_norm(graph, match, norm_target, match.root)
+        inserted.append(norm_name)
     with graph.inserting_before(match.root):
-        composed, compose_name = insert_compose(graph, match, norm, impl[1], match.root)
-    replace_root(graph, match, composed)
-    return norm_name, compose_name
+        if match.norm is None:  # the cached norm, as the graph has it
+            norm = insert_node(graph, "call_method", "detach", (match.weight_norm,), match.root)
+        elif tuple(example_value(match.magnitude).shape) != tuple(example_value(norm).shape):  # [d_out] as m
+            norm = insert_node(graph, "call_method", "view", (norm, *example_value(match.magnitude).shape), match.root)
+        composed_match = match
+        if match.lora_factor is not None:  # the compose takes lora·e (e cast as PEFT casts it)
+            lora = insert_node(graph, "call_function", operator.mul, (match.lora, match.lora_factor), match.lora)
+            composed_match = replace(match, lora=lora)
+        composed, compose_name = insert_compose(graph, composed_match, norm, impl[1], match.root)
+    replace_root(graph, composed_match, composed)
+    inserted.append(compose_name)
+    return tuple(inserted)

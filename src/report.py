@@ -19,42 +19,11 @@ import json
 import threading
 from dataclasses import asdict, dataclass, field, fields
 
+from dora_fused.passes.records import ModuleRecord
+
 __all__ = ["SCHEMA", "ModuleRecord", "RewriteReport", "clear_reports", "last_report", "reports"]
 
 SCHEMA = "dora_fused.report/1"
-
-# kind of module, by the form that matched it (see dora_fused.passes.patterns), inside a PEFT layer or not
-KINDS = {
-    "peft_linear": "PEFT Linear",
-    "peft_embedding": "PEFT Embedding",
-    "peft_conv": "PEFT Conv",
-    "hand_written": "hand-written",
-}
-NON_PEFT_KINDS = {"peft_linear": "torchtune-style", "hand_written": "hand-written"}  # outside PEFT layers
-
-
-@dataclass(frozen=True)
-class ModuleRecord:
-    """One DoRA subgraph (one module, one adapter) the pass looked at, or a DoRA module no graph held."""
-
-    name: str  # qualified module name, as ``named_modules()`` of the compiled model gives it
-    adapter: str | None  # PEFT adapter name, when known
-    form: str  # which supported form matched (see ``dora_fused.passes.patterns``); "" if none did
-    status: str  # "rewritten" or "skipped"
-    reason: str = ""  # one line: why it was skipped
-    d_out: int | None = None
-    d_in: int | None = None
-    rank: int | None = None
-    weight_dtype: str | None = None
-    adapter_dtype: str | None = None
-    magnitude_dtype: str | None = None
-    ops: tuple[str, ...] = ()  # ops inserted by the rewrite
-    ops_reason: str = ""  # why these implementations were chosen
-    kind: str = ""  # "PEFT Linear", "PEFT Embedding", "PEFT Conv", "torchtune-style", "hand-written"
-    active_adapters: tuple[str, ...] = ()  # the module's active adapters, when known
-    dense_bytes: int | None = None  # transient memory of PEFT's dense norm per call (estimate)
-    rewritten_bytes: int | None = None  # the same for the rewritten norm (estimate)
-
 
 @dataclass
 class RewriteReport:
@@ -184,7 +153,7 @@ def _table(modules: list[ModuleRecord]) -> list[str]:
         rows.append(
             (
                 m.name,
-                m.kind or KINDS.get(m.form, m.form) or "-",
+                m.kind or m.form or "-",
                 f"{m.d_out}x{m.d_in}" if m.d_out is not None else "-",
                 str(m.rank) if m.rank is not None else "-",
                 dtypes if m.weight_dtype else "-",

@@ -19,7 +19,7 @@ import dora_fused
 from dora_fused.passes import DoraRewritePass, Form
 from dora_fused.passes.graph_view import example_value, op_of
 from dora_fused.passes.peft_linear import match_peft_linear
-from dora_fused.passes.rewrite import TARGETS, rewrite_peft_linear
+from dora_fused.passes.rewrite import TARGETS, rewrite_with_compose
 
 
 def _embeds(dtype=torch.float32, seed=3):
@@ -170,7 +170,7 @@ def test_models_without_dora_compile_as_inductor_alone_would(build):
 
 
 def _raising_rewrite(graph, match, impl):
-    rewrite_peft_linear(graph, match, impl)  # mutate the graph half-way, then fail
+    rewrite_with_compose(graph, match, impl)  # mutate the graph half-way, then fail
     raise RuntimeError("injected failure")
 
 
@@ -178,7 +178,7 @@ def _uncompilable_rewrite(graph, match, impl):
     def broken(*args):
         raise RuntimeError("cannot be traced")
 
-    ops = rewrite_peft_linear(graph, match, impl)
+    ops = rewrite_with_compose(graph, match, impl)
     node = next(n for n in graph.nodes if n.target is TARGETS["compose"][impl[1]][0])
     with graph.inserting_after(node):
         bad = graph.call_function(broken, (node,))
@@ -193,7 +193,8 @@ def test_failures_fall_back_to_the_original_graph(rewrite):
     embeds = _embeds()
     expected = model(inputs_embeds=embeds).logits
     backend = dora_fused.backend(inner="aot_eager")
-    backend.rewrite_pass = DoraRewritePass(forms=(Form("faulty", "test form", match_peft_linear, rewrite),))
+    faulty = Form("faulty", "PEFT Linear", "test form", match_peft_linear, rewrite)
+    backend.rewrite_pass = DoraRewritePass(forms=(faulty,))
     out = torch.compile(model, backend=backend)(inputs_embeds=embeds).logits
     report = dora_fused.last_report()
     assert report.error is not None and ("injected failure" in report.error or "cannot be traced" in report.error)
