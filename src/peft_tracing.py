@@ -1,4 +1,4 @@
-"""Let Dynamo trace PEFT's DoRA layers as one graph, for unquantized weights.
+"""Let Dynamo trace PEFT's DoRA layers as one graph, for unquantized and bitsandbytes-quantized weights.
 
 peft 0.21's ``dequantize_module_weight`` evaluates
 ``type(module.weight).__module__.startswith("torchao.")``, which Dynamo cannot
@@ -7,10 +7,16 @@ never meets its norm in one graph (docs/design.md, "Why PEFT needs polyfills"). 
 (``torch._dynamo.substitute_in_graph``) that Dynamo inlines instead of the
 original. Eager calls still run PEFT's own function; nothing in PEFT is edited.
 
-The polyfill returns ``module.weight`` only when it is a plain ``Parameter`` or
-``Tensor`` and the module is not HQQ-quantized; for anything else (bnb, HQQ,
-torchao) it runs a copy of PEFT's own function, so quantized bases keep PEFT's
-path (and its graph break) exactly.
+The polyfill returns ``module.weight`` when it is a plain ``Parameter`` or
+``Tensor`` and the module is not HQQ-quantized. For bitsandbytes weights
+(``Params4bit``, ``Int8Params``) it calls bitsandbytes' own dequantize ops
+(``bnb_dequantize``: ``torch.ops.bitsandbytes.*``, which have fake kernels),
+recognized by ``isinstance`` and never reassigning ``module.weight`` (PEFT's
+function reads ``weight.__class__.__name__``, a graph break, and on CPU puts a
+new 8-bit Parameter in place of the module's, which loses its ``SCB``). For
+anything else (HQQ, torchao, a bnb layout it does not know) it runs a copy of
+PEFT's own function, so those bases keep PEFT's path exactly (torchao's tensor
+subclasses trace through it: their ``dequantize()`` is in the graph).
 
 A second polyfill covers ``peft.utils.other.transpose``, which DoRA calls on
 ``fan_in_fan_out`` weights (GPT-2's ``Conv1D``): PEFT wraps ``W.T`` of a
@@ -26,6 +32,8 @@ import importlib.util
 import types
 
 import torch
+
+from .quantized_bases import bnb_dequantize
 
 __all__ = ["enable_peft_tracing", "peft_tracing_enabled"]
 
@@ -62,6 +70,9 @@ def enable_peft_tracing() -> bool:
             weight = module.weight
             if not hasattr(module, "W_q") and type(weight) in (torch.nn.Parameter, torch.Tensor):
                 return weight
+            dequantized = bnb_dequantize(module)
+            if dequantized is not None:
+                return dequantized
             return peft_path(module)
 
     if id(other.transpose) not in _polyfilled_function_ids:
