@@ -54,6 +54,7 @@ else:
     )
     from .folded_compose import lora_up_folded_compose_torch, lora_up_folded_compose_with_base_torch
     from .lora_up_compose import lora_up_compose, lora_up_compose_reference
+    from .quantized_norm import quantized_row_norm, quantized_row_norm_reference
 
     __all__ = [
         "compose",
@@ -71,4 +72,6 @@ else:
         "lora_up_compose_reference",
         "lora_up_folded_compose_torch",
         "lora_up_folded_compose_with_base_torch",
+        "quantized_row_norm",
+        "quantized_row_norm_reference",
     ]

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from torch.fx import Node
 
 from .graph_view import arg, example_value, is_scalar, is_symbolic_scalar, op_of, strip
+from .outcomes import NotDora, Unsupported
+from .quantized_base import QuantizedBase, match_quantized_base
 
 __all__ = [
     "NORMS",
@@ -30,14 +32,6 @@ __all__ = [
 CASTS = ("to", "float")
 
 
-class NotDora(Exception):
-    """The anchor is not a DoRA norm: record nothing."""
-
-
-class Unsupported(Exception):
-    """DoRA-like, but a part is not fully recognized: leave the graph, record the reason."""
-
-
 @dataclass
 class LowRankSum:
     """``W + s·(B·A)`` feeding a row norm, as found in the graph."""
@@ -50,6 +44,7 @@ class LowRankSum:
     identity_trick: bool = False  # B·A built as linear(linear(eye(d_in), A), B).T (memory estimate)
     # W rows per row of B·A: a grouped Conv's B·A is [d_out / c, c·K], its row j the c rows c·j … c·j + c - 1 of W
     row_blocks: int = 1
+    quantized: QuantizedBase | None = None  # W dequantized from a recognized quantized base (else a parameter)
 
     @property
     def layer_shape(self) -> tuple[int, int]:
@@ -250,6 +245,7 @@ def match_low_rank_sum(x: object, shared: tuple[Node, ...] = ()) -> LowRankSum:
         raise Unsupported("an N-D weight whose update is not a reshaped B·A")
     if not (w.dtype.is_floating_point and a.dtype.is_floating_point and b.dtype.is_floating_point):
         raise Unsupported("non-floating weight or adapter (quantized base?)")
+    quantized = match_quantized_base(weight)
     if len({w.device, a.device, b.device}) != 1:
         raise Unsupported("weight and adapters on different devices")
     for n in nodes:
@@ -259,4 +255,4 @@ def match_low_rank_sum(x: object, shared: tuple[Node, ...] = ()) -> LowRankSum:
         if len(computed_users) > 1 and n not in weight_nodes and n not in shared:
             raise Unsupported(f"intermediate {n.name} of the dense norm path is used elsewhere")
     scaling = float(scaling) if is_scalar(scaling) else scaling  # a node: symbolic under dynamic=True
-    return LowRankSum(weight, lora_A, lora_B, scaling, nodes, identity_trick, row_blocks)
+    return LowRankSum(weight, lora_A, lora_B, scaling, nodes, identity_trick, row_blocks, quantized)

@@ -9,6 +9,20 @@ Dense (PEFT), in the adapter dtype ``a``::
     B·A [d_out, d_in] + (W + s·BA) [d_out, d_in]
     + eye [d_in, d_in] + A(eye) [d_in, r] with PEFT Linear's identity trick
     + W cast to ``a`` [d_out, d_in] when W's dtype differs
+    + W dequantized [d_out, d_in] in its dtype ``q`` for a quantized base (bnb 4-bit: the
+      quant state's dtype; bnb 8-bit: fp32; torchao: the weight's dtype); the cast above
+      then compares ``q`` with ``a``
+
+The base layer's own matmul dequantizes too (bitsandbytes at 4096 tokens: one
+``[d_out, d_in]`` copy in the compute dtype, forward and backward); that copy is
+the base layer's, the same on both paths, and not counted here.
+
+Rewritten, for a quantized base: ``norm="quantized"`` (CUDA, bitsandbytes) reads
+the packed weight itself, so no dequantized copy exists on the norm's path:
+``quantized_norm.workspace_bytes`` (A's terms, the Gram's workspace, ``U`` and
+``‖W‖²`` per split in fp32, the sum's terms, the flags, the norm). Where the norm
+reads the dequantized weight (CPU, torchao), the formulas below plus that
+``q`` copy ``d_out·d_in·q``.
 
 Rewritten, ``norm="triton"`` (CUDA): what ``NormPlan.workspace_bytes`` counts
 for the plan an H100 would run (A's 16-bit terms ``[T·r, d_in]`` when T = 3, a
@@ -24,6 +38,7 @@ from __future__ import annotations
 import torch
 
 from dora_fused.kernels.factored_norm import CHUNK_BYTES, norm_plan
+from dora_fused.kernels.quantized_norm import quantized_norm_plan
 
 __all__ = ["dense_norm_bytes", "rewritten_norm_bytes"]
 
@@ -35,18 +50,43 @@ def _size(dtype: torch.dtype) -> int:
 
 
 def dense_norm_bytes(
-    d_out: int, d_in: int, r: int, weight_dtype: torch.dtype, adapter_dtype: torch.dtype, identity_trick: bool = True
+    d_out: int,
+    d_in: int,
+    r: int,
+    weight_dtype: torch.dtype,
+    adapter_dtype: torch.dtype,
+    identity_trick: bool = True,
+    quantized: bool = False,
 ) -> int:
+    """PEFT's dense norm; ``weight_dtype`` is the dequantized weight's dtype where ``quantized``."""
     a = _size(adapter_dtype)
     total = 2 * d_out * d_in * a
     if identity_trick:
         total += (d_in * d_in + d_in * r) * a
     if weight_dtype != adapter_dtype:
         total += d_out * d_in * a
+    if quantized:
+        total += d_out * d_in * _size(weight_dtype)
     return total
 
 
 def rewritten_norm_bytes(
+    d_out: int,
+    d_in: int,
+    r: int,
+    weight_dtype: torch.dtype,
+    adapter_dtype: torch.dtype,
+    norm: str,
+    quantized: bool = False,
+) -> int:
+    """The rewritten norm; ``norm`` is "triton", "torch" or "quantized" (the packed weight read in place)."""
+    if norm == "quantized":
+        return quantized_norm_plan(d_out, d_in, r, weight_dtype, adapter_dtype, H100_MULTIPROCESSORS).workspace_bytes
+    copy = d_out * d_in * _size(weight_dtype) if quantized else 0  # the dequantized weight the norm reads
+    return copy + _rewritten_dense_norm_bytes(d_out, d_in, r, weight_dtype, adapter_dtype, norm)
+
+
+def _rewritten_dense_norm_bytes(
     d_out: int, d_in: int, r: int, weight_dtype: torch.dtype, adapter_dtype: torch.dtype, norm: str
 ) -> int:
     fp32 = 4

@@ -149,6 +149,8 @@ def _table(modules: list[ModuleRecord]) -> list[str]:
     rows = [header]
     for m in modules:
         dtypes = f"{_SHORT.get(m.weight_dtype, m.weight_dtype)}/{_SHORT.get(m.adapter_dtype, m.adapter_dtype)}"
+        if m.quantization:  # the base is stored quantized: its scheme, then the dequantized weight's dtype
+            dtypes = f"{m.quantization}:{dtypes}"
         memory = _bytes(m.dense_bytes) + (f" -> {_bytes(m.rewritten_bytes)}" if m.rewritten_bytes is not None else "")
         rows.append(
             (
