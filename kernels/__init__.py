@@ -54,7 +54,7 @@ else:
     )
     from .folded_compose import lora_up_folded_compose_torch, lora_up_folded_compose_with_base_torch
     from .lora_up_compose import lora_up_compose, lora_up_compose_reference
-    from .quantized_norm import quantized_row_norm, quantized_row_norm_reference
+    from .quantized_norm import quantized_row_norm, quantized_row_norm_reference, triton_supports_quantized_norm
 
     __all__ = [
         "compose",
@@ -74,4 +74,5 @@ else:
         "lora_up_folded_compose_with_base_torch",
         "quantized_row_norm",
         "quantized_row_norm_reference",
+        "triton_supports_quantized_norm",
     ]

@@ -181,7 +181,7 @@ def _quantized_products_kernel(
     FORMAT: tl.constexpr, W_DTYPE: tl.constexpr, A_TERMS: tl.constexpr, A_SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
 ):  # fmt: skip
-    """One ``[BLOCK_M rows, BLOCK_N of r]`` tile of ``U = W·Aᵀ`` over one split of ``d_in``, W dequantized in registers::
+    """One ``[BLOCK_M, BLOCK_N of r]`` tile of ``U = W·Aᵀ`` over one split of ``d_in``, W dequantized in registers::
 
         U[split, i, j] = Σ_{k in split} W_ik·A_jk          (fp32)
         WSQ[split, i]  = Σ_{k in split} W_ik²              (column tile 0)

@@ -20,7 +20,7 @@ from .memory import dense_norm_bytes, rewritten_norm_bytes
 from .naming import ROOT, module_path
 from .patterns import FORMS
 from .records import ModuleRecord
-from .rewrite import foldable_lora_up, fusable_lora_up, norm_position
+from .rewrite import foldable_lora_up, fusable_lora_up, norm_position, packed_norm_applies
 from .snapshot import ModuleSnapshot, graph_modules
 
 __all__ = ["DoraRewritePass", "PassOutcome"]
@@ -164,13 +164,16 @@ class DoraRewritePass:
             channel_dim=match.channel_dim,
             lora_up=fusable_lora_up(match),
             folded_lora_up=foldable_lora_up(match),
+            packed_norm=packed_norm_applies(match),
         )
         impl, why = choose_ops(self.ops, facts)
         ops = form.rewrite(graph, match, impl)
         rank = int(a.shape[0])
+        quantized = low_rank.quantized if low_rank is not None else None
         if low_rank is not None:
-            dense = dense_norm_bytes(d_out, d_in, rank, w.dtype, a.dtype, low_rank.identity_trick)
-            rewritten = rewritten_norm_bytes(d_out, d_in, rank, w.dtype, a.dtype, impl[0])
+            q = quantized is not None
+            dense = dense_norm_bytes(d_out, d_in, rank, w.dtype, a.dtype, low_rank.identity_trick, quantized=q)
+            rewritten = rewritten_norm_bytes(d_out, d_in, rank, w.dtype, a.dtype, impl[0], quantized=q)
         else:
             dense = rewritten = None  # PEFT's cache holds the norm: no norm is computed
         return ModuleRecord(
@@ -189,4 +192,5 @@ class DoraRewritePass:
             kind=match.kind or form.kind,
             dense_bytes=dense,
             rewritten_bytes=rewritten,
+            quantization=quantized.scheme if quantized is not None else None,
         )

@@ -80,8 +80,10 @@ def rewritten_norm_bytes(
     quantized: bool = False,
 ) -> int:
     """The rewritten norm; ``norm`` is "triton", "torch" or "quantized" (the packed weight read in place)."""
-    if norm == "quantized":
-        return quantized_norm_plan(d_out, d_in, r, weight_dtype, adapter_dtype, H100_MULTIPROCESSORS).workspace_bytes
+    if norm == "quantized":  # bitsandbytes: an fp32 dequantized weight is int8's, a 16-bit one 4-bit's
+        quant_type = "int8" if weight_dtype == torch.float32 else "nf4"
+        plan = quantized_norm_plan(d_out, d_in, r, weight_dtype, adapter_dtype, H100_MULTIPROCESSORS, quant_type)
+        return plan.workspace_bytes
     copy = d_out * d_in * _size(weight_dtype) if quantized else 0  # the dequantized weight the norm reads
     return copy + _rewritten_dense_norm_bytes(d_out, d_in, r, weight_dtype, adapter_dtype, norm)
 

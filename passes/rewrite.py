@@ -36,6 +36,7 @@ __all__ = [
     "insert_norm",
     "norm_order_args",
     "norm_position",
+    "packed_norm_applies",
     "replace_root",
     "rewrite_with_compose",
     "store_norm",
@@ -46,6 +47,8 @@ TARGETS = {
     "norm": {
         "triton": (torch.ops.dora_fused.factored_row_norm.default, "dora_fused.factored_row_norm"),
         "torch": (kernels.factored_row_norm_torch, "torch:factored_row_norm_torch"),
+        # (packed, scales, quant_type, blocksize, d_out, d_in, dtype, A, B, s, after): see insert_norm
+        "quantized": (torch.ops.dora_fused.quantized_row_norm.default, "dora_fused.quantized_row_norm"),
     },
     "compose": {
         "triton": (torch.ops.dora_fused.compose.default, "dora_fused.compose"),
@@ -133,6 +136,21 @@ def norm_position(match: DoraMatch) -> Node:
     return max(nodes, key=_positions(next(iter(nodes)).graph).__getitem__)
 
 
+def packed_norm_applies(match: DoraMatch) -> bool:
+    """Whether the quantized norm can read ``match``'s base weight packed: a bitsandbytes Linear the kernel supports.
+
+    The dequantized weight must be ``[d_out, d_in]`` as the norm's rows (no grouped
+    Conv blocks), and the kernel must take its format, its dtype and the adapters'.
+    """
+    low_rank = match.norm
+    quantized = low_rank.quantized if low_rank is not None else None
+    if quantized is None or quantized.scales is None or low_rank.row_blocks != 1 or match.channel_dim != -1:
+        return False
+    quant_type = "int8" if quantized.scheme == "bnb-int8" else quantized.quant_type
+    lora_A, lora_B = (example_value(n) for n in (low_rank.lora_A, low_rank.lora_B))
+    return kernels.triton_supports_quantized_norm(quant_type, quantized.dtype, lora_A, lora_B)
+
+
 def norm_order_args(graph: Graph, target: object, result: object, like: Node) -> tuple[Node, ...]:
     """``(detach(result),)`` for the Triton norm op, else ``()``: the op's ``after`` argument.
 
@@ -142,7 +160,7 @@ def norm_order_args(graph: Graph, target: object, result: object, like: Node) ->
     detach keeps the norm without gradient. Plain-torch norms are left to
     Inductor's order.
     """
-    if target is not TARGETS["norm"]["triton"][0] or not isinstance(result, Node):
+    if target not in (TARGETS["norm"]["triton"][0], TARGETS["norm"]["quantized"][0]) or not isinstance(result, Node):
         return ()
     return (insert_node(graph, "call_method", "detach", (result,), like),)
 
@@ -161,8 +179,27 @@ def insert_norm(graph: Graph, match: DoraMatch, target: object, like: Node) -> N
         return _insert_norm_here(graph, match, target, like)
 
 
+def _insert_packed_norm(graph: Graph, match: DoraMatch, target: object, like: Node) -> Node:
+    """``quantized_row_norm(packed, scales, …, detach(A), detach(B), s[, after])``: W never dequantized for the norm."""
+    low_rank = match.norm
+    quantized = low_rank.quantized
+    quant_type = "int8" if quantized.scheme == "bnb-int8" else quantized.quant_type
+    d_out, d_in = low_rank.layer_shape
+    scales = insert_node(graph, "call_method", "detach", (quantized.scales,), like)
+    lora_A = insert_node(graph, "call_method", "detach", (low_rank.lora_A,), like)
+    lora_B = insert_node(graph, "call_method", "detach", (low_rank.lora_B,), like)
+    after = norm_order_args(graph, target, match.base_output, like)
+    args = (quantized.packed, scales, quant_type, quantized.blocksize, d_out, d_in, quantized.dtype, lora_A, lora_B)
+    return insert_node(graph, "call_function", target, (*args, low_rank.scaling, *after), like)
+
+
 def _insert_norm_here(graph: Graph, match: DoraMatch, target: object, like: Node) -> Node:
     low_rank = match.norm
+    if target is TARGETS["norm"]["quantized"][0]:
+        norm = _insert_packed_norm(graph, match, target, like)
+        if isinstance(match, ComposeMatch):
+            store_norm(graph, match.stored, norm, like)
+        return norm
     blocks = low_rank.row_blocks
     weight = insert_node(graph, "call_method", "detach", (low_rank.weight,), like)
     if example_value(low_rank.weight).dim() > 2 or blocks > 1:
@@ -292,5 +329,7 @@ def rewrite_with_compose(graph: Graph, match: ComposeMatch, impl: OpsChoice = ("
             composed_match = replace(match, lora=lora)
         composed, compose_name = insert_compose(graph, composed_match, norm, impl[1], match.root)
     replace_root(graph, composed_match, composed)
+    if match.norm is not None and impl[0] == "quantized":  # the dequantize, where nothing else reads it now
+        erase_dead(graph, list(match.norm.quantized.nodes))
     inserted.append(compose_name)
     return tuple(inserted)

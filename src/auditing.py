@@ -25,6 +25,7 @@ from dora_fused.passes.memory import dense_norm_bytes
 from dora_fused.passes.naming import ROOT, FrameNames, module_path
 
 from .logs import graph_break_reasons, short_reason
+from .quantized_bases import base_quantization
 from .report import ModuleRecord, RewriteReport
 
 __all__ = ["audit_model", "dora_modules"]
@@ -64,7 +65,10 @@ def dora_modules(model: nn.Module) -> list[ModuleRecord]:
             continue
         active = tuple(a for a in getattr(module, "active_adapters", ()) if a in magnitudes)
         kind = _PEFT_KINDS.get(type(module).__name__, "PEFT Conv" if "Conv" in type(module).__name__ else "PEFT")
-        weight = getattr(getattr(module, "base_layer", module), "weight", None)
+        base = getattr(module, "base_layer", module)
+        weight = getattr(base, "weight", None)
+        scheme, dequantized = base_quantization(base)
+        w_dtype = dequantized or (weight.dtype if weight is not None else None)
         for adapter in active:
             lora_a = module.lora_A[adapter].weight if adapter in getattr(module, "lora_A", {}) else None
             d_out = d_in = rank = None
@@ -80,16 +84,23 @@ def dora_modules(model: nn.Module) -> list[ModuleRecord]:
                     d_out=d_out,
                     d_in=d_in,
                     rank=rank,
-                    weight_dtype=str(weight.dtype).removeprefix("torch.") if weight is not None else None,
+                    weight_dtype=_dtype_name(w_dtype),
                     adapter_dtype=str(lora_a.dtype).removeprefix("torch.") if lora_a is not None else None,
                     kind=kind,
                     active_adapters=active,
                     dense_bytes=(
-                        dense_norm_bytes(d_out, d_in, rank, weight.dtype, lora_a.dtype) if d_out is not None else None
+                        dense_norm_bytes(d_out, d_in, rank, w_dtype, lora_a.dtype, quantized=dequantized is not None)
+                        if d_out is not None
+                        else None
                     ),
+                    quantization=scheme,
                 )
             )
     return found
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return str(dtype).removeprefix("torch.") if dtype is not None else None
 
 
 CHECKPOINT_SIDE_EFFECT = (
@@ -114,6 +125,7 @@ def _merge(
                     "kind": known.kind or record.kind,  # the module's class is known for sure
                     "active_adapters": known.active_adapters,
                     "dense_bytes": record.dense_bytes if record.dense_bytes is not None else known.dense_bytes,
+                    "quantization": record.quantization or known.quantization,
                 }
             )
         merged.append(record)

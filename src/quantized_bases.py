@@ -24,7 +24,7 @@ storage dtype than uint8 or in the transposed legacy layout, nested
 quantization with a second-level blocksize other than 256, an 8-bit weight
 without its scales. It never reassigns ``module.weight``.
 
-``SCHEMES`` names the schemes the records report.
+``base_quantization`` names a layer's scheme as the records report it.
 """
 
 from __future__ import annotations
@@ -33,11 +33,9 @@ import sys
 
 import torch
 
-__all__ = ["BNB_SCHEMES", "SCHEMES", "TORCHAO_SCHEMES", "bnb_dequantize", "bnb_scheme"]
+__all__ = ["BNB_SCHEMES", "base_quantization", "bnb_dequantize", "bnb_scheme"]
 
 BNB_SCHEMES = ("bnb-nf4", "bnb-nf4-dq", "bnb-fp4", "bnb-fp4-dq", "bnb-int8")
-TORCHAO_SCHEMES = ("torchao-int8", "torchao-intx", "torchao")
-SCHEMES = (*BNB_SCHEMES, *TORCHAO_SCHEMES)
 
 
 def _bnb_modules():
@@ -106,3 +104,25 @@ def bnb_dequantize(module: torch.nn.Module) -> torch.Tensor | None:
             return None
         return torch.ops.bitsandbytes.int8_vectorwise_dequant.default(weight, scales)
     return None
+
+
+def base_quantization(layer: torch.nn.Module) -> tuple[str | None, torch.dtype | None]:
+    """``(scheme, dequantized dtype)`` of a PEFT layer's base (the audit's records); ``(None, None)`` if unquantized.
+
+    bitsandbytes and torchao as the records name them; HQQ ``"hqq"``; any other
+    tensor subclass its class name.
+    """
+    weight = getattr(layer, "weight", None)
+    scheme = bnb_scheme(layer)
+    if scheme is not None:
+        return scheme, torch.float32 if scheme == "bnb-int8" else weight.quant_state.dtype
+    if hasattr(layer, "W_q"):
+        return "hqq", None
+    if weight is None or type(weight) in (torch.nn.Parameter, torch.Tensor):
+        return None, None
+    cls = type(weight)
+    if cls.__module__.startswith("torchao."):
+        from dora_fused.passes.quantized_base import TORCHAO_SCHEMES
+
+        return TORCHAO_SCHEMES.get(cls.__name__, f"torchao:{cls.__name__}"), weight.dtype
+    return cls.__name__, None

@@ -134,6 +134,7 @@ def _bytes(n: int | None) -> str:
 _SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
 _OP_LABELS = {
     "dora_fused.factored_row_norm": "norm: triton",
+    "dora_fused.quantized_row_norm": "norm: triton (packed weight)",
     "torch:factored_row_norm_torch": "norm: torch",
     "dora_fused.compose": "compose: triton",
     "dora_fused.lora_up_compose": "compose: triton + LoRA up-projection",

@@ -1,0 +1,266 @@
+"""QDoRA: DoRA on a bitsandbytes-quantized base, PEFT eager vs torch.compile vs dora_fused, and QLoRA.
+
+Llama-3-8B-shaped decoder layers (hidden 4096, MLP 14336, 32 heads / 8 KV
+heads, vocab 32000), 2-4 of them, batch 1, 4096 tokens, bf16 compute; the
+decoder's linear layers quantized by bitsandbytes (NF4 with double
+quantization, QLoRA's setting, or LLM.int8() with threshold 6.0), PEFT's
+default fp32 adapters on all of them. Matrix:
+
+- cases: NF4 r = 16, NF4 r = 64, int8 r = 8 (FinLoRA's published 8-bit DoRA setting);
+- modes: ``train`` (forward, backward and an AdamW step of the adapters) and
+  ``prefill`` (a forward without gradients, eval mode);
+- contenders: ``peft_eager`` (PEFT's QDoRA as written), ``torch_compile``
+  (``torch.compile`` with Inductor), ``dora_fused`` (``backend="dora_fused"``),
+  ``qlora`` (plain LoRA of the same rank on the same base, ``torch.compile``).
+
+Each (case, contender) runs in a subprocess of its own (both modes, prefill
+first), so one contender's allocations and compiled code never reach
+another's timings. Times are medians of CUDA-event timed calls with 10/90%
+quantiles, after warm-up calls (the first compiles); peak memory is the most
+allocated above what was resident before the timed calls (model, optimizer state).
+For int8, the compiled contenders set
+``torch._dynamo.config.capture_dynamic_output_shape_ops = True``: LLM.int8()'s
+outlier columns have a data-dependent count, which Dynamo otherwise breaks the
+graph at (docs/patterns.md).
+
+Results: a JSON file (``--out``) with the GPU, versions and date, one row per
+(case, contender, mode); a table is printed last. ``--quick`` runs a reduced
+matrix (NF4 r = 16 only, 2 decoder layers, 3 timed calls; about 4 minutes on one
+H100, most of it Inductor's compiles).
+
+    python benchmarks/qdora.py --out docs/results/qdora_h100_DATE.json
+    python benchmarks/qdora.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+CASES = {  # name: (scheme, rank)
+    "nf4-r16": ("bnb-nf4-dq", 16),
+    "nf4-r64": ("bnb-nf4-dq", 64),
+    "int8-r8": ("bnb-int8", 8),
+}
+QUICK_CASES = ("nf4-r16",)
+CONTENDERS = ("peft_eager", "torch_compile", "dora_fused", "qlora")
+MODES = ("prefill", "train")
+LLAMA_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=32000,
+    max_position_embeddings=8192,
+)
+
+
+# --- worker: one (case, contender) in its own process ------------------------------------------------------------
+
+
+def build_model(scheme: str, rank: int, layers: int, dora: bool):
+    """The quantized Llama on the GPU with PEFT (Q)DoRA or LoRA on its decoder's linear layers."""
+    import bitsandbytes as bnb
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**LLAMA_8B, num_hidden_layers=layers)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    for layer in model.model.layers:
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, torch.nn.Linear):
+                    continue
+                dims = (child.in_features, child.out_features)
+                if scheme == "bnb-int8":
+                    module = bnb.nn.Linear8bitLt(*dims, bias=False, has_fp16_weights=False, threshold=6.0)
+                    module.weight = bnb.nn.Int8Params(child.weight.data.cpu(), requires_grad=False)
+                else:
+                    module = bnb.nn.Linear4bit(
+                        *dims, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4"
+                    )
+                    module.weight = bnb.nn.Params4bit(
+                        child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
+                    )
+                setattr(parent, name, module.to("cuda"))  # quantizes
+                del child
+    if scheme == "bnb-int8":
+        model.is_loaded_in_8bit = True
+    else:
+        model.is_loaded_in_4bit = True
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, use_dora=dora, lora_dropout=0.0)
+    torch.cuda.empty_cache()
+    return get_peft_model(model, lora)
+
+
+def run_worker(case: str, contender: str, args) -> list[dict]:
+    import torch
+
+    import dora_fused
+
+    from timing import PeakMemory, summarize, time_calls
+
+    scheme, rank = CASES[case]
+    if scheme == "bnb-int8" and contender != "peft_eager":
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True  # LLM.int8()'s outlier columns (docstring)
+    model = build_model(scheme, rank, args.layers, dora=contender != "qlora")
+    backend = {"torch_compile": "inductor", "qlora": "inductor", "dora_fused": "dora_fused"}.get(contender)
+    run = torch.compile(model, backend=backend) if backend else model
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    ids = torch.randint(0, LLAMA_8B["vocab_size"], (1, args.seq), device="cuda", generator=gen)
+    rows = []
+    for mode in MODES:
+        if backend and mode == "train":
+            torch._dynamo.reset()  # the training graphs compiled on their own
+        dora_fused.clear_reports()
+        if mode == "prefill":
+            model.eval()
+
+            def step():
+                with torch.no_grad():
+                    run(input_ids=ids)
+
+        else:
+            model.train()
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=True)
+
+            def step():
+                run(input_ids=ids, labels=ids).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        start = time.perf_counter()
+        step()  # compiles
+        torch.cuda.synchronize()
+        first_s = time.perf_counter() - start
+        with PeakMemory() as memory:
+            times, _ = time_calls(step, args.repeats, warmup=args.warmup)
+        reports = dora_fused.reports()
+        records = [m for r in reports for m in r.modules]
+        rows.append(
+            dict(
+                case=case,
+                scheme=scheme,
+                rank=rank,
+                contender=contender,
+                mode=mode,
+                layers=args.layers,
+                tokens=args.seq,
+                first_call_s=first_s,
+                peak_mb=memory.peak_mb,
+                resident_mb=memory.resident / 2**20,
+                graphs=len(reports) if contender == "dora_fused" else None,
+                rewritten=sum(m.status == "rewritten" for m in records) if contender == "dora_fused" else None,
+                packed_norms=sum("dora_fused.quantized_row_norm" in m.ops for m in records),
+                **summarize(times),
+            )
+        )
+        print(json.dumps(rows[-1]), flush=True)
+        if mode == "train":
+            del optimizer
+    return rows
+
+
+# --- driver ----------------------------------------------------------------------------------------------------
+
+
+def _table(rows: list[dict]) -> str:
+    """ms and peak MB per contender, then dora_fused against QLoRA, torch.compile and PEFT eager."""
+    header = "  fused/qlora  mem/qlora  mem/compile  eager/fused"
+    lines = [f"{'case':9} {'mode':8} " + " ".join(f"{c:>22}" for c in CONTENDERS) + header]
+    by_key = {(r["case"], r["mode"], r["contender"]): r for r in rows if "ms" in r}
+    for case in dict.fromkeys(r["case"] for r in rows):
+        for mode in MODES:
+            cells, got = [], {c: by_key.get((case, mode, c)) for c in CONTENDERS}
+            for c in CONTENDERS:
+                r = got[c]
+                cells.append(f"{r['ms']:8.1f} ms {r['peak_mb']:7.0f} MB" if r else f"{'-':>22}")
+            fused, qlora, compiled, eager = (got[c] for c in ("dora_fused", "qlora", "torch_compile", "peft_eager"))
+
+            def ratio(a, b, key):
+                return f"{a[key] / b[key]:.2f}" if a and b and b[key] else "-"
+
+            lines.append(
+                f"{case:9} {mode:8} " + " ".join(cells)
+                + f"  {ratio(fused, qlora, 'ms'):>11}  {ratio(fused, qlora, 'peak_mb'):>9}"
+                + f"  {ratio(fused, compiled, 'peak_mb'):>11}  {ratio(eager, fused, 'ms'):>11}"
+            )  # fmt: skip
+    return "\n".join(lines)
+
+
+def _environment() -> dict:
+    from timing import environment
+
+    info = environment()
+    for name in ("bitsandbytes", "torchao"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            info[name] = None
+    return info
+
+
+def run_all(args) -> None:
+    cases = QUICK_CASES if args.quick else tuple(args.cases.split(","))
+    contenders = tuple(args.contenders.split(","))
+    results = {"meta": {**_environment(), "args": vars(args)}, "rows": []}
+    for case in cases:
+        for contender in contenders:
+            command = [sys.executable, os.path.abspath(__file__), "--worker", f"{case}:{contender}"]
+            command += ["--layers", str(args.layers), "--seq", str(args.seq)]
+            command += ["--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+            start = time.perf_counter()
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+            rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+            if proc.returncode != 0 or not rows:
+                tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+                rows = [dict(case=case, contender=contender, status=f"exit {proc.returncode}", tail=tail)]
+                print("\n".join(tail), file=sys.stderr)
+            results["rows"] += rows
+            print(f"{case} {contender}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(results, f, indent=1)
+    print(json.dumps(results["meta"]))
+    print(_table(results["rows"]))
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", help="results JSON")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {tuple(CASES)}")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS), help=f"comma-separated, of {CONTENDERS}")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (4; --quick 2)")
+    parser.add_argument("--seq", type=int, default=4096, help="tokens")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls (10; --quick 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls after the compiling one (2; --quick 1)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per (case, contender) process")
+    parser.add_argument("--quick", action="store_true", help="NF4 r=16 only, 2 layers, 3 calls")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for name, full, quick in (("layers", 4, 2), ("repeats", 10, 3), ("warmup", 2, 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        case, contender = args.worker.split(":")
+        run_worker(case, contender, args)
+    else:
+        run_all(args)
+
+
+if __name__ == "__main__":
+    main()

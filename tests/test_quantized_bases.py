@@ -1,0 +1,148 @@
+"""DoRA on quantized bases (bitsandbytes 4-bit and 8-bit, torchao int8 and int-x), CPU, with the real libraries.
+
+Each case: the whole model traces as one graph, every DoRA module is rewritten
+and its record names the scheme, and outputs (eval) or the adapters' gradients
+(training) are no farther from fp64 of the dequantized model than PEFT eager's,
+with the core tests' criterion (``test_peft_llama``): each group's error (the
+logits; all lora_A, all lora_B, all magnitude gradients) at most ``RATIO`` times
+PEFT eager's plus ``ATOL`` (one bf16 model's errors move by ±15% with any
+change of rounding order; a group's is stable).
+The fp64 reference is the same PEFT model on plain Linear bases holding each
+layer's weight as its library dequantizes it. ``inner="aot_eager"`` keeps the
+cases fast (the pass is the same; Inductor's C++ compile is what would cost).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import TINY_LLAMA, dora_module_names, relative_error
+from quantized_models import (
+    HAS_BNB,
+    HAS_TORCHAO,
+    adapter_grads,
+    dequantized_weight,
+    fp64_twin,
+    quantized_llama_dora,
+    twin_models,
+)
+
+import dora_fused
+from dora_fused.quantized_bases import bnb_dequantize
+
+BACKEND = dora_fused.backend(inner="aot_eager")
+needs_bnb = pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installed")
+needs_torchao = pytest.mark.skipif(not HAS_TORCHAO, reason="torchao is not installed")
+
+
+def _ids(seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, TINY_LLAMA["vocab_size"], (2, 9), generator=gen)
+
+
+RATIO, ATOL = 1.1, 1e-6  # as test_peft_llama
+GROUPS = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+
+def _run(model: torch.nn.Module, ids: torch.Tensor, train: bool) -> dict[str, torch.Tensor]:
+    """Logits (eval), or the adapters' gradients of a scalar loss by group (training)."""
+    model.train(train)
+    if not train:
+        with torch.no_grad():
+            return {"logits": model(input_ids=ids).logits.double()}
+    logits = model(input_ids=ids).logits
+    (logits.float().square().mean()).backward()
+    return {group: adapter_grads(model, group) for group in GROUPS}
+
+
+def _check(scheme: str, train: bool) -> None:
+    ids = _ids()
+    eager_model, compiled_model = twin_models(scheme)
+    reference = _run(fp64_twin(eager_model, scheme), ids, train)
+    eager = _run(eager_model, ids, train)  # once: PEFT eager 8-bit breaks its layers on CPU after one call
+    torch._dynamo.reset()
+    dora_fused.clear_reports()
+    patch = {"capture_dynamic_output_shape_ops": scheme == "bnb-int8"}  # LLM.int8()'s outlier columns
+    with torch._dynamo.config.patch(**patch):
+        ours = _run(torch.compile(compiled_model, backend=BACKEND), ids, train)
+    reports = dora_fused.reports()
+    assert len(reports) == 1 and reports[0].graph_breaks == [], [str(r) for r in reports]
+    records = reports[0].modules
+    assert {r.name for r in records if r.status == "rewritten"} == dora_module_names(compiled_model), str(reports[0])
+    assert {r.quantization for r in records} == {scheme}
+    for group, exact in reference.items():
+        ours_error, eager_error = relative_error(ours[group], exact), relative_error(eager[group], exact)
+        print(f"{scheme} {'train' if train else 'eval'} {group}: ours {ours_error:.3g}, PEFT eager {eager_error:.3g}")
+        assert ours_error <= RATIO * eager_error + ATOL, (group, ours_error, eager_error)
+
+
+CASES = [
+    pytest.param("bnb-nf4-dq", False, marks=needs_bnb),
+    pytest.param("bnb-fp4", True, marks=needs_bnb),
+    pytest.param("bnb-int8", False, marks=needs_bnb),
+    pytest.param("bnb-int8", True, marks=needs_bnb),
+    pytest.param("torchao-int8", False, marks=needs_torchao),
+    pytest.param("torchao-intx", True, marks=needs_torchao),
+]
+SLOW_CASES = [
+    pytest.param(scheme, train, marks=[needs_bnb, pytest.mark.slow])
+    for scheme, train in [("bnb-nf4", False), ("bnb-nf4", True), ("bnb-nf4-dq", True), ("bnb-fp4", False),
+                          ("bnb-fp4-dq", False), ("bnb-fp4-dq", True)]
+] + [pytest.param("torchao-int8", True, marks=[needs_torchao, pytest.mark.slow]),
+     pytest.param("torchao-intx", False, marks=[needs_torchao, pytest.mark.slow])]  # fmt: skip
+
+
+@pytest.mark.parametrize(("scheme", "train"), CASES + SLOW_CASES)
+def test_one_graph_every_module_rewritten_and_closer_to_fp64(scheme, train):
+    _check(scheme, train)
+
+
+@needs_bnb
+@pytest.mark.parametrize("scheme", ["bnb-nf4", "bnb-fp4-dq", "bnb-int8"])
+def test_bnb_dequantize_is_bitsandbytes_own_and_leaves_the_weight_in_place(scheme):
+    """The polyfill's dequantize: bitsandbytes' values exactly, the module's Parameter object untouched."""
+    model = quantized_llama_dora(scheme)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    with torch.no_grad():
+        layer(torch.randn(1, 3, TINY_LLAMA["hidden_size"], dtype=torch.bfloat16))  # 8-bit: moves SCB to its state
+    weight = layer.weight
+    assert torch.equal(bnb_dequantize(layer), dequantized_weight(layer))
+    compiled = torch.compile(bnb_dequantize, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(layer), dequantized_weight(layer))
+    assert layer.weight is weight
+
+
+@needs_bnb
+def test_unknown_layouts_keep_peft_path():
+    """A 4-bit weight in bitsandbytes' CPU inference layout is not one the polyfill reads: None (PEFT's path)."""
+    model = quantized_llama_dora("bnb-nf4")
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    layer.weight.quant_state.packing_format_for_cpu = True
+    assert bnb_dequantize(layer) is None
+    assert bnb_dequantize(torch.nn.Linear(3, 2)) is None
+
+
+def test_a_weight_computed_by_unknown_ops_is_left_alone():
+    """W computed in the graph by ops no quantized base matches: the module is left alone, with the reason."""
+
+    class ScaledWeight(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            gen = torch.Generator().manual_seed(0)
+            self.q = torch.nn.Parameter(torch.randn(6, 5, generator=gen), requires_grad=False)
+            self.A = torch.nn.Parameter(torch.randn(2, 5, generator=gen))
+            self.B = torch.nn.Parameter(torch.randn(6, 2, generator=gen))
+            self.m = torch.nn.Parameter(torch.rand(6, generator=gen) + 1)
+
+        def forward(self, x):
+            weight = self.q * 0.5  # an unknown "dequantize"
+            w = weight + 0.5 * (self.B @ self.A)
+            return torch.nn.functional.linear(x, (self.m / torch.linalg.norm(w, dim=1).detach()).view(-1, 1) * w)
+
+    model = ScaledWeight()
+    x = torch.randn(3, 5)
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=BACKEND)(x)
+    torch.testing.assert_close(out, model(x))
+    [(_, reason)] = dora_fused.last_report().skipped
+    assert "not a parameter or a recognized dequantize" in reason, reason
