@@ -15,9 +15,14 @@ default fp32 adapters on all of them. Matrix:
 
 Each (case, contender) runs in a subprocess of its own (both modes, prefill
 first), so one contender's allocations and compiled code never reach
-another's timings. Times are medians of CUDA-event timed calls with 10/90%
-quantiles, after warm-up calls (the first compiles); peak memory is the most
-allocated above what was resident before the timed calls (model, optimizer state).
+another's timings. With ``--parallel N`` up to N processes run at once so
+that their compiles overlap; the timed calls take turns (a file lock), never
+overlapping each other, though another process's first (compiling) call may
+run GPU work meanwhile (``--parallel 1`` is the clean measurement, and the
+slowest: 3-4 minutes per process, most of it Inductor's compiles).
+Times are medians of CUDA-event timed calls with 10/90% quantiles, after
+warm-up calls (the first compiles); peak memory is the most allocated above
+what was resident before the timed calls (model, optimizer state).
 For int8, the compiled contenders set
 ``torch._dynamo.config.capture_dynamic_output_shape_ops = True``: LLM.int8()'s
 outlier columns have a data-dependent count, which Dynamo otherwise breaks the
@@ -28,17 +33,21 @@ Results: a JSON file (``--out``) with the GPU, versions and date, one row per
 matrix (NF4 r = 16 only, 2 decoder layers, 3 timed calls; about 4 minutes on one
 H100, most of it Inductor's compiles).
 
-    python benchmarks/qdora.py --out docs/results/qdora_h100_DATE.json
-    python benchmarks/qdora.py --quick
+    python benchmarks/qdora.py --quick                                   # ~4 min
+    python benchmarks/qdora.py --cases nf4-r16,nf4-r64 --out qdora_nf4.json   # one case ~4 min at --parallel 4
+    python benchmarks/qdora.py --cases int8-r8 --out qdora_int8.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 CASES = {  # name: (scheme, rank)
@@ -101,6 +110,20 @@ def build_model(scheme: str, rank: int, layers: int, dora: bool):
     return get_peft_model(model, lora)
 
 
+@contextlib.contextmanager
+def gpu_turn(path: str | None):
+    """Exclusive use of the GPU among the benchmark's processes (a file lock); nothing without ``path``."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def run_worker(case: str, contender: str, args) -> list[dict]:
     import torch
 
@@ -142,7 +165,7 @@ def run_worker(case: str, contender: str, args) -> list[dict]:
         step()  # compiles
         torch.cuda.synchronize()
         first_s = time.perf_counter() - start
-        with PeakMemory() as memory:
+        with gpu_turn(args.lock), PeakMemory() as memory:
             times, _ = time_calls(step, args.repeats, warmup=args.warmup)
         reports = dora_fused.reports()
         records = [m for r in reports for m in r.modules]
@@ -209,27 +232,48 @@ def _environment() -> dict:
     return info
 
 
+def _worker_command(args, case: str, contender: str, lock: str | None) -> list[str]:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", f"{case}:{contender}"]
+    command += ["--layers", str(args.layers), "--seq", str(args.seq)]
+    command += ["--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    return command + (["--lock", lock] if lock else [])
+
+
+def _collect(case: str, contender: str, proc: subprocess.Popen, started: float) -> list[dict]:
+    try:
+        stdout, stderr = proc.communicate(timeout=max(1.0, started - time.time()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+    rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or len(rows) < len(MODES):
+        tail = (stdout + stderr).strip().splitlines()[-15:]
+        rows.append(dict(case=case, contender=contender, status=f"exit {proc.returncode}", tail=tail))
+        print("\n".join(tail), file=sys.stderr)
+    return rows
+
+
 def run_all(args) -> None:
     cases = QUICK_CASES if args.quick else tuple(args.cases.split(","))
     contenders = tuple(args.contenders.split(","))
     results = {"meta": {**_environment(), "args": vars(args)}, "rows": []}
-    for case in cases:
-        for contender in contenders:
-            command = [sys.executable, os.path.abspath(__file__), "--worker", f"{case}:{contender}"]
-            command += ["--layers", str(args.layers), "--seq", str(args.seq)]
-            command += ["--repeats", str(args.repeats), "--warmup", str(args.warmup)]
-            start = time.perf_counter()
-            proc = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-            rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-            if proc.returncode != 0 or not rows:
-                tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-                rows = [dict(case=case, contender=contender, status=f"exit {proc.returncode}", tail=tail)]
-                print("\n".join(tail), file=sys.stderr)
-            results["rows"] += rows
-            print(f"{case} {contender}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-            if args.out:
-                with open(args.out, "w") as f:
-                    json.dump(results, f, indent=1)
+    lock = os.path.join(tempfile.gettempdir(), f"dora_fused_qdora_{os.getpid()}.lock") if args.parallel > 1 else None
+    pending = [(case, contender) for case in cases for contender in contenders]
+    running: list[tuple[str, str, subprocess.Popen, float]] = []
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            case, contender = pending.pop(0)
+            proc = subprocess.Popen(
+                _worker_command(args, case, contender, lock), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            running.append((case, contender, proc, time.time() + args.timeout))
+        case, contender, proc, deadline = running.pop(0)
+        start = time.time()
+        results["rows"] += _collect(case, contender, proc, deadline)
+        print(f"{case} {contender}: done after {time.time() - start:.0f} s of waiting", file=sys.stderr, flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
     print(json.dumps(results["meta"]))
     print(_table(results["rows"]))
 
@@ -245,9 +289,11 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls after the compiling one (2; --quick 1)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per (case, contender) process")
     parser.add_argument("--quick", action="store_true", help="NF4 r=16 only, 2 layers, 3 calls")
+    parser.add_argument("--parallel", type=int, default=None, help="processes at once (4)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--lock", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name, full, quick in (("layers", 4, 2), ("repeats", 10, 3), ("warmup", 2, 1)):
+    for name, full, quick in (("layers", 4, 2), ("repeats", 10, 3), ("warmup", 2, 1), ("parallel", 4, 4)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
     return args
