@@ -21,7 +21,7 @@ BNB_4BIT = {
 }
 
 
-def _quantize_bnb(model: torch.nn.Module, scheme: str, compute_dtype: torch.dtype) -> None:
+def _quantize_bnb(model: torch.nn.Module, scheme: str, compute_dtype: torch.dtype, device: str) -> None:
     """Every Linear of the decoder layers as bitsandbytes' ``Linear4bit`` / ``Linear8bitLt`` (CPU quantization)."""
     import bitsandbytes as bnb
 
@@ -46,7 +46,7 @@ def _quantize_bnb(model: torch.nn.Module, scheme: str, compute_dtype: torch.dtyp
                         child.weight.data.clone(), requires_grad=False, compress_statistics=nested,
                         quant_type=quant_type, module=module,
                     )  # fmt: skip
-                setattr(parent, name, module.to("cpu"))  # quantizes
+                setattr(parent, name, module.to(device))  # quantizes
     if scheme == "bnb-int8":
         model.is_loaded_in_8bit = True
     else:
@@ -60,14 +60,17 @@ def _quantize_torchao(model: torch.nn.Module, scheme: str) -> None:
     quantize_(model.model.layers, config)
 
 
-def quantized_llama_dora(scheme: str, *, r: int = 8, seed: int = 0, layers: int = 1) -> torch.nn.Module:
+def quantized_llama_dora(
+    scheme: str, *, r: int = 8, seed: int = 0, layers: int = 1, device: str = "cpu"
+) -> torch.nn.Module:
     """Tiny random Llama (bf16) with its decoder Linears quantized by ``scheme``; PEFT DoRA (fp32 adapters) on them."""
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "num_hidden_layers": layers})).to(torch.bfloat16)
     if scheme.startswith("bnb-"):
-        _quantize_bnb(model, scheme, torch.bfloat16)
+        _quantize_bnb(model, scheme, torch.bfloat16, device)
+        model.to(device)
     else:
-        _quantize_torchao(model, scheme)
+        _quantize_torchao(model.to(device), scheme)
     config = LoraConfig(
         r=r, lora_alpha=2 * r, target_modules="all-linear", use_dora=True, init_lora_weights=False, lora_dropout=0.0
     )
@@ -99,7 +102,7 @@ def fp64_twin(model: torch.nn.Module, scheme: str, *, layers: int = 1) -> torch.
         r=lora.r[adapter], lora_alpha=lora.lora_alpha[adapter], target_modules="all-linear", use_dora=True,
         init_lora_weights=False, lora_dropout=0.0,
     )  # fmt: skip
-    twin = get_peft_model(base, config).double()
+    twin = get_peft_model(base, config).double().to(next(model.parameters()).device)
     quantized = dict(model.named_modules())
     with torch.no_grad():
         for name, module in twin.named_modules():
@@ -115,9 +118,60 @@ def fp64_twin(model: torch.nn.Module, scheme: str, *, layers: int = 1) -> torch.
     return twin
 
 
-def twin_models(scheme: str, **kwargs) -> tuple[torch.nn.Module, torch.nn.Module]:
+def twin_models(scheme: str, **kwargs: object) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Two identical quantized models: PEFT eager 8-bit breaks its layer (on CPU it replaces ``module.weight``)."""
     return quantized_llama_dora(scheme, **kwargs), quantized_llama_dora(scheme, **kwargs)
+
+
+RATIO, ATOL = 1.1, 1e-6  # as test_peft_llama: each group's error at most RATIO × PEFT eager's, plus ATOL
+GROUPS = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+
+def _ids(device: str, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, TINY_LLAMA["vocab_size"], (2, 9), generator=gen).to(device)
+
+
+def _run(model: torch.nn.Module, ids: torch.Tensor, train: bool) -> dict[str, torch.Tensor]:
+    """Logits (eval), or the adapters' gradients of a scalar loss by group (training)."""
+    model.train(train)
+    if not train:
+        with torch.no_grad():
+            return {"logits": model(input_ids=ids).logits.double()}
+    logits = model(input_ids=ids).logits
+    (logits.float().square().mean()).backward()
+    return {group: adapter_grads(model, group) for group in GROUPS}
+
+
+def check_against_fp64(scheme: str, train: bool, backend: object, device: str = "cpu", layers: int = 1) -> list:
+    """One graph, every DoRA module rewritten with ``scheme`` recorded, each group no farther from fp64 than eager's.
+
+    Returns the records. The fp64 twin is built before PEFT eager runs (8-bit
+    eager replaces its layers' weights on CPU).
+    """
+    from helpers import dora_module_names, relative_error
+
+    import dora_fused
+
+    ids = _ids(device)
+    eager_model, compiled_model = twin_models(scheme, device=device, layers=layers)
+    reference = _run(fp64_twin(eager_model, scheme, layers=layers), ids, train)
+    eager = _run(eager_model, ids, train)  # once: PEFT eager 8-bit breaks its layers on CPU after one call
+    torch._dynamo.reset()
+    dora_fused.clear_reports()
+    patch = {"capture_dynamic_output_shape_ops": scheme == "bnb-int8"}  # LLM.int8()'s outlier columns
+    with torch._dynamo.config.patch(**patch):
+        ours = _run(torch.compile(compiled_model, backend=backend), ids, train)
+    reports = dora_fused.reports()
+    assert len(reports) == 1 and reports[0].graph_breaks == [], [str(r) for r in reports]
+    records = reports[0].modules
+    assert {r.name for r in records if r.status == "rewritten"} == dora_module_names(compiled_model), str(reports[0])
+    assert {r.quantization for r in records} == {scheme}
+    for group, exact in reference.items():
+        ours_error, eager_error = relative_error(ours[group], exact), relative_error(eager[group], exact)
+        print(f"{scheme} {'train' if train else 'eval'} {group}: ours {ours_error:.3g}, PEFT eager {eager_error:.3g}")
+        assert ours_error <= RATIO * eager_error + ATOL, (group, ours_error, eager_error)
+    return records
 
 
 def adapter_grads(model: torch.nn.Module, group: str = "lora_") -> torch.Tensor:
@@ -131,6 +185,7 @@ __all__ = [
     "HAS_BNB",
     "HAS_TORCHAO",
     "adapter_grads",
+    "check_against_fp64",
     "dequantized_weight",
     "fp64_twin",
     "quantized_llama_dora",

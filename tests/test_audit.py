@@ -114,12 +114,16 @@ def test_json_round_trip_and_schema():
         "active_adapters",
         "dense_bytes",
         "rewritten_bytes",
+        "quantization",
     }
     again = dora_fused.RewriteReport.from_json(text)
     assert again.modules == report.modules and again.graph_breaks == report.graph_breaks
     assert again.to_json() == text
     with pytest.raises(ValueError, match="schema"):
         dora_fused.RewriteReport.from_json(json.dumps({**body, "schema": "dora_fused.report/0"}))
+    # a report written before "quantization" was added reads back (a field added within the major version)
+    older = {**body, "modules": [{k: v for k, v in m.items() if k != "quantization"} for m in body["modules"]]}
+    assert dora_fused.RewriteReport.from_json(json.dumps(older)).modules[0].quantization is None
 
 
 def test_logging_one_info_line_per_graph_and_details_at_debug(caplog):

@@ -2,8 +2,8 @@
 
 Each case: the whole model traces as one graph, every DoRA module is rewritten
 and its record names the scheme, and outputs (eval) or the adapters' gradients
-(training) are no farther from fp64 of the dequantized model than PEFT eager's,
-with the core tests' criterion (``test_peft_llama``): each group's error (the
+(training) are no farther from fp64 of the dequantized model than PEFT eager's
+(``quantized_models.check_against_fp64``), with the core tests' criterion (``test_peft_llama``): each group's error (the
 logits; all lora_A, all lora_B, all magnitude gradients) at most ``RATIO`` times
 PEFT eager's plus ``ATOL`` (one bf16 model's errors move by ±15% with any
 change of rounding order; a group's is stable).
@@ -16,16 +16,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TINY_LLAMA, dora_module_names, relative_error
-from quantized_models import (
-    HAS_BNB,
-    HAS_TORCHAO,
-    adapter_grads,
-    dequantized_weight,
-    fp64_twin,
-    quantized_llama_dora,
-    twin_models,
-)
+from helpers import TINY_LLAMA
+from quantized_models import HAS_BNB, HAS_TORCHAO, check_against_fp64, dequantized_weight, quantized_llama_dora
 
 import dora_fused
 from dora_fused.quantized_bases import bnb_dequantize
@@ -35,45 +27,8 @@ needs_bnb = pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installe
 needs_torchao = pytest.mark.skipif(not HAS_TORCHAO, reason="torchao is not installed")
 
 
-def _ids(seed: int = 1) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, TINY_LLAMA["vocab_size"], (2, 9), generator=gen)
-
-
-RATIO, ATOL = 1.1, 1e-6  # as test_peft_llama
-GROUPS = ("lora_A", "lora_B", "lora_magnitude_vector")
-
-
-def _run(model: torch.nn.Module, ids: torch.Tensor, train: bool) -> dict[str, torch.Tensor]:
-    """Logits (eval), or the adapters' gradients of a scalar loss by group (training)."""
-    model.train(train)
-    if not train:
-        with torch.no_grad():
-            return {"logits": model(input_ids=ids).logits.double()}
-    logits = model(input_ids=ids).logits
-    (logits.float().square().mean()).backward()
-    return {group: adapter_grads(model, group) for group in GROUPS}
-
-
 def _check(scheme: str, train: bool) -> None:
-    ids = _ids()
-    eager_model, compiled_model = twin_models(scheme)
-    reference = _run(fp64_twin(eager_model, scheme), ids, train)
-    eager = _run(eager_model, ids, train)  # once: PEFT eager 8-bit breaks its layers on CPU after one call
-    torch._dynamo.reset()
-    dora_fused.clear_reports()
-    patch = {"capture_dynamic_output_shape_ops": scheme == "bnb-int8"}  # LLM.int8()'s outlier columns
-    with torch._dynamo.config.patch(**patch):
-        ours = _run(torch.compile(compiled_model, backend=BACKEND), ids, train)
-    reports = dora_fused.reports()
-    assert len(reports) == 1 and reports[0].graph_breaks == [], [str(r) for r in reports]
-    records = reports[0].modules
-    assert {r.name for r in records if r.status == "rewritten"} == dora_module_names(compiled_model), str(reports[0])
-    assert {r.quantization for r in records} == {scheme}
-    for group, exact in reference.items():
-        ours_error, eager_error = relative_error(ours[group], exact), relative_error(eager[group], exact)
-        print(f"{scheme} {'train' if train else 'eval'} {group}: ours {ours_error:.3g}, PEFT eager {eager_error:.3g}")
-        assert ours_error <= RATIO * eager_error + ATOL, (group, ours_error, eager_error)
+    check_against_fp64(scheme, train, BACKEND)
 
 
 CASES = [
@@ -84,12 +39,11 @@ CASES = [
     pytest.param("torchao-int8", False, marks=needs_torchao),
     pytest.param("torchao-intx", True, marks=needs_torchao),
 ]
-SLOW_CASES = [
-    pytest.param(scheme, train, marks=[needs_bnb, pytest.mark.slow])
-    for scheme, train in [("bnb-nf4", False), ("bnb-nf4", True), ("bnb-nf4-dq", True), ("bnb-fp4", False),
-                          ("bnb-fp4-dq", False), ("bnb-fp4-dq", True)]
-] + [pytest.param("torchao-int8", True, marks=[needs_torchao, pytest.mark.slow]),
-     pytest.param("torchao-intx", False, marks=[needs_torchao, pytest.mark.slow])]  # fmt: skip
+SLOW_CASES = [  # the remaining combinations of note, about 40 s each on 2 cores
+    pytest.param("bnb-nf4", True, marks=[needs_bnb, pytest.mark.slow]),
+    pytest.param("bnb-fp4-dq", False, marks=[needs_bnb, pytest.mark.slow]),
+    pytest.param("torchao-int8", True, marks=[needs_torchao, pytest.mark.slow]),
+]
 
 
 @pytest.mark.parametrize(("scheme", "train"), CASES + SLOW_CASES)
@@ -146,3 +100,15 @@ def test_a_weight_computed_by_unknown_ops_is_left_alone():
     torch.testing.assert_close(out, model(x))
     [(_, reason)] = dora_fused.last_report().skipped
     assert "not a parameter or a recognized dequantize" in reason, reason
+
+
+# --- GPU: the compiled model with Inductor, the norm reading the packed weight ------------------------------------
+
+
+@needs_bnb
+@pytest.mark.gpu
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("scheme", ["bnb-nf4-dq", "bnb-fp4", "bnb-int8"])
+def test_gpu_compiled_model_reads_packed_weights(scheme, train):
+    records = check_against_fp64(scheme, train, "dora_fused", device="cuda", layers=2)
+    assert all("dora_fused.quantized_row_norm" in r.ops for r in records), [r.ops for r in records]
