@@ -89,7 +89,7 @@ def test_a_weight_computed_by_unknown_ops_is_left_alone():
             self.m = torch.nn.Parameter(torch.rand(6, generator=gen) + 1)
 
         def forward(self, x):
-            weight = self.q * 0.5  # an unknown "dequantize"
+            weight = self.q.abs()  # an unknown "dequantize"
             w = weight + 0.5 * (self.B @ self.A)
             return torch.nn.functional.linear(x, (self.m / torch.linalg.norm(w, dim=1).detach()).view(-1, 1) * w)
 
