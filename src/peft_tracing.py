@@ -67,8 +67,10 @@ def enable_peft_tracing() -> bool:
 
         @torch._dynamo.substitute_in_graph(original)
         def dequantize_module_weight(module: torch.nn.Module) -> torch.Tensor:
+            if hasattr(module, "W_q"):  # HQQ: PEFT calls its dequantize()
+                return peft_path(module)
             weight = module.weight
-            if not hasattr(module, "W_q") and type(weight) in (torch.nn.Parameter, torch.Tensor):
+            if type(weight) in (torch.nn.Parameter, torch.Tensor):
                 return weight
             dequantized = bnb_dequantize(module)
             if dequantized is not None:
