@@ -71,16 +71,20 @@ LLAMA_8B = dict(
 # --- worker: one (case, contender) in its own process ------------------------------------------------------------
 
 
-def build_model(scheme: str, rank: int, layers: int, dora: bool):
-    """The quantized Llama on the GPU with PEFT (Q)DoRA or LoRA on its decoder's linear layers."""
+SMOKE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, vocab_size=101)
+
+
+def build_model(scheme: str, rank: int, layers: int, dora: bool, smoke: bool = False):
+    """The quantized Llama on the GPU (``smoke``: a toy one on the CPU) with PEFT (Q)DoRA or LoRA on its linears."""
     import bitsandbytes as bnb
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(**LLAMA_8B, num_hidden_layers=layers)
-    with torch.device("cuda"):
+    device = "cpu" if smoke else "cuda"
+    config = LlamaConfig(**{**LLAMA_8B, **(SMOKE if smoke else {})}, num_hidden_layers=layers)
+    with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     for layer in model.model.layers:
         for parent in list(layer.modules()):
@@ -98,7 +102,7 @@ def build_model(scheme: str, rank: int, layers: int, dora: bool):
                     module.weight = bnb.nn.Params4bit(
                         child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
                     )
-                setattr(parent, name, module.to("cuda"))  # quantizes
+                setattr(parent, name, module.to(device))  # quantizes
                 del child
     if scheme == "bnb-int8":
         model.is_loaded_in_8bit = True
@@ -106,7 +110,8 @@ def build_model(scheme: str, rank: int, layers: int, dora: bool):
         model.is_loaded_in_4bit = True
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, use_dora=dora, lora_dropout=0.0)
-    torch.cuda.empty_cache()
+    if not smoke:
+        torch.cuda.empty_cache()
     return get_peft_model(model, lora)
 
 
@@ -129,16 +134,21 @@ def run_worker(case: str, contender: str, args) -> list[dict]:
 
     import dora_fused
 
-    from timing import PeakMemory, summarize, time_calls
+    from timing import PeakMemory, summarize, synchronize, time_calls
 
     scheme, rank = CASES[case]
     if scheme == "bnb-int8" and contender != "peft_eager":
         torch._dynamo.config.capture_dynamic_output_shape_ops = True  # LLM.int8()'s outlier columns (docstring)
-    model = build_model(scheme, rank, args.layers, dora=contender != "qlora")
-    backend = {"torch_compile": "inductor", "qlora": "inductor", "dora_fused": "dora_fused"}.get(contender)
+    model = build_model(scheme, rank, args.layers, dora=contender != "qlora", smoke=args.smoke)
+    inner = "aot_eager" if args.smoke else "inductor"  # the smoke run checks the harness, not Inductor
+    backend = {"torch_compile": inner, "qlora": inner, "dora_fused": dora_fused.backend(inner=inner)}.get(contender)
     run = torch.compile(model, backend=backend) if backend else model
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    ids = torch.randint(0, LLAMA_8B["vocab_size"], (1, args.seq), device="cuda", generator=gen)
+    device = "cpu" if args.smoke else "cuda"
+    vocab = (SMOKE if args.smoke else LLAMA_8B)["vocab_size"]
+    ids = torch.randint(0, vocab, (1, args.seq), device=device, generator=torch.Generator(device).manual_seed(1))
+    if scheme == "bnb-int8":  # bitsandbytes' first 8-bit forward moves CB/SCB into the layer's state: settle it
+        with torch.no_grad():
+            model(input_ids=ids[:, :8])
     rows = []
     for mode in MODES:
         if backend and mode == "train":
@@ -163,7 +173,7 @@ def run_worker(case: str, contender: str, args) -> list[dict]:
 
         start = time.perf_counter()
         step()  # compiles
-        torch.cuda.synchronize()
+        synchronize()
         first_s = time.perf_counter() - start
         with gpu_turn(args.lock), PeakMemory() as memory:
             times, _ = time_calls(step, args.repeats, warmup=args.warmup)
@@ -180,8 +190,8 @@ def run_worker(case: str, contender: str, args) -> list[dict]:
                 tokens=args.seq,
                 first_call_s=first_s,
                 peak_mb=memory.peak_mb,
-                resident_mb=memory.resident / 2**20,
-                graphs=len(reports) if contender == "dora_fused" else None,
+                resident_mb=memory.resident / 2**20 if memory.resident is not None else None,
+                graphs=len(reports) if contender == "dora_fused" else None,  # compiled in this mode
                 rewritten=sum(m.status == "rewritten" for m in records) if contender == "dora_fused" else None,
                 packed_norms=sum("dora_fused.quantized_row_norm" in m.ops for m in records),
                 **summarize(times),
@@ -206,11 +216,12 @@ def _table(rows: list[dict]) -> str:
             cells, got = [], {c: by_key.get((case, mode, c)) for c in CONTENDERS}
             for c in CONTENDERS:
                 r = got[c]
-                cells.append(f"{r['ms']:8.1f} ms {r['peak_mb']:7.0f} MB" if r else f"{'-':>22}")
+                peak = f"{r['peak_mb']:7.0f}" if r and r["peak_mb"] is not None else f"{'-':>7}"
+                cells.append(f"{r['ms']:8.1f} ms {peak} MB" if r else f"{'-':>22}")
             fused, qlora, compiled, eager = (got[c] for c in ("dora_fused", "qlora", "torch_compile", "peft_eager"))
 
             def ratio(a, b, key):
-                return f"{a[key] / b[key]:.2f}" if a and b and b[key] else "-"
+                return f"{a[key] / b[key]:.2f}" if a and b and a[key] is not None and b[key] else "-"
 
             lines.append(
                 f"{case:9} {mode:8} " + " ".join(cells)
@@ -235,7 +246,7 @@ def _environment() -> dict:
 def _worker_command(args, case: str, contender: str, lock: str | None) -> list[str]:
     command = [sys.executable, os.path.abspath(__file__), "--worker", f"{case}:{contender}"]
     command += ["--layers", str(args.layers), "--seq", str(args.seq)]
-    command += ["--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    command += ["--repeats", str(args.repeats), "--warmup", str(args.warmup)] + ["--smoke"] * args.smoke
     return command + (["--lock", lock] if lock else [])
 
 
@@ -290,12 +301,15 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--timeout", type=float, default=900, help="seconds per (case, contender) process")
     parser.add_argument("--quick", action="store_true", help="NF4 r=16 only, 2 layers, 3 calls")
     parser.add_argument("--parallel", type=int, default=None, help="processes at once (4)")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: checks the harness in a minute")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--lock", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name, full, quick in (("layers", 4, 2), ("repeats", 10, 3), ("warmup", 2, 1), ("parallel", 4, 4)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
+    if args.smoke:
+        args.layers, args.seq, args.repeats, args.warmup, args.parallel = 1, 16, 2, 0, 1
     return args
 
 
