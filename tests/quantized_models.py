@@ -167,6 +167,7 @@ def check_against_fp64(scheme: str, train: bool, backend: object, device: str = 
     records = reports[0].modules
     assert {r.name for r in records if r.status == "rewritten"} == dora_module_names(compiled_model), str(reports[0])
     assert {r.quantization for r in records} == {scheme}
+    assert all(r.dense_bytes > r.rewritten_bytes for r in records)
     for group, exact in reference.items():
         ours_error, eager_error = relative_error(ours[group], exact), relative_error(eager[group], exact)
         print(f"{scheme} {'train' if train else 'eval'} {group}: ours {ours_error:.3g}, PEFT eager {eager_error:.3g}")

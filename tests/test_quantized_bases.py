@@ -111,3 +111,17 @@ def test_a_weight_computed_by_unknown_ops_is_left_alone():
 def test_gpu_compiled_model_reads_packed_weights(scheme, train):
     records = check_against_fp64(scheme, train, "dora_fused", device="cuda", layers=2)
     assert all("dora_fused.quantized_row_norm" in r.ops for r in records), [r.ops for r in records]
+
+
+def test_memory_estimates_count_the_dequantized_weight():
+    """Dense: the dequantized copy on top of PEFT's norm; rewritten: none where the norm reads the packed weight."""
+    from dora_fused.passes.memory import dense_norm_bytes, rewritten_norm_bytes
+
+    bf16, fp32 = torch.bfloat16, torch.float32
+    plain = dense_norm_bytes(4096, 14336, 16, bf16, fp32)
+    assert dense_norm_bytes(4096, 14336, 16, bf16, fp32, quantized=True) == plain + 4096 * 14336 * 2
+    on_copy = rewritten_norm_bytes(4096, 14336, 16, bf16, fp32, "triton", quantized=True)
+    assert on_copy == rewritten_norm_bytes(4096, 14336, 16, bf16, fp32, "triton") + 4096 * 14336 * 2
+    packed = rewritten_norm_bytes(4096, 14336, 16, bf16, fp32, "quantized", quantized=True)
+    assert packed < 4096 * 14336 // 4 < on_copy  # well under the packed weight's own size
+    assert rewritten_norm_bytes(4096, 14336, 8, fp32, fp32, "quantized", quantized=True) < 4096 * 14336
