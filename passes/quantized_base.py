@@ -27,14 +27,14 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import Node
 
-from .graph_view import arg, example_value, op_of
+from .graph_view import arg, example_value, op_of, strip
 from .outcomes import Unsupported
 
 __all__ = ["TORCHAO_SCHEMES", "QuantizedBase", "match_quantized_base"]
 
 # torchao tensor classes whose dequantize() the tests prove against fp64 (CPU), and the scheme each is recorded as
 TORCHAO_SCHEMES = {"Int8Tensor": "torchao-int8", "IntxUnpackedToInt8Tensor": "torchao-intx"}
-_VIEWS = ("detach", "t", "transpose", "view")
+_VIEWS = ("detach", "t", "transpose", "view", "to", "float")  # views, and casts of the dtype alone (``strip``)
 
 
 @dataclass(frozen=True)
@@ -143,9 +143,7 @@ def match_quantized_base(weight: object) -> QuantizedBase | None:
     Raises ``Unsupported`` where ``W`` is computed in the graph by anything this
     module does not recognize (module docstring).
     """
-    root = weight
-    while op_of(root) in _VIEWS and root.args:
-        root = root.args[0]
+    root = strip(weight, _VIEWS)
     if op_of(root) == "input":
         value = example_value(root)
         if value is not None and not _is_plain(value):
