@@ -421,6 +421,7 @@ def quantized_row_norm_triton(
     d_out, d_in = shape
     r = lora_A.shape[0]
     device = packed.device
+    packed, scales = packed.contiguous(), scales.contiguous()  # read by flat index (no copy: both are already)
     tile = _tile_dtype(quant_type, dtype, lora_A.dtype)
     a_terms, a_scale = adapter_terms(lora_A, tile, after)
     plan = quantized_norm_plan(d_out, d_in, r, dtype, lora_A.dtype, _multiprocessors(device), quant_type)
