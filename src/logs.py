@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 from torch.fx import GraphModule
 
@@ -46,9 +47,20 @@ def graph_break_reasons(gm: GraphModule) -> list[str]:
     return [short_reason(str(reason.reason)) + where]
 
 
+_DYNAMIC_SHAPE_SETTING = "torch._dynamo.config.capture_dynamic_output_shape_ops = True"
+
+
 def short_reason(text: str) -> str:
-    """Dynamo's graph-break message on one line, without its explanation and hints."""
-    return " ".join(text.split(" Explanation:")[0].split())
+    """Dynamo's graph-break message on one line, without its explanation and hints.
+
+    An operator whose output shape depends on the data (bitsandbytes LLM.int8()'s
+    outlier columns) keeps its name and the setting that traces it.
+    """
+    short = " ".join(text.split(" Explanation:")[0].split())
+    operator = re.search(r"Operator `([^`]+)`'s output shape depends on input", text)
+    if operator is not None and _DYNAMIC_SHAPE_SETTING.split(" =")[0] in text:
+        short += f": {operator.group(1)} (set {_DYNAMIC_SHAPE_SETTING} to trace it)"
+    return short
 
 
 def log_report(report: RewriteReport) -> None:

@@ -125,3 +125,18 @@ def test_memory_estimates_count_the_dequantized_weight():
     packed = rewritten_norm_bytes(4096, 14336, 16, bf16, fp32, "quantized", quantized=True)
     assert packed < 4096 * 14336 // 4 < on_copy  # well under the packed weight's own size
     assert rewritten_norm_bytes(4096, 14336, 8, fp32, fp32, "quantized", quantized=True) < 4096 * 14336
+
+
+def test_a_data_dependent_shape_break_names_the_setting():
+    """LLM.int8()'s outlier split breaks the graph unless Dynamo traces dynamic output shapes: the audit says how."""
+    from dora_fused.logs import short_reason
+
+    message = (
+        "Dynamic shape operator\n  Explanation: Operator `bitsandbytes.int8_vectorwise_quant.default`'s output shape"
+        " depends on input Tensor data.\n  Hint: Enable tracing of dynamic shape operators with"
+        " `torch._dynamo.config.capture_dynamic_output_shape_ops = True`\n"
+    )
+    assert short_reason(message) == (
+        "Dynamic shape operator: bitsandbytes.int8_vectorwise_quant.default"
+        " (set torch._dynamo.config.capture_dynamic_output_shape_ops = True to trace it)"
+    )
