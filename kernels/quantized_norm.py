@@ -154,7 +154,7 @@ def quantized_row_norm_reference(
 
 
 @triton.jit
-def _dequantized_tile(Q, SCALES, CODE, rows, ks, mask, d_in, blocksize, FORMAT: tl.constexpr, OUT: tl.constexpr):
+def _dequantized_tile(Q, SCALES, CODE, rows, ks, mask, d_in, block_shift, FORMAT: tl.constexpr, OUT: tl.constexpr):
     """``W[rows, ks]`` in ``OUT``: 4-bit (``FORMAT == 0``) as bitsandbytes' values; int8 (1) the codes ``q`` unscaled.
 
     The fp32 product is rounded to bf16 to nearest even by hand (the same bits as
@@ -165,7 +165,8 @@ def _dequantized_tile(Q, SCALES, CODE, rows, ks, mask, d_in, blocksize, FORMAT: 
     if FORMAT == 0:
         byte = tl.load(Q + (flat >> 1), mask=mask, other=0).to(tl.int32)
         nibble = tl.where((flat & 1) == 0, byte >> 4, byte & 15)
-        value = tl.load(CODE + nibble, mask=mask, other=0.0) * tl.load(SCALES + flat // blocksize, mask=mask, other=0.0)
+        absmax = tl.load(SCALES + (flat >> block_shift), mask=mask, other=0.0)
+        value = tl.load(CODE + nibble, mask=mask, other=0.0) * absmax
         if OUT == tl.bfloat16:
             bits = value.to(tl.uint32, bitcast=True)
             bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
@@ -177,7 +178,7 @@ def _dequantized_tile(Q, SCALES, CODE, rows, ks, mask, d_in, blocksize, FORMAT: 
 
 @triton.jit
 def _quantized_products_kernel(
-    Q, SCALES, CODE, A, A_SCALE, U, WSQ, d_out, d_in, r, k_per_split, blocksize, stride_ar, stride_ak,
+    Q, SCALES, CODE, A, A_SCALE, U, WSQ, d_out, d_in, r, k_per_split, block_shift, stride_ar, stride_ak,
     FORMAT: tl.constexpr, W_DTYPE: tl.constexpr, A_TERMS: tl.constexpr, A_SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
 ):  # fmt: skip
@@ -212,7 +213,7 @@ def _quantized_products_kernel(
         for step in tl.static_range(BLOCK_K // SUB_K):
             ks = k0 + step * SUB_K + tl.arange(0, SUB_K)
             kmask = ks < k_hi
-            w = _dequantized_tile(Q, SCALES, CODE, rows, ks, rmask[:, None] & kmask[None, :], d_in, blocksize,
+            w = _dequantized_tile(Q, SCALES, CODE, rows, ks, rmask[:, None] & kmask[None, :], d_in, block_shift,
                                   FORMAT, W_DTYPE)  # fmt: skip
             a_tile = a_cols + ks[:, None] * stride_ak
             a_mask = cmask[None, :] & kmask[:, None]
@@ -291,7 +292,7 @@ def _quantized_combine_kernel(
 
 @triton.jit
 def _quantized_dense_rows_kernel(
-    NORM, FLAGS, Q, SCALES, CODE, A, B, d_out, d_in, r, blocksize, scaling, stride_ar, stride_ak, stride_bo,
+    NORM, FLAGS, Q, SCALES, CODE, A, B, d_out, d_in, r, block_shift, scaling, stride_ar, stride_ak, stride_bo,
     stride_br, FORMAT: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``NORM_i = ‖W_i + s·B_i·A‖`` for the flagged rows, W dequantized to bitsandbytes' exact values (fp32 FMAs).
@@ -314,10 +315,10 @@ def _quantized_dense_rows_kernel(
                 product += b[:, None] * a[None, :]
             mask = flag[:, None] & kmask[None, :]
             if FORMAT == 0:
-                w = _dequantized_tile(Q, SCALES, CODE, rows, ks, mask, d_in, blocksize, FORMAT, W_DTYPE)
+                w = _dequantized_tile(Q, SCALES, CODE, rows, ks, mask, d_in, block_shift, FORMAT, W_DTYPE)
                 w = w.to(tl.float32)
             else:
-                q = _dequantized_tile(Q, SCALES, CODE, rows, ks, mask, d_in, blocksize, FORMAT, tl.float32)
+                q = _dequantized_tile(Q, SCALES, CODE, rows, ks, mask, d_in, block_shift, FORMAT, tl.float32)
                 w = q * tl.load(SCALES + rows, mask=flag, other=0.0)[:, None] * 7.874015718698502e-3
             e = w + s * product
             total += tl.sum(e * e, axis=1)
@@ -418,6 +419,8 @@ def quantized_row_norm_triton(
     """
     if not triton_supports_quantized_norm(quant_type, dtype, lora_A, lora_B):
         raise ValueError(f"no Triton quantized norm for {quant_type} dequantized to {dtype}")
+    if quant_type != "int8" and blocksize & (blocksize - 1):
+        raise ValueError(f"4-bit blocksize {blocksize} is not a power of two")
     d_out, d_in = shape
     r = lora_A.shape[0]
     device = packed.device
@@ -429,11 +432,12 @@ def quantized_row_norm_triton(
     gram = (g_terms[2] + g_terms[1]) + g_terms[0]
     code = four_bit_code(quant_type if quant_type != "int8" else "nf4", device)
     fmt = 1 if quant_type == "int8" else 0
+    shift = max(blocksize, 1).bit_length() - 1  # bitsandbytes' blocksizes are powers of two (32 to 4096)
     u = torch.empty(plan.splits, d_out, r, dtype=torch.float32, device=device)
     w_squares = torch.empty(plan.splits, d_out, dtype=torch.float32, device=device)
     wrap_triton(_quantized_products_kernel)[(plan.parts, plan.row_tiles, plan.splits)](
         packed, scales, code, a_terms, a_terms if a_scale is None else a_scale, u, w_squares, d_out, d_in, r,
-        plan.k_per_split, max(blocksize, 1), a_terms.stride(0), a_terms.stride(1),
+        plan.k_per_split, shift, a_terms.stride(0), a_terms.stride(1),
         FORMAT=fmt, W_DTYPE=_TL_DTYPES[tile], A_TERMS=plan.a_count, A_SCALED=a_scale is not None,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, SUB_K=plan.sub_k, num_warps=4,
     )  # fmt: skip
@@ -446,7 +450,7 @@ def quantized_row_norm_triton(
     )  # fmt: skip
     flags = ill_conditioned(norm, w_total, lora_total).to(torch.int8)
     wrap_triton(_quantized_dense_rows_kernel)[(triton.cdiv(d_out, 16),)](
-        norm, flags, packed, scales, code, lora_A, lora_B, d_out, d_in, r, max(blocksize, 1), scaling,
+        norm, flags, packed, scales, code, lora_A, lora_B, d_out, d_in, r, shift, scaling,
         lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
         FORMAT=fmt, W_DTYPE=_TL_DTYPES[tile], BLOCK_M=16, BLOCK_K=128,
     )  # fmt: skip
