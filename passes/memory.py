@@ -19,8 +19,9 @@ the base layer's, the same on both paths, and not counted here.
 
 Rewritten, for a quantized base: ``norm="quantized"`` (CUDA, bitsandbytes) reads
 the packed weight itself, so no dequantized copy exists on the norm's path:
-``quantized_norm.workspace_bytes`` (A's terms, the Gram's workspace, ``U`` and
-``‖W‖²`` per split in fp32, the sum's terms, the flags, the norm). Where the norm
+``QuantizedNormPlan.workspace_bytes`` (``kernels/quantized_norm.py``: A's terms,
+the Gram's workspace, ``U`` and ``‖W‖²`` per split in fp32, the sum's terms, the
+flags, the norm). Where the norm
 reads the dequantized weight (CPU, torchao), the formulas below plus that
 ``q`` copy ``d_out·d_in·q``.
 
