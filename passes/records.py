@@ -28,3 +28,4 @@ class ModuleRecord:
     active_adapters: tuple[str, ...] = ()  # the module's active adapters, when known
     dense_bytes: int | None = None  # transient memory of PEFT's dense norm per call (estimate)
     rewritten_bytes: int | None = None  # the same for the rewritten norm (estimate)
+    frozen: str = ""  # frozen inference: "norm" (the norm computed once) or "merged" (the whole weight); "" live

@@ -46,6 +46,7 @@ else:
     configure_from_env()
 
     from .backend import DoraFusedBackend, audit, backend, dora_fused, register_name
+    from .frozen import refresh_frozen
 
     register_name()
 
@@ -59,6 +60,7 @@ else:
         "clear_reports",
         "dora_fused",
         "last_report",
+        "refresh_frozen",
         "reports",
     ]
     __version__ = "0.1.0"
