@@ -39,7 +39,7 @@ from torch.fx import Graph, GraphModule, Node
 from .form import ComposeMatch, DoraMatch
 from .graph_view import arg, example_value, op_of, strip
 from .matching import CASTS
-from .naming import frame_attribute
+from .naming import dotted
 from .rewrite import erase_dead, insert_node, rewrite_with_compose
 
 __all__ = [
@@ -122,7 +122,16 @@ class FoldedValue:
 
 
 def _is_module_state(node: Node) -> bool:
-    return node.op == "get_attr" or (node.op == "placeholder" and frame_attribute(node) is not None)
+    """A graph attribute, or an input Dynamo read as an attribute of some object (a module's parameter, buffer...).
+
+    An input passed to the call itself (an activation) is not: its value is another tensor on every call.
+    """
+    if node.op == "get_attr":
+        return True
+    source = getattr(node, "_dynamo_source", None)
+    name = getattr(source, "name", None)
+    name = name() if callable(name) else name
+    return node.op == "placeholder" and isinstance(name, str) and "." in dotted(name) and dotted(name) != name
 
 
 def _state_ref(node: Node) -> StateRef:
@@ -365,4 +374,3 @@ def drop_attributes(gm: GraphModule) -> None:
     sources = getattr(gm, "_param_name_to_source", None)
     if isinstance(sources, dict) and any(name.startswith(FROZEN_PREFIX) for name in sources):
         gm._param_name_to_source = {k: v for k, v in sources.items() if not k.startswith(FROZEN_PREFIX)}
-

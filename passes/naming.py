@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-__all__ = ["ROOT", "FrameNames", "calling_modules", "dotted", "frame_attribute", "module_path", "unwrapped_name"]
+__all__ = ["ROOT", "FrameNames", "calling_modules", "dotted", "module_path", "unwrapped_name"]
 
 ROOT = "(root)"  # the record name of the compiled module itself
 
@@ -73,7 +73,7 @@ def unwrapped_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in _WRAPPERS)
 
 
-def frame_attribute(node: Node) -> str | None:
+def _frame_attribute(node: Node) -> str | None:
     """Dotted path of a placeholder that Dynamo read as an attribute path of the frame's module, else None."""
     source = getattr(node, "_dynamo_source", None)
     name = getattr(source, "name", None)
@@ -111,7 +111,7 @@ class FrameNames:
         if len(placeholders) != len(example_inputs):
             return cls(None)
         for node, value in zip(placeholders, example_inputs, strict=False):
-            path = frame_attribute(node)
+            path = _frame_attribute(node)
             if isinstance(value, torch.Tensor) and path is not None:
                 lifted.append((id(value), path))
         if not lifted:

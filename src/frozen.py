@@ -18,8 +18,8 @@ wraps the compiled graph:
   CUDA graphs stay valid, and the call sees them at once. Where Inductor's freezing
   baked the parameters into the compiled code as constants, the graph is compiled
   again from the original graph with the current parameters (``rebuild``). Counted
-  in ``torch._dynamo.utils.counters["dora_fused"]``: ``frozen_refresh``,
-  ``frozen_recompile``.
+  in ``torch._dynamo.utils.counters["dora_fused"]``: ``refresh``,
+  ``recompile``.
 
 Not seen: writes that bypass the version counter (``p.data.copy_(...)``,
 ``p.data[...] = ...``; ``p.data`` is a tensor with a counter of its own). Call
@@ -188,7 +188,7 @@ class FoldedGraph:
                 with _disable_current_modes(), torch.no_grad():
                     _resolve(value.storage, self.gm, args).copy_(computed)
         self.refreshes += 1
-        _count("frozen_refresh")
+        _count("refresh")
         self._remember(args)
 
     def _recompile(self, args: list[Any], changed: set[object]) -> None:
@@ -199,7 +199,7 @@ class FoldedGraph:
             )
         log.warning("dora_fused: %d frozen parameters changed since compile; compiling the graph again", len(changed))
         new = self.rebuild(args)
-        _count("frozen_recompile")
+        _count("recompile")
         self.compiled, self.gm, self.values = new.compiled, new.gm, new.values
         self.rebuild = new.rebuild
         self.input_refs, self.attr_refs, self._pick = new.input_refs, new.attr_refs, new._pick
