@@ -35,7 +35,7 @@ from dora_fused.passes.naming import FrameNames, calling_modules
 from dora_fused.passes.snapshot import snapshot
 
 from .auditing import audit_model
-from .frozen import FoldedGraph, materialize
+from .frozen import FoldedGraph, Variant, materialize
 from .logs import graph_break_reasons, log_report
 from .report import RewriteReport, _record
 
@@ -133,7 +133,7 @@ class DoraFusedBackend:
         baked = freezing and self.inner == "inductor"  # parameters become constants of the compiled code
         discard = baked and bool(_option(options, "freezing_discard_parameters"))
         fold = self.frozen if self.frozen is not None else freezing
-        original = snapshot(gm.graph) if baked and not discard else None  # to compile again if a parameter changes
+        original = None if discard else snapshot(gm.graph)  # to compile again for changed or other parameters
         watched = [str(n.target) for n in gm.graph.nodes if n.op == "get_attr"] if baked else []
         outcome = None
         if self.rewrite:
@@ -180,25 +180,16 @@ class DoraFusedBackend:
         rebuild = None
         if original is not None:
 
-            def rebuild(args: list[Any]) -> FoldedGraph:
+            def rebuild(args: list[Any]) -> Variant:
                 fresh = GraphModule(gm, snapshot(original))
                 fresh.meta.update(gm.meta)
-                return self._compile(fresh, args, mode, options, rebuilding=True).folded
+                return self._compile(fresh, args, mode, options, rebuilding=True).folded.current
 
-        folded = FoldedGraph(
-            compiled,
-            gm,
-            outcome.folded,
-            example_inputs,
-            baked=baked,
-            watched=watched,
-            rebuild=rebuild,
-            weak=baked and original is None,
-        )
+        variant = Variant(compiled, gm, outcome.folded, example_inputs, watched, weak=baked and original is None)
         merged = sum(v.merged_bytes for v in outcome.folded)
         if merged:
-            weakref.finalize(folded, self.merge_budget.give_back, merged)
-        return folded
+            weakref.finalize(variant, self.merge_budget.give_back, merged)
+        return FoldedGraph(variant, example_inputs, baked=baked, rebuild=rebuild)
 
     @staticmethod
     def _inductor_freezing(options: dict[str, Any] | None) -> bool:

@@ -8,18 +8,22 @@ wraps the compiled graph:
 
 - **The check, per call.** The parameters every folded value came from (its
   ``roots``) are remembered with their version counters: for graph inputs, the
-  tensor objects themselves (a graph compiled once per layer is called with each
-  layer's parameters); for graph attributes (Inductor's freezing makes parameters
-  attributes), the tensors. Each call compares identities and ``_version``s, in C
-  loops (``map``): about 25 ns per tensor on a CPU core.
-- **On a mismatch.** Where the folded values are inputs of the compiled code (our
-  graph attributes, lifted by AOTAutograd; PEFT's cached norm), the values whose
-  parameters changed are recomputed *in place*: same tensors, same addresses, so
-  CUDA graphs stay valid, and the call sees them at once. Where Inductor's freezing
-  baked the parameters into the compiled code as constants, the graph is compiled
-  again from the original graph with the current parameters (``rebuild``). Counted
-  in ``torch._dynamo.utils.counters["dora_fused"]``: ``refresh``,
-  ``recompile``.
+  tensor objects themselves; for graph attributes (Inductor's freezing makes
+  parameters attributes), the tensors. Each call compares identities and
+  ``_version``s in C loops (``map``), a few tens of ns per tensor.
+- **Other parameters.** One Dynamo graph can serve several modules (identical
+  layers compiled one by one): called with other parameter tensors, the graph is
+  compiled again for them, once (a *variant*, up to ``MAX_VARIANTS``; Inductor's
+  cache makes it cheap), and each call picks its variant by the parameters' identity.
+- **A changed parameter.** Where the folded values are inputs of the compiled code
+  (our graph attributes, lifted by AOTAutograd; PEFT's cached norm), the values
+  whose parameters changed are recomputed *in place*: same tensors, same
+  addresses, so CUDA graphs stay valid, and the call sees them at once. Where
+  Inductor's freezing baked the parameters into the compiled code, the graph is
+  compiled again with the current parameters.
+
+Counted in ``torch._dynamo.utils.counters["dora_fused"]``: ``refresh``,
+``recompile``, ``variant``.
 
 Not seen: writes that bypass the version counter (``p.data.copy_(...)``,
 ``p.data[...] = ...``; ``p.data`` is a tensor with a counter of its own). Call
@@ -44,9 +48,10 @@ from dora_fused.passes.folding import FoldedValue, StateRef
 
 from .folded_values import value_of
 
-__all__ = ["FoldedGraph", "materialize", "refresh_frozen"]
+__all__ = ["MAX_VARIANTS", "FoldedGraph", "Variant", "materialize", "refresh_frozen"]
 
 log = logging.getLogger("dora_fused")
+MAX_VARIANTS = 64  # compiled variants of one graph for other parameters; beyond, values are recomputed per switch
 _version = operator.attrgetter("_version")
 _live: weakref.WeakSet[FoldedGraph] = weakref.WeakSet()
 
@@ -60,10 +65,6 @@ def _versions(tensors: Sequence[torch.Tensor | None]) -> list[int]:
     return [-1 if t is None else (0 if t.is_inference() else t._version) for t in tensors]
 
 
-def _resolve(ref: StateRef, gm: GraphModule, args: Sequence[Any]) -> torch.Tensor:
-    return args[ref.key] if ref.kind == "input" else _attr(gm, str(ref.key))
-
-
 def _attr(gm: GraphModule, target: str) -> torch.Tensor:
     value: Any = gm
     for part in target.split("."):
@@ -71,11 +72,20 @@ def _attr(gm: GraphModule, target: str) -> torch.Tensor:
     return value
 
 
+def _resolve(ref: StateRef, gm: GraphModule, args: Sequence[Any]) -> torch.Tensor:
+    return args[ref.key] if ref.kind == "input" else _attr(gm, str(ref.key))
+
+
 def _compute(value: FoldedValue, gm: GraphModule, args: Sequence[Any]) -> torch.Tensor:
     roots = [_resolve(ref, gm, args) for ref in value.roots]
     with _disable_current_modes(), torch.no_grad():
         operands = value.recipe(*roots)
         return value_of(value.kind, tuple(operands), value.scaling, value.shape, value.dtype)
+
+
+def _depends_on(value: FoldedValue) -> tuple[StateRef, ...]:
+    """What a value is checked against: its roots, and PEFT's cache tensor where it lives there."""
+    return (*value.roots, *(() if value.owned else (value.storage,)))
 
 
 def materialize(gm: GraphModule, values: Sequence[FoldedValue], args: Sequence[Any]) -> None:
@@ -89,14 +99,8 @@ def materialize(gm: GraphModule, values: Sequence[FoldedValue], args: Sequence[A
                 _resolve(value.storage, gm, args).copy_(computed)
 
 
-class FoldedGraph:
-    """A compiled graph whose folded values are checked against their parameters on every call.
-
-    ``call()`` is what the backend returns to Dynamo. ``baked``: the inner compiler made the parameters
-    constants (Inductor's freezing), so a change needs ``rebuild(args)``, which
-    compiles the graph again and returns the new ``FoldedGraph``; None where the
-    originals were discarded (nothing can change them then).
-    """
+class Variant:
+    """One compiled graph, the folded values it reads, and the parameters (identity, version) they came from."""
 
     def __init__(
         self,
@@ -104,129 +108,166 @@ class FoldedGraph:
         gm: GraphModule,
         values: Sequence[FoldedValue],
         args: Sequence[Any],
-        *,
-        baked: bool,
         watched: Sequence[str] = (),
-        rebuild: Callable[[list[Any]], FoldedGraph] | None = None,
         weak: bool = False,
     ) -> None:
         self.compiled = compiled
         self.gm = gm
         self.values = list(values)
-        self.baked = baked
-        self.rebuild = rebuild
-        self.weak = weak  # hold attribute tensors by weak reference (Inductor may discard them)
-        self.refreshes = 0
-        self._shared_warned = False
-        refs = {ref for v in self.values for ref in (*v.roots, *(() if v.owned else (v.storage,)))}
-        refs |= {StateRef("attr", target) for target in watched}
-        self.input_refs = sorted(r.key for r in refs if r.kind == "input")
+        self.weak = weak  # attribute tensors by weak reference: Inductor may discard them
+        refs = {ref for v in self.values for ref in _depends_on(v)} | {StateRef("attr", t) for t in watched}
+        self.input_refs = sorted(int(r.key) for r in refs if r.kind == "input")
         self.attr_refs = sorted(str(r.key) for r in refs if r.kind == "attr")
         self._pick = operator.itemgetter(*self.input_refs) if self.input_refs else None
-        self._remember(args)
-        _live.add(self)
+        self.remember(args)
 
-    def _inputs_of(self, args: Sequence[Any]) -> tuple[torch.Tensor, ...]:
+    def inputs_of(self, args: Sequence[Any]) -> tuple[torch.Tensor, ...]:
         if self._pick is None:
             return ()
         picked = self._pick(args)
         return picked if len(self.input_refs) > 1 else (picked,)
 
-    def _attrs(self) -> list[torch.Tensor | None]:
-        if self.weak:
-            return [ref() for ref in self._attr_tensors]
-        return self._attr_tensors
+    def key(self, args: Sequence[Any]) -> tuple[int, ...]:
+        """The identity of the parameters ``args`` pass, which picks the variant."""
+        return tuple(map(id, self.inputs_of(args)))
 
-    def _remember(self, args: Sequence[Any]) -> None:
-        self._inputs = self._inputs_of(args)
-        self._input_versions = _versions(self._inputs)
+    def _attrs(self) -> list[torch.Tensor | None]:
+        return [ref() for ref in self._attr_tensors] if self.weak else self._attr_tensors
+
+    def remember(self, args: Sequence[Any]) -> None:
+        self.inputs = self.inputs_of(args)
+        self.input_versions = _versions(self.inputs)
         attrs = [_attr(self.gm, target) for target in self.attr_refs]
         self._attr_tensors = [weakref.ref(t) for t in attrs] if self.weak else attrs
-        self._attr_versions = _versions(attrs)
+        self.attr_versions = _versions(attrs)
 
     def stale(self, args: Sequence[Any]) -> bool:
-        """Whether a parameter some folded value came from is another tensor, or was written, since it was computed."""
+        """Whether a parameter a folded value came from is another tensor, or was written, since it was computed."""
         if self._pick is not None:
-            current = self._inputs_of(args)
-            if not all(map(operator.is_, current, self._inputs)):
+            current = self.inputs_of(args)
+            if not all(map(operator.is_, current, self.inputs)):
                 return True
             try:
-                if list(map(_version, current)) != self._input_versions:
+                if list(map(_version, current)) != self.input_versions:
                     return True
-            except RuntimeError:  # an inference tensor has no version counter: compare per tensor
-                if _versions(current) != self._input_versions:
+            except RuntimeError:  # an inference tensor has no version counter
+                if _versions(current) != self.input_versions:
                     return True
         if self.attr_refs:
             attrs = self._attrs()
             if self.weak:  # a freed tensor (Inductor discarded it) cannot be written any more: not a change
                 now = _versions(attrs)
-                return any(t is not None and v != w for t, v, w in zip(attrs, now, self._attr_versions, strict=True))
-            if list(map(_version, attrs)) != self._attr_versions:
+                return any(t is not None and v != w for t, v, w in zip(attrs, now, self.attr_versions, strict=True))
+            if list(map(_version, attrs)) != self.attr_versions:
                 return True
         return False
 
-    def refresh(self, args: list[Any]) -> None:
-        """Recompute the folded values whose parameters changed (in place), or recompile where they are baked."""
-        current = self._inputs_of(args)
-        saved = zip(self.input_refs, current, self._inputs, self._input_versions, strict=True)
-        changed_inputs = {key for key, now, then, version in saved if now is not then or _versions([now])[0] != version}
-        if changed_inputs and any(now is not then for now, then in zip(current, self._inputs, strict=True)):
-            self._warn_shared()
-        attrs = self._attrs()
-        changed_attrs = {
-            target
-            for target, tensor, version in zip(self.attr_refs, attrs, self._attr_versions, strict=True)
-            if tensor is not None and _versions([tensor])[0] != version
-        }
-        if self.baked:
-            self._recompile(args, changed_inputs | changed_attrs)
-            return
+    def changed(self, args: Sequence[Any]) -> set[object]:
+        """The keys of the input and attribute references whose tensor or version differs."""
+        current = self.inputs_of(args)
+        saved = zip(self.input_refs, current, self.inputs, self.input_versions, strict=True)
+        changed: set[object] = {key for key, now, then, v in saved if now is not then or _versions([now])[0] != v}
+        attrs = zip(self.attr_refs, self._attrs(), self.attr_versions, strict=True)
+        changed |= {target for target, t, v in attrs if t is not None and _versions([t])[0] != v}
+        return changed
+
+    def refresh(self, args: Sequence[Any]) -> None:
+        """Recompute, in place, the folded values whose parameters changed."""
+        changed = self.changed(args)
         for value in self.values:
-            refs = (*value.roots, *(() if value.owned else (value.storage,)))
-            if any(r.key in (changed_inputs if r.kind == "input" else changed_attrs) for r in refs):
+            if any(ref.key in changed for ref in _depends_on(value)):
                 computed = _compute(value, self.gm, args)
                 with _disable_current_modes(), torch.no_grad():
                     _resolve(value.storage, self.gm, args).copy_(computed)
-        self.refreshes += 1
         _count("refresh")
-        self._remember(args)
+        self.remember(args)
 
-    def _recompile(self, args: list[Any], changed: set[object]) -> None:
+    def invalidate(self) -> None:
+        self.input_versions = [-2] * len(self.input_versions)
+        self.attr_versions = [-2] * len(self.attr_versions)
+
+
+class FoldedGraph:
+    """A compiled graph whose folded values are checked against their parameters on every call.
+
+    ``call()`` is what the backend returns to Dynamo. ``baked``: the inner compiler
+    made the parameters constants (Inductor's freezing), so a change needs
+    ``rebuild(args)``, which compiles the original graph again for ``args``'
+    parameters and returns its :class:`Variant`. ``rebuild`` also compiles the
+    variants for other parameters; it is None where the originals were discarded.
+    """
+
+    def __init__(
+        self,
+        first: Variant,
+        args: Sequence[Any],
+        *,
+        baked: bool,
+        rebuild: Callable[[list[Any]], Variant] | None = None,
+    ) -> None:
+        self.baked = baked
+        self.rebuild = rebuild
+        self.current = first
+        self.current_key = first.key(args)
+        self.variants: dict[tuple[int, ...], Variant] = {self.current_key: first}
+        self._warned = False
+        _live.add(self)
+
+    def dispatch(self, args: list[Any]) -> Variant:
+        """The variant for ``args``' parameters, its folded values current (compiling or recomputing as needed)."""
+        key = self.current.key(args)
+        if key != self.current_key:
+            variant = self.variants.get(key)
+            if variant is None and self.rebuild is not None and len(self.variants) < MAX_VARIANTS:
+                log.info("dora_fused: compiling a frozen graph for another set of parameters (%d)", len(self.variants))
+                variant = self.variants[key] = self.rebuild(args)
+                _count("variant")
+            elif variant is None:  # no more variants: the current one's values are recomputed for these parameters
+                self._warn_shared()
+                variant = self.current
+            self.current, self.current_key = variant, key
+        variant = self.current
+        if variant.stale(args):
+            if self.baked:
+                variant = self._recompile(args, key)
+            else:
+                variant.refresh(args)
+        return variant
+
+    def _recompile(self, args: list[Any], key: tuple[int, ...]) -> Variant:
         if self.rebuild is None:
             raise RuntimeError(
-                "dora_fused: parameters of a graph compiled under Inductor's freezing changed "
-                f"({len(changed)} tensors), and the originals were discarded, so it cannot be compiled again"
+                "dora_fused: parameters of a graph compiled under Inductor's freezing changed, and the originals were "
+                "discarded (freezing_discard_parameters), so it cannot be compiled again"
             )
-        log.warning("dora_fused: %d frozen parameters changed since compile; compiling the graph again", len(changed))
-        new = self.rebuild(args)
+        log.warning("dora_fused: parameters changed since a graph was compiled under Inductor's freezing; recompiling")
+        variant = self.variants[key] = self.current = self.rebuild(args)
         _count("recompile")
-        self.compiled, self.gm, self.values = new.compiled, new.gm, new.values
-        self.rebuild = new.rebuild
-        self.input_refs, self.attr_refs, self._pick = new.input_refs, new.attr_refs, new._pick
-        self._remember(args)
+        return variant
 
     def _warn_shared(self) -> None:
-        if not self._shared_warned:
-            self._shared_warned = True
+        if not self._warned:
+            self._warned = True
             log.warning(
-                "dora_fused: a frozen graph is called with other parameters than it was compiled with (one graph "
-                "shared by several modules, e.g. compiled per layer): its folded values are recomputed on every "
-                "such call. Compile the whole model for frozen inference."
+                "dora_fused: a frozen graph is called with more parameter sets than MAX_VARIANTS (%d): its folded "
+                "values are recomputed on every switch. Compile the whole model for frozen inference.",
+                MAX_VARIANTS,
             )
 
     def invalidate(self) -> None:
-        """Make the next call recompute every folded value (``refresh_frozen``)."""
-        self._input_versions = [-2] * len(self._input_versions)
-        self._attr_versions = [-2] * len(self._attr_versions)
+        """Make the next call of every variant recompute its folded values (``refresh_frozen``)."""
+        for variant in self.variants.values():
+            variant.invalidate()
 
     def call(self) -> Callable[..., Any]:
         """The function the backend returns (Dynamo calls it with the graph's inputs): the check, then the graph."""
         me = self
 
         def run(*args: Any) -> Any:
-            if me.stale(args):
-                me.refresh(list(args))
-            return me.compiled(*args)
+            variant = me.current
+            if variant.stale(args):
+                variant = me.dispatch(list(args))
+            return variant.compiled(*args)
 
         run.folded = me  # type: ignore[attr-defined]
         return run

@@ -196,23 +196,31 @@ def test_writes_through_data_are_seen_after_refresh_frozen():
         assert_close(compiled(x), model(x), **FP32_TOL, what="after refresh_frozen")
 
 
-def test_a_graph_shared_by_modules_recomputes_their_values(caplog):
+@pytest.mark.parametrize("variants", [64, 1], ids=["a-variant-each", "no-more-variants"])
+def test_a_graph_shared_by_modules_serves_each_its_own_values(variants, monkeypatch, caplog):
     """One graph called with two models' parameters (as per-layer compiles of identical layers can be): each call
-    gets its own model's folded values, recomputed on every switch, and a warning says so once."""
+    gets its own model's values, from a variant compiled for its parameters, or, past ``MAX_VARIANTS``,
+    recomputed on every switch (with one warning)."""
+    from dora_fused import frozen
+
+    monkeypatch.setattr(frozen, "MAX_VARIANTS", variants)
     models = [small_dora_mlp().eval() for _ in range(2)]
     with torch.no_grad():
         for p in models[1].parameters():
             p.mul_(1.3)
     x = torch.randn(5, 12)
     run = torch.compile(lambda model, x: model(x), backend=_frozen())
-    graphs, refreshes = len(dora_fused.reports()), _counters().get("refresh", 0)
+    graphs, before = len(dora_fused.reports()), _counters()
     with torch.no_grad(), caplog.at_level(logging.WARNING, logger="dora_fused"):
         for model in (*models, *models):
             assert_close(run(model, x), model(x), **FP32_TOL, what="output")
-    assert len(dora_fused.reports()) == graphs + 1
     assert {m.frozen for m in dora_fused.last_report().modules} == {"norm"}
-    assert _counters()["refresh"] == refreshes + 3
-    assert sum("called with other parameters" in r.message for r in caplog.records) == 1
+    counts = {k: _counters().get(k, 0) - before.get(k, 0) for k in ("variant", "refresh")}
+    warned = sum("more parameter sets than MAX_VARIANTS" in r.message for r in caplog.records)
+    if variants > 1:
+        assert (len(dora_fused.reports()) - graphs, counts, warned) == (2, {"variant": 1, "refresh": 0}, 0)
+    else:
+        assert (len(dora_fused.reports()) - graphs, counts, warned) == (1, {"variant": 0, "refresh": 3}, 1)
 
 
 def test_peft_cached_norm_is_refreshed_when_the_adapter_changes(monkeypatch):
@@ -243,18 +251,12 @@ def test_peft_cached_norm_is_refreshed_when_the_adapter_changes(monkeypatch):
 # --- Inductor's freezing -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def inductor_freezing(monkeypatch):
-    monkeypatch.setattr(torch._inductor.config, "freezing", True)
-    return monkeypatch
-
-
-def test_inductor_freezing_folds_and_compiles_again_when_a_parameter_changes(inductor_freezing):
+def test_inductor_freezing_folds_and_compiles_again_when_a_parameter_changes():
     """Under Inductor's freezing the parameters are constants of the compiled code: a change recompiles."""
     model = small_dora_mlp().eval()
     x = torch.randn(5, 12)
     compiled = torch.compile(model, backend="dora_fused")
-    with torch.no_grad():
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
         assert_close(compiled(x), model(x), **FP32_TOL, what="as compiled")
         assert {m.frozen for m in dora_fused.last_report().modules} == {"norm"}  # default budget: no merge
         recompiles = _counters().get("recompile", 0)
@@ -264,16 +266,15 @@ def test_inductor_freezing_folds_and_compiles_again_when_a_parameter_changes(ind
     assert _counters()["recompile"] == recompiles + 1
 
 
-def test_inductor_freezing_discard_merges_and_frees_the_originals(inductor_freezing):
+def test_inductor_freezing_discard_merges_and_frees_the_originals():
     """With ``freezing_discard_parameters`` the original weights go: merging costs no memory, whatever the budget."""
-    inductor_freezing.setattr(torch._inductor.config, "freezing_discard_parameters", True)
     model = small_dora_mlp().eval()
     x = torch.randn(5, 12)
     with torch.no_grad():
         expected = model(x)
     original = weakref.ref(model.base_model.model[0].base_layer.weight)
     compiled = torch.compile(model, backend="dora_fused")
-    with torch.no_grad():
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True, freezing_discard_parameters=True):
         assert_close(compiled(x), expected, **FP32_TOL, what="output")
         assert {m.frozen for m in dora_fused.last_report().modules} == {"merged"}
         assert original() is None  # freed: nothing of dora_fused holds it
