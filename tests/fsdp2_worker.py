@@ -35,6 +35,7 @@ import torch.distributed as dist
 from helpers import TINY_LLAMA, dora_module_names, tiny_llama_dora
 
 import dora_fused
+from dora_fused.passes.naming import unwrapped_name
 
 WORLD_SIZE = 2
 STEPS = 3
@@ -89,12 +90,12 @@ def adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def adapter_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's gradients as fp32 CPU copies, gathered from the ranks' shards under FSDP2."""
+    """The adapter's gradients as fp32 CPU copies, gathered from the ranks' shards under FSDP2, by state-dict name."""
     grads = {}
     for name, param in model.named_parameters():
         if "lora_" in name and param.grad is not None:
             grad = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
-            grads[name] = grad.detach().float().cpu().clone()
+            grads[unwrapped_name(name)] = grad.detach().float().cpu().clone()  # as the state dict names it
     return grads
 
 
@@ -260,10 +261,10 @@ def run_case(name: str, case: Case, out: Path) -> dict[str, object]:
         losses=losses,
         adapters=full_adapter(model),
         first_grads=grads,
-        expected_names=sorted(dora_module_names(model)),
+        expected_names=sorted(unwrapped_name(name) for name in dora_module_names(model)),
         records=[report.to_json() for report in dora_fused.reports()],
         graphs=backend.graphs,
-        sharded_adapter_dtypes=sorted({str(p.dtype) for n, p in model.named_parameters() if "lora_" in n}),
+        sharded_adapter_dtypes=sorted({str(p.dtype)[6:] for n, p in model.named_parameters() if "lora_" in n}),
     )
     if case.save_load:
         directory = out / f"{name}.checkpoint"

@@ -10,6 +10,7 @@ collective fails the tests, never hangs them.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -27,6 +28,7 @@ from peft import get_peft_model_state_dict, load_peft_weights
 import dora_fused
 
 WORKER = Path(__file__).resolve().parent / "fsdp2_worker.py"
+BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "fsdp2.py"
 FAST_CASES = ["whole", "per_layer", "mixed_precision_eager", "mixed_precision", "checkpointing", "checkpoint_wrapper"]
 LAUNCH_TIMEOUT_S = 480  # all FAST_CASES, one launch (about 2.5 min on 2 busy cores)
 
@@ -198,10 +200,10 @@ def test_mixed_precision_computes_in_bf16_and_keeps_fp32_adapters(runs):
     """FSDP2 casts the fp32 adapters to bf16 for the forward (the records see bf16 weights and
     adapters), and keeps the sharded adapter that the optimizer updates and that is saved in fp32."""
     for result in runs["mixed_precision"]:
-        assert result["sharded_adapter_dtypes"] == ["torch.float32"]
+        assert result["sharded_adapter_dtypes"] == ["float32"]
         reports = [dora_fused.RewriteReport.from_json(text) for text in result["records"]]
         dtypes = {(m.weight_dtype, m.adapter_dtype) for r in reports for m in r.modules}
-        assert dtypes == {("torch.bfloat16", "torch.bfloat16")}, dtypes
+        assert dtypes == {("bfloat16", "bfloat16")}, dtypes
 
 
 @pytest.mark.parametrize("case", ["checkpointing", "checkpoint_wrapper"])
@@ -240,3 +242,28 @@ def test_inductor_inner_compiler(tmp_path, reference):
     for result in results["inductor"]:
         reports = [dora_fused.RewriteReport.from_json(text) for text in result["records"]]
         assert sorted(n for r in reports for n in r.rewritten) == result["expected_names"]
+
+
+def test_benchmark_runs_on_cpu_with_two_processes(tmp_path):
+    """``benchmarks/fsdp2.py --dry-run`` under torchrun: the drivers, one child per rank and contender,
+    the JSON and the table, at toy sizes on CPU with gloo. PEFT eager and dora_fused compute the
+    same first loss (within bf16 rounding: the benchmark's policy computes in bf16); dora_fused
+    rewrote every DoRA module."""
+    out = tmp_path / "fsdp2.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
+    command += ["--master-port", str(_free_port()), str(BENCHMARK), "--dry-run", "--out", str(out)]
+    command += ["--contenders", "peft_eager,dora_fused", "--ranks", "16", "--timeout", "240", "--pg-timeout", "120"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=360, start_new_session=True
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["meta"]["world_size"] == 2 and result["meta"]["torch"] == torch.__version__
+    rows = {row["contender"]: row for row in result["rows"]}
+    assert sorted(rows) == ["dora_fused", "peft_eager"], result["rows"]
+    assert all(row["status"] == "ok" and len(row["ranks"]) == 2 and row["ms"] > 0 for row in rows.values())
+    assert rows["dora_fused"]["rewritten"] == rows["dora_fused"]["dora_modules"] == 14
+    assert rows["dora_fused"]["left_alone"] == 0
+    losses = [torch.tensor(rows[k]["loss0"]) for k in ("dora_fused", "peft_eager")]
+    assert_close(*losses, rtol=BF16_LOSS_RTOL, atol=0, what="first loss")  # bf16 compute (param_dtype=bf16)
