@@ -321,7 +321,7 @@ def run_here(args) -> None:
     rows = []
     try:
         for r in args.rank_list:
-            torch._dynamo.reset()
+            fresh_compile_state()
             row = run_contender(args, args.contender, r, device)
             if row is not None:
                 row["env"] = environment()
@@ -337,6 +337,14 @@ def run_here(args) -> None:
         write_results(args, rows)
     if any(row["status"] != "ok" for row in rows):
         sys.exit(1)
+
+
+def fresh_compile_state() -> None:
+    """Forget compiled code, Dynamo's counters and dora_fused's records: the next r compiles as anew."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    if "dora_fused" in sys.modules:
+        sys.modules["dora_fused"].clear_reports()
 
 
 def dist_rank() -> int:
@@ -369,15 +377,27 @@ def run_child(args, contender: str, r: int, port: int, row_out: str) -> str | No
     try:
         code = proc.wait(timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
         return f"timeout: killed after {args.timeout:.0f} s"
+    finally:  # also when torchrun stops this driver (SIGTERM): the child never outlives it
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     return None if code == 0 else f"exit code {code}"
+
+
+def exit_on_sigterm() -> None:
+    """torchrun stops its processes with SIGTERM: exit through ``finally`` blocks, which stop the children."""
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def drive(args) -> None:
     """Each torchrun process: run the children of every (r, contender) in step with the other drivers."""
+    exit_on_sigterm()
     # gloo for the drivers: they never touch a GPU (the children get all of its memory)
     dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout + args.pg_timeout))
     rank = dist.get_rank()

@@ -30,15 +30,16 @@ import dora_fused
 WORKER = Path(__file__).resolve().parent / "fsdp2_worker.py"
 BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "fsdp2.py"
 FAST_CASES = ["whole", "per_layer", "mixed_precision_eager", "mixed_precision", "checkpointing", "checkpoint_wrapper"]
-LAUNCH_TIMEOUT_S = 480  # all FAST_CASES, one launch (about 2.5 min on 2 busy cores)
+LAUNCH_TIMEOUT_S = 600  # all FAST_CASES, one launch: 3.6 min measured on 2 cores shared with other jobs
 
 # Tolerances, and why:
 # - fp32, sharded vs single process: the same math summed in another order (a global batch of 4
 #   against two of 2, gradients averaged by a reduce-scatter, the factored norm against PEFT's dense
-#   one); observed ≤ 3e-7 on the losses and ≤ 3e-6 on the adapters after 3 steps of lr 1e-2, where
-#   each step moves an element by about lr. A wrong gradient would be off by ~lr.
+#   one); observed 1e-7 on the losses, 2e-6 on the first step's gradients and 6e-7 on the adapters
+#   after 3 steps of lr 1e-2, where each step moves an element by about lr. A wrong gradient would
+#   be off by ~lr.
 FP32_LOSS_RTOL = 1e-5
-FP32_GRAD_RTOL = 2e-5  # first step's adapter gradients, all together (observed 2e-6)
+FP32_GRAD_RTOL = 2e-5  # first step's adapter gradients, all together
 FP32_ADAPTER_ATOL = 2e-5
 # - bf16 compute (MixedPrecisionPolicy(param_dtype=bf16)): see the test's docstring. Losses within
 #   5e-3 (bf16 keeps 8 bits: 4e-3 per element; observed ≤ 1.1e-3); gradients and updates no farther
@@ -53,11 +54,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
+def _stop(procs: list[subprocess.Popen], grace_s: float = 15) -> None:
+    """Stop each process's group: SIGTERM (torchrun then stops its workers), SIGKILL after ``grace_s``."""
+    running = [proc for proc in procs if proc.poll() is None]
+    for proc in running:
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in running:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+            proc.wait()
 
 
 def launch(cases: list[str], out: Path, timeout_s: float) -> dict[str, list[dict]]:
@@ -112,8 +120,11 @@ def reference() -> dict[str, object]:
     return train_reference(Case())
 
 
-def _distance(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], start=None) -> float:
+def _distance(
+    actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], start: dict[str, torch.Tensor] | None = None
+) -> float:
     """‖actual − expected‖ / ‖expected − start‖ over all tensors together (start: zeros), in fp64."""
+    assert actual.keys() == expected.keys()
     diff = sum(((actual[k].double() - expected[k].double()) ** 2).sum() for k in expected)
     scale = sum(((expected[k].double() - (0 if start is None else start[k].double())) ** 2).sum() for k in expected)
     return (diff / scale).sqrt().item()
@@ -165,7 +176,7 @@ def test_each_rank_rewrites_every_dora_module_and_records_its_qualified_name(run
         if len([g for g in result["graphs"] if g["rewritten"]]) == 2:  # one graph per layer: each named
             assert sorted(names) == expected, (result["rank"], names)
         else:
-            assert len(set(names)) == len(names) and set(names) < set(expected), (result["rank"], names)
+            assert sorted(names) == [n for n in expected if ".layers.0." in n], (result["rank"], names)
 
 
 @pytest.fixture(scope="module")
@@ -253,11 +264,16 @@ def test_benchmark_runs_on_cpu_with_two_processes(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
     command += ["--master-port", str(_free_port()), str(BENCHMARK), "--dry-run", "--out", str(out)]
     command += ["--contenders", "peft_eager,dora_fused", "--ranks", "16", "--timeout", "240", "--pg-timeout", "120"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=360, start_new_session=True
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(command, cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        proc.wait(timeout=360)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        _stop([proc])  # torchrun stops its drivers, and they their children
+    assert proc.returncode == 0, log.read_text()[-4000:]
     result = json.loads(out.read_text())
     assert result["meta"]["world_size"] == 2 and result["meta"]["torch"] == torch.__version__
     rows = {row["contender"]: row for row in result["rows"]}
