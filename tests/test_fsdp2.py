@@ -30,7 +30,7 @@ import dora_fused
 WORKER = Path(__file__).resolve().parent / "fsdp2_worker.py"
 BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "fsdp2.py"
 FAST_CASES = ["whole", "per_layer", "mixed_precision_eager", "mixed_precision", "checkpointing", "checkpoint_wrapper"]
-LAUNCH_TIMEOUT_S = 600  # all FAST_CASES, one launch: 3.6 min measured on 2 cores shared with other jobs
+LAUNCH_TIMEOUT_S = 600  # all FAST_CASES, one launch: 170–215 s measured on 2 cores shared with other jobs
 
 # Tolerances, and why:
 # - fp32, sharded vs single process: the same math summed in another order (a global batch of 4
