@@ -7,10 +7,11 @@ the real parameters before the inner compiler runs, and :class:`FoldedGraph`
 wraps the compiled graph:
 
 - **The check, per call.** The parameters every folded value came from (its
-  ``roots``) are remembered with their version counters: for graph inputs, the
-  tensor objects themselves; for graph attributes (Inductor's freezing makes
-  parameters attributes), the tensors. Each call compares identities and
-  ``_version``s in C loops (``map``), a few tens of ns per tensor.
+  ``roots``) are remembered with their version counters and data pointers: for
+  graph inputs, the tensor objects themselves; for graph attributes (Inductor's
+  freezing makes parameters attributes), the tensors. Each call compares
+  identities, ``_version``s (in-place writes) and ``data_ptr()``s (``p.data = new``
+  keeps the version) in C loops (``map``).
 - **Other parameters.** One Dynamo graph can serve several modules (identical
   layers compiled one by one): called with other parameter tensors, the graph is
   compiled again for them, once (a *variant*, up to ``MAX_VARIANTS``; Inductor's
@@ -25,7 +26,7 @@ wraps the compiled graph:
 Counted in ``torch._dynamo.utils.counters["dora_fused"]``: ``refresh``,
 ``recompile``, ``variant``.
 
-Not seen: writes that bypass the version counter (``p.data.copy_(...)``,
+Not seen: in-place writes that bypass the version counter (``p.data.copy_(...)``,
 ``p.data[...] = ...``; ``p.data`` is a tensor with a counter of its own). Call
 :func:`refresh_frozen` after such writes, or write through the parameter
 (``with torch.no_grad(): p.copy_(...)``; ``load_state_dict`` and PEFT's
@@ -53,6 +54,7 @@ __all__ = ["MAX_VARIANTS", "FoldedGraph", "Variant", "materialize", "refresh_fro
 log = logging.getLogger("dora_fused")
 MAX_VARIANTS = 64  # compiled variants of one graph for other parameters; beyond, values are recomputed per switch
 _version = operator.attrgetter("_version")
+_data_ptr = operator.methodcaller("data_ptr")
 _live: weakref.WeakSet[FoldedGraph] = weakref.WeakSet()
 
 
@@ -63,6 +65,10 @@ def _count(what: str) -> None:
 def _versions(tensors: Sequence[torch.Tensor | None]) -> list[int]:
     """Version counters (-1 for a freed tensor, 0 for an inference tensor, which has none)."""
     return [-1 if t is None else (0 if t.is_inference() else t._version) for t in tensors]
+
+
+def _pointers(tensors: Sequence[torch.Tensor | None]) -> list[int]:
+    return [-1 if t is None else t.data_ptr() for t in tensors]
 
 
 def _attr(gm: GraphModule, target: str) -> torch.Tensor:
@@ -135,17 +141,39 @@ class Variant:
         return [ref() for ref in self._attr_tensors] if self.weak else self._attr_tensors
 
     def remember(self, args: Sequence[Any]) -> None:
-        self.inputs = self.inputs_of(args)
+        self.inputs: tuple[torch.Tensor, ...] | None = self.inputs_of(args)
         self.input_versions = _versions(self.inputs)
+        self.input_pointers = _pointers(self.inputs)
         attrs = [_attr(self.gm, target) for target in self.attr_refs]
         self._attr_tensors = [weakref.ref(t) for t in attrs] if self.weak else attrs
         self.attr_versions = _versions(attrs)
+        self.attr_pointers = _pointers(attrs)
+        self._weak_inputs: list[weakref.ref] = []
+
+    def demote(self) -> None:
+        """No longer the graph's current variant: hold its parameters weakly, so that replaced ones can go."""
+        if self.inputs is not None:
+            self._weak_inputs = [weakref.ref(t) for t in self.inputs]
+            self.inputs = None
+
+    def promote(self) -> bool:
+        """The current variant again: False if one of its parameters is gone (the variant is of no more use)."""
+        if self.inputs is None:
+            inputs = tuple(ref() for ref in self._weak_inputs)
+            if any(t is None for t in inputs):
+                return False
+            self.inputs = inputs
+        return True
+
+    @property
+    def alive(self) -> bool:
+        return self.inputs is not None or all(ref() is not None for ref in self._weak_inputs)
 
     def stale(self, args: Sequence[Any]) -> bool:
         """Whether a parameter a folded value came from is another tensor, or was written, since it was computed."""
         if self._pick is not None:
             current = self.inputs_of(args)
-            if not all(map(operator.is_, current, self.inputs)):
+            if self.inputs is None or not all(map(operator.is_, current, self.inputs)):
                 return True
             try:
                 if list(map(_version, current)) != self.input_versions:
@@ -153,22 +181,30 @@ class Variant:
             except RuntimeError:  # an inference tensor has no version counter
                 if _versions(current) != self.input_versions:
                     return True
+            if list(map(_data_ptr, current)) != self.input_pointers:
+                return True
         if self.attr_refs:
             attrs = self._attrs()
             if self.weak:  # a freed tensor (Inductor discarded it) cannot be written any more: not a change
-                now = _versions(attrs)
-                return any(t is not None and v != w for t, v, w in zip(attrs, now, self.attr_versions, strict=True))
-            if list(map(_version, attrs)) != self.attr_versions:
+                now = zip(attrs, _versions(attrs), _pointers(attrs), strict=True)
+                saved = zip(now, self.attr_versions, self.attr_pointers, strict=True)
+                return any(t is not None and (v != w or p != q) for (t, v, p), w, q in saved)
+            if list(map(_version, attrs)) != self.attr_versions or list(map(_data_ptr, attrs)) != self.attr_pointers:
                 return True
         return False
 
     def changed(self, args: Sequence[Any]) -> set[object]:
-        """The keys of the input and attribute references whose tensor or version differs."""
+        """The keys of the input and attribute references whose tensor, version or data pointer differs."""
         current = self.inputs_of(args)
-        saved = zip(self.input_refs, current, self.inputs, self.input_versions, strict=True)
-        changed: set[object] = {key for key, now, then, v in saved if now is not then or _versions([now])[0] != v}
-        attrs = zip(self.attr_refs, self._attrs(), self.attr_versions, strict=True)
-        changed |= {target for target, t, v in attrs if t is not None and _versions([t])[0] != v}
+        then = self.inputs if self.inputs is not None else (None,) * len(current)
+        saved = zip(self.input_refs, current, then, self.input_versions, self.input_pointers, strict=True)
+        changed: set[object] = {
+            key for key, now, old, v, p in saved if now is not old or _versions([now])[0] != v or now.data_ptr() != p
+        }
+        attrs = zip(self.attr_refs, self._attrs(), self.attr_versions, self.attr_pointers, strict=True)
+        changed |= {
+            target for target, t, v, p in attrs if t is not None and (_versions([t])[0] != v or t.data_ptr() != p)
+        }
         return changed
 
     def refresh(self, args: Sequence[Any]) -> None:
@@ -217,7 +253,12 @@ class FoldedGraph:
         """The variant for ``args``' parameters, its folded values current (compiling or recomputing as needed)."""
         key = self.current.key(args)
         if key != self.current_key:
+            self.current.demote()
+            self.variants = {k: v for k, v in self.variants.items() if v.alive}  # parameters replaced: gone
             variant = self.variants.get(key)
+            if variant is not None and not variant.promote():
+                variant = self.variants.pop(key)  # an id reused by a new tensor: not its parameters
+                variant = None
             if variant is None and self.rebuild is not None and len(self.variants) < MAX_VARIANTS:
                 log.info("dora_fused: compiling a frozen graph for another set of parameters (%d)", len(self.variants))
                 variant = self.variants[key] = self.rebuild(args)
@@ -225,6 +266,7 @@ class FoldedGraph:
             elif variant is None:  # no more variants: the current one's values are recomputed for these parameters
                 self._warn_shared()
                 variant = self.current
+                variant.promote()
             self.current, self.current_key = variant, key
         variant = self.current
         if variant.stale(args):

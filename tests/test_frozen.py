@@ -165,6 +165,22 @@ def test_changed_parameters_are_seen_at_once_without_recompiling():
     assert _counters()["refresh"] == refreshes + len(edits) + 1
 
 
+def test_every_parameter_edit_of_the_corpus_is_seen_by_the_next_frozen_call():
+    """The live path's edit corpus (in place, new storage through ``.data``, new Parameter objects, ``B = 0``,
+    cancelling rows, another adapter loaded), on a frozen graph with some modules merged."""
+    from test_lookalike_corpus import EDITS, _check
+
+    model = tiny_llama_dora(torch.float32, torch.float32).eval()
+    budget = 4 * _bytes(model.base_model.model.model.layers[0].self_attn.q_proj)
+    compiled = torch.compile(model, backend=_frozen(merge_budget_bytes=budget))
+    _check(compiled, model, "before any edit")
+    assert {m.frozen for m in dora_fused.last_report().modules} == {"norm", "merged"}
+    for what, edit in EDITS.items():
+        with torch.no_grad():
+            edit(model)
+        _check(compiled, model, what)
+
+
 def test_set_adapter_switches_frozen_graphs():
     """Each adapter gets its own graph and folded values; switching back and forth serves each one's outputs."""
     model = _two_adapter_mlp()
