@@ -95,14 +95,24 @@ def _depends_on(value: FoldedValue) -> tuple[StateRef, ...]:
 
 
 def materialize(gm: GraphModule, values: Sequence[FoldedValue], args: Sequence[Any]) -> None:
-    """Compute every folded value from the parameters in ``args`` / ``gm``: our attributes set, PEFT's cache written."""
+    """Compute every folded value from the parameters in ``args`` / ``gm``: our attributes set, PEFT's cache written.
+
+    Our attributes are normal tensors even when compiled under ``torch.inference_mode()``,
+    so that a later refresh may write them in or out of it.
+    """
     for value in values:
-        computed = _compute(value, gm, args)
         if value.owned:
+            with torch.inference_mode(False):
+                computed = _compute(value, gm, args)
             gm.register_buffer(str(value.storage.key), computed)
-        else:
-            with _disable_current_modes(), torch.no_grad():
-                _resolve(value.storage, gm, args).copy_(computed)
+            continue
+        _write(_resolve(value.storage, gm, args), _compute(value, gm, args))
+
+
+def _write(target: torch.Tensor, value: torch.Tensor) -> None:
+    """``target.copy_(value)``, in inference mode where ``target`` is an inference tensor (PEFT's cache made in one)."""
+    with _disable_current_modes(), torch.no_grad(), torch.inference_mode(target.is_inference()):
+        target.copy_(value)
 
 
 class Variant:
@@ -144,6 +154,7 @@ class Variant:
         self.inputs: tuple[torch.Tensor, ...] | None = self.inputs_of(args)
         self.input_versions = _versions(self.inputs)
         self.input_pointers = _pointers(self.inputs)
+        self._inference = any(t.is_inference() for t in self.inputs)  # no version counter: read one by one
         attrs = [_attr(self.gm, target) for target in self.attr_refs]
         self._attr_tensors = [weakref.ref(t) for t in attrs] if self.weak else attrs
         self.attr_versions = _versions(attrs)
@@ -175,12 +186,9 @@ class Variant:
             current = self.inputs_of(args)
             if self.inputs is None or not all(map(operator.is_, current, self.inputs)):
                 return True
-            try:
-                if list(map(_version, current)) != self.input_versions:
-                    return True
-            except RuntimeError:  # an inference tensor has no version counter
-                if _versions(current) != self.input_versions:
-                    return True
+            versions = _versions(current) if self._inference else list(map(_version, current))
+            if versions != self.input_versions:
+                return True
             if list(map(_data_ptr, current)) != self.input_pointers:
                 return True
         if self.attr_refs:
@@ -212,9 +220,7 @@ class Variant:
         changed = self.changed(args)
         for value in self.values:
             if any(ref.key in changed for ref in _depends_on(value)):
-                computed = _compute(value, self.gm, args)
-                with _disable_current_modes(), torch.no_grad():
-                    _resolve(value.storage, self.gm, args).copy_(computed)
+                _write(_resolve(value.storage, self.gm, args), _compute(value, self.gm, args))
         _count("refresh")
         self.remember(args)
 

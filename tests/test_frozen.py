@@ -264,6 +264,27 @@ def test_peft_cached_norm_is_refreshed_when_the_adapter_changes(monkeypatch):
     assert _counters()["refresh"] >= 1
 
 
+@pytest.mark.parametrize("cached", [False, True], ids=["frozen", "peft-cached-norm"])
+def test_under_inference_mode_a_change_is_seen_at_once(cached, monkeypatch):
+    """Compiled and called under ``torch.inference_mode()`` (PEFT's cached norm is then an inference tensor)."""
+    from peft.tuners.lora import dora
+
+    monkeypatch.setattr(dora, "ENABLE_DORA_CACHING", cached)
+    model = small_dora_mlp().eval()
+    x = torch.randn(5, 12)
+    compiled = torch.compile(model, backend=dora_fused.backend(inner="aot_eager", frozen=not cached))
+    with torch.inference_mode():
+        for _ in range(3):
+            compiled(x)
+        assert dora_fused.last_report().error is None
+        model.base_model.model[0].lora_B.default.weight.mul_(1.5)
+        got = compiled(x)
+    reference = small_dora_mlp().eval()  # no cache: the truth after the change
+    with torch.no_grad():
+        reference.base_model.model[0].lora_B.default.weight.mul_(1.5)
+        assert_close(got, reference(x), **FP32_TOL, what="after the change")
+
+
 # --- Inductor's freezing -------------------------------------------------------------------------
 
 
