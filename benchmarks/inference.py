@@ -419,7 +419,8 @@ def run_guard(case: str, args: argparse.Namespace) -> dict[str, object]:
             variant.stale(call_args)
         times.append((time.perf_counter() - start) / calls * 1e6)
     tensors = len(variant.input_refs) + len(variant.attr_refs)
-    return dict(us_per_call=statistics.median(times), tensors=tensors, modules=len(variant.values), cpu=True)
+    us = statistics.median(times)
+    return dict(us_per_call=us, ns_per_tensor=us / tensors * 1e3, tensors=tensors, modules=len(variant.values))
 
 
 # --- orchestration -----------------------------------------------------------------------------------
@@ -535,10 +536,13 @@ def tables(rows: list[dict[str, object]]) -> str:
     if guard:
         out += [
             "\nper-call check of a frozen graph (host time)\n",
-            "| case | tensors checked | µs per call |",
-            "|---|---|---|",
+            "| case | tensors checked | µs per call | ns per tensor |",
+            "|---|---|---|---|",
         ]
-        out += [f"| {r['case']} | {r['tensors']} | {_fmt(r['us_per_call'])} |" for r in guard]
+        out += [
+            f"| {r['case']} | {r['tensors']} | {_fmt(r['us_per_call'])} | {_fmt(r.get('ns_per_tensor'))} |"
+            for r in guard
+        ]
     errors = [r for r in rows if "error" in r]
     out += [
         f"\nfailed: {r['part']} {r['case']} {r['contender']}: {str(r['error']).splitlines()[-1][:200]}" for r in errors

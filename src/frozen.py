@@ -54,7 +54,7 @@ __all__ = ["MAX_VARIANTS", "FoldedGraph", "Variant", "materialize", "refresh_fro
 log = logging.getLogger("dora_fused")
 MAX_VARIANTS = 64  # compiled variants of one graph for other parameters; beyond, values are recomputed per switch
 _version = operator.attrgetter("_version")
-_data_ptr = operator.methodcaller("data_ptr")
+_data_ptr = torch._C.TensorBase.data_ptr  # unbound: no method lookup on Parameter, a subclass
 _live: weakref.WeakSet[FoldedGraph] = weakref.WeakSet()
 
 
