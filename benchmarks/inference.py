@@ -134,7 +134,12 @@ def build(case: str, contender: str, tiny: bool) -> torch.nn.Module:
             layers = (2 if case == "llama4" else 3) if tiny else (4 if case == "llama4" else 32)
             config = LlamaConfig(**(TINY if tiny else LLAMA8B), num_hidden_layers=layers)
             config.eos_token_id = None  # generate never stops early
-            base = LlamaForCausalLM(config).to(torch.bfloat16)
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(torch.bfloat16)  # built in bf16: no fp32 copy of 8B parameters on the way
+            try:
+                base = LlamaForCausalLM(config)
+            finally:
+                torch.set_default_dtype(previous)
             targets = "all-linear"
         use_dora = contender != "lora"
         lora = LoraConfig(
