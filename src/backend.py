@@ -133,7 +133,8 @@ class DoraFusedBackend:
         baked = freezing and self.inner == "inductor"  # parameters become constants of the compiled code
         discard = baked and bool(_option(options, "freezing_discard_parameters"))
         fold = self.frozen if self.frozen is not None else freezing
-        original = None if discard else snapshot(gm.graph)  # to compile again for changed or other parameters
+        # to compile again for changed (baked) or other (a shared graph) parameters
+        original = snapshot(gm.graph) if (fold or baked) and not discard else None
         watched = [str(n.target) for n in gm.graph.nodes if n.op == "get_attr"] if baked else []
         outcome = None
         if self.rewrite:

@@ -135,6 +135,10 @@ class Variant:
         self.input_refs = sorted(int(r.key) for r in refs if r.kind == "input")
         self.attr_refs = sorted(str(r.key) for r in refs if r.kind == "attr")
         self._pick = operator.itemgetter(*self.input_refs) if self.input_refs else None
+        # the parameters of the values this variant holds itself (not PEFT's cache, which each module has its own)
+        owned = sorted({int(r.key) for v in self.values if v.owned for r in v.roots if r.kind == "input"})
+        self._pick_key = operator.itemgetter(*owned) if owned else None
+        self._one_key = len(owned) == 1
         self.remember(args)
 
     def inputs_of(self, args: Sequence[Any]) -> tuple[torch.Tensor, ...]:
@@ -144,8 +148,11 @@ class Variant:
         return picked if len(self.input_refs) > 1 else (picked,)
 
     def key(self, args: Sequence[Any]) -> tuple[int, ...]:
-        """The identity of the parameters ``args`` pass, which picks the variant."""
-        return tuple(map(id, self.inputs_of(args)))
+        """The identity of the parameters ``args`` pass for the values the variant holds, which picks the variant."""
+        if self._pick_key is None:
+            return ()
+        picked = self._pick_key(args)
+        return (id(picked),) if self._one_key else tuple(map(id, picked))
 
     def _attrs(self) -> list[torch.Tensor | None]:
         return [ref() for ref in self._attr_tensors] if self.weak else self._attr_tensors

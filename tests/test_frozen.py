@@ -262,6 +262,13 @@ def test_peft_cached_norm_is_refreshed_when_the_adapter_changes(monkeypatch):
     assert (stale - fresh).abs().max() > 1e-3  # PEFT eager: stale until train()
     assert_close(got, fresh, **FP32_TOL, what="after the in-place change")
     assert _counters()["refresh"] >= 1
+    variants = _counters().get("variant", 0)
+    model.train()  # PEFT refills its cache with new tensors: recomputed in place, nothing compiled for them
+    model.eval()
+    with torch.no_grad():
+        for _ in range(2):
+            assert_close(compiled(x), fresh, **FP32_TOL, what="after PEFT refilled its cache")
+    assert _counters().get("variant", 0) == variants
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["frozen", "peft-cached-norm"])
