@@ -76,6 +76,7 @@ def test_peft_tracing_registration_is_idempotent():
     assert reloaded.enable_peft_tracing()
 
 
+@pytest.mark.slow
 def test_quantized_bases_keep_peft_path():
     """A module PEFT treats as quantized (HQQ's W_q) still goes through PEFT's own dequantize under Dynamo."""
     from peft.utils.integrations import dequantize_module_weight
@@ -189,6 +190,7 @@ def _uncompilable_rewrite(graph, match, impl):
     return ops
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rewrite", [_raising_rewrite, _uncompilable_rewrite], ids=["pass-raises", "inner-fails"])
 def test_failures_fall_back_to_the_original_graph(rewrite):
     model = tiny_llama_dora(torch.float32, torch.float32).eval()

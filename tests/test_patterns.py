@@ -645,6 +645,7 @@ def test_gradient_checkpointing_under_dynamos_defaults_says_what_to_set():
     assert all("skip_fwd_side_effects_in_bwd_under_checkpoint = True" in reason for _, reason in report.skipped)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_bodies_are_rewritten(monkeypatch):
     """With activation checkpointing the layers sit in checkpoint subgraphs (a higher-order op): rewritten there."""
     monkeypatch.setattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint", True)
