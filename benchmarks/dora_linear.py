@@ -26,7 +26,6 @@ graphed).
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import torch.nn as nn
@@ -34,7 +33,7 @@ from peft import LoraConfig, get_peft_model
 
 import dora_fused
 
-from timing import PeakMemory, environment, summarize, time_back_to_back, time_calls
+from timing import PeakMemory, summarize, time_back_to_back, time_calls, write_json
 
 SHAPES = [(4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096)]  # (d_in, d_out)
 
@@ -63,7 +62,7 @@ def measure(fn, reps: int, warmup: int) -> tuple[float, float, float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--ranks", default="384")
     parser.add_argument("--reps", type=int, default=20)
@@ -80,7 +79,8 @@ def main() -> None:
         for adapter_fp32 in (False, True):
             for d_in, d_out in shapes:
                 rows += run_case(d_in, d_out, rank, adapter_fp32, args)
-    print_table(rows, args, meta(args))
+    info = write_json(args.json, rows, tokens=args.tokens, reps=args.reps, mode=args.mode or "default")
+    print_table(rows, info)
 
 
 BACK_TO_BACK = 20  # calls in a row per back-to-back timing
@@ -190,14 +190,7 @@ def _ops() -> tuple[str, ...]:
     return dora_fused.last_report().modules[0].ops
 
 
-def meta(args) -> dict:
-    return dict(environment(), tokens=args.tokens, reps=args.reps, mode=args.mode or "default")
-
-
-def print_table(rows: list[dict], args, info: dict) -> None:
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=info, rows=rows), f, indent=1)
+def print_table(rows: list[dict], info: dict) -> None:
     print(info)
     single, back_to_back = [], []
     by_case: dict[tuple, dict[str, dict]] = {}

@@ -10,22 +10,21 @@ grouped by the innermost frame in generated (Inductor) or project code, with tha
     python benchmarks/memory_peak.py --case llama8b-r384-bf16-train --contender inductor --layers 2
 
 CUDA only (the allocator history is a CUDA feature). Prints the peak above the allocations made
-before the recorded step, and the largest groups; --json writes them all.
+before the recorded step, and the largest groups; --json writes them all (``rows``), with the GPU, versions and date.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import json
 import linecache
 import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import models  # benchmarks/models.py: the same model, inputs and contenders
+from timing import write_json
 
 
 def replay_peak(trace: list[dict]) -> tuple[int, list[dict]]:
@@ -113,11 +112,8 @@ def main() -> None:
     print("   MB  count  where (innermost generated or project frame)")
     for total, count, where in rows[: args.top]:
         print(f"{total / 2**20:7.1f} {count:5d}  {where[:220]}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                dict(peak=peak, measured=measured, groups=[dict(bytes=t, count=c, where=w) for t, c, w in rows]), f
-            )
+    groups = [dict(bytes=t, count=c, where=w) for t, c, w in rows]
+    write_json(args.json, groups, peak=peak, measured=measured, case=args.case, contender=args.contender)
 
 
 if __name__ == "__main__":

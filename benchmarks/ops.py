@@ -1,42 +1,47 @@
 """The ops alone on a CUDA GPU: compose in GB/s against copy bandwidth, the factored norm against dense B·A.
 
-Questions:
-1. Do the compose kernels (forward, backward) run at ≥ 80% of the card's copy bandwidth?
-2. Is the factored norm faster than the dense ``B·A`` + norm it replaces (eager and
-   Inductor-compiled), with working memory ≤ 4·(d_out·r + r²) bytes + 64 MB?
-3. Below which layer size, if any, does the Triton norm stop paying off against the
+Questions (``--parts``):
+1. ``compose``: do the compose kernels (forward, backward) run at ≥ 80% of the card's copy bandwidth?
+2. ``norm``: is the factored norm faster than the dense ``B·A`` + norm it replaces (eager and
+   Inductor-compiled), with working memory ≤ 4·(d_out·r + r²) bytes + 64 MB, and how close is
+   each to the fp64 dense norm (max relative error)?
+3. ``small``: below which layer size, if any, does the Triton norm stop paying off against the
    plain-torch one (``ops="auto"`` in ``passes/heuristics.py``)?
-4. (--parts sweep, gram) Which tile configuration suits the fused norm kernel (``norm_config``),
-   and which tiles the Gram products (``gram_plan``)?
-5. (--parts lora_up) Is the LoRA up-projection with the compose in its epilogue faster than
+4. ``lora_up``: is the LoRA up-projection with the compose in its epilogue faster than
    cuBLAS's ``h·Bᵀ`` followed by Inductor's compose, and which tiles suit it (``lora_up_config``)?
+5. ``refinement``: what does the ill-conditioned-row check cost the Triton norm, with no row
+   flagged and with ``--flagged`` rows made to cancel (their dense recomputation included)?
+6. ``sweep``, ``gram``, ``parts`` (tuning): which tile configuration suits the fused norm kernel
+   (``norm_config``), which tiles the Gram products (``gram_plan``), and where the norm's time goes
+   launch by launch.
 
-    python benchmarks/ops.py --json ops.json [--sweep]
+    python benchmarks/ops.py --json ops.json                     # compose, norm, small, lora_up
+    python benchmarks/ops.py --parts refinement --json refinement.json
+    python benchmarks/ops.py --parts sweep,gram,parts --json sweep.json
 
 Method: GPU time, as compiled code or CUDA graphs see it: ``inner`` back-to-back
 calls are captured in one CUDA graph after warm-up, and CUDA events time --reps
-replays (median and 10/90% quantiles, per call). Peak MB is max_memory_allocated
-during one eager call minus what was allocated before it.
+replays (median and 10/90% quantiles, per call; ``timing.time_cuda_graph``). Peak MB is
+max_memory_allocated during one eager call minus what was allocated before it.
+``small`` and ``refinement`` also time calls launched back to back from the host
+(``timing.time_back_to_back``), where the host's launches count. The JSON has the
+GPU, versions and date (``timing.write_json``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
-from datetime import date
 
 import torch
-import triton
 from torch._library.triton import set_wrap_triton_enabled
 
-from dora_fused.kernels import compose_reference, factored_row_norm_torch
+from dora_fused.kernels import compose_reference, dense_row_norm_reference, factored_row_norm_torch
 from dora_fused.kernels.factored_norm import factored_row_norm_reference, factored_row_norm_triton
+from dora_fused.kernels.ill_conditioned_rows import refine_ill_conditioned_rows_triton
 from dora_fused.kernels.lora_up_compose import lora_up_compose_triton, lora_up_config
 from dora_fused.kernels.products import product
 
-from timing import time_back_to_back
+from timing import peak_mb, summarize, time_back_to_back, time_cuda_graph, write_json
 
 SHAPES = [(4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096)]  # (d_in, d_out)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -45,35 +50,9 @@ compose_backward_op = torch.ops.dora_fused.compose_backward
 
 
 def timed(fn, reps: int = 20, inner: int = 10, warmup: int = 3) -> dict[str, float]:
-    """GPU time per call: ``inner`` calls captured in one CUDA graph, replayed ``reps`` times."""
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - before
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inner):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / inner)
-    del graph
-    q = statistics.quantiles(times, n=10)
-    return dict(ms=statistics.median(times), q10=q[0], q90=q[-1], mb=peak / 2**20)
+    """GPU time per call (``inner`` calls in one CUDA graph, ``reps`` replays) and the peak MB of one eager call."""
+    mb = peak_mb(fn)
+    return dict(summarize(time_cuda_graph(fn, calls=inner, reps=reps, warmup=warmup)), mb=mb)
 
 
 def copy_bandwidth() -> float:
@@ -168,6 +147,7 @@ def bench_norm(ranks: list[int]) -> list[dict]:
         for r in ranks:
             for adapters, adt in DTYPES.items():
                 w, a, b = norm_inputs(d_in, d_out, r, adt, seed=0)
+                exact = dense_row_norm_reference(w.double(), a.double(), b.double(), 1.0)
                 bound_mb = (4 * (d_out * r + r * r) + 64 * 2**20) / 2**20
                 cases = {
                     "triton": lambda: torch.ops.dora_fused.factored_row_norm(w, a, b, 1.0),
@@ -177,6 +157,7 @@ def bench_norm(ranks: list[int]) -> list[dict]:
                 }
                 for case, fn in cases.items():
                     t = timed(fn, inner=3)
+                    err = ((fn().double() - exact).abs() / exact).max().item()  # max relative error vs fp64
                     rows.append(
                         dict(
                             op="norm",
@@ -185,6 +166,7 @@ def bench_norm(ranks: list[int]) -> list[dict]:
                             r=r,
                             adapters=adapters,
                             **t,
+                            err=err,
                             bound_mb=bound_mb,
                         )
                     )
@@ -226,10 +208,67 @@ def bench_small(tokens: int) -> list[dict]:
             for case, fn in compiled.items():
                 t = timed(lambda fn=fn: fn(w, a, b, m, res, lora))
                 # launched from the host as compiled code runs without CUDA graphs (host time included)
-                t["b2b_ms"] = statistics.median(
+                t["b2b_ms"] = summarize(
                     time_back_to_back(lambda fn=fn: fn(w, a, b, m, res, lora), calls=50, reps=20, warmup=5)
-                )
+                )["ms"]
                 rows.append(dict(op="small", case=case, d=d, r=r, adapters=adapters, **t))
+                print(rows[-1], flush=True)
+    return rows
+
+
+REFINEMENT_SCALING = 2.0
+
+
+def refinement_layer(d_out: int, d_in: int, r: int, adapter_dtype: torch.dtype, flagged: int):
+    """A bf16 ``W`` and random adapters; with ``flagged`` > 0, that many rows cancel to 1e-4 of ``‖W_i‖``."""
+    gen = torch.Generator(device="cuda").manual_seed(d_out * 31 + d_in + r)
+    w = (torch.randn(d_out, d_in, device="cuda", generator=gen) / d_in**0.5).to(torch.bfloat16)
+    a = torch.randn(r, d_in, device="cuda", generator=gen) / d_in**0.5
+    b = torch.randn(d_out, r, device="cuda", generator=gen) / r**0.5
+    if flagged:
+        rows = torch.randperm(d_out, device="cuda", generator=gen)[:flagged]
+        a[0] = w[rows[0]].float()
+        b[rows] = 0.0
+        b[rows, 0] = -(1 - 1e-4) / REFINEMENT_SCALING
+        w[rows] = w[rows[0]].clone()
+    return w, a.to(adapter_dtype), b.to(adapter_dtype)
+
+
+def bench_refinement(ranks: list[int], flagged: int, calls: int, reps: int) -> list[dict]:
+    """The ill-conditioned-row check: ``factored_row_norm`` as shipped, the check kernel alone (no row
+    flagged), and the check with ``flagged`` rows recomputed densely; back to back and in CUDA graphs."""
+    s = REFINEMENT_SCALING
+    rows = []
+    for d_out, d_in in [(4096, 4096), (8192, 8192), (14336, 4096), (4096, 14336)]:
+        for r in ranks:
+            for adapters, adt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                w, a, b = refinement_layer(d_out, d_in, r, adt, 0)
+                norm = torch.ops.dora_fused.factored_row_norm(w, a, b, s)
+                w32, a32, b32 = w.float(), a.float(), b.float()
+                w_sq, lora_sq = (w32 * w32).sum(1), s**2 * ((b32 @ (a32 @ a32.T)) * b32).sum(1)
+
+                def run_norm(w=w, a=a, b=b):
+                    return torch.ops.dora_fused.factored_row_norm(w, a, b, s)
+
+                scratch = norm.clone()
+
+                def check(scratch=scratch, w_sq=w_sq, lora_sq=lora_sq, w=w, a=a, b=b):
+                    return refine_ill_conditioned_rows_triton(scratch, w_sq, lora_sq, w, a, b, s)
+
+                fw, fa, fb = refinement_layer(d_out, d_in, r, adt, flagged)
+                f32 = [t.float() for t in (fw, fa, fb)]
+                f_sq = (f32[0] * f32[0]).sum(1), s**2 * ((f32[2] @ (f32[1] @ f32[1].T)) * f32[2]).sum(1)
+                f_norm = torch.ops.dora_fused.factored_row_norm(fw, fa, fb, s)
+
+                def check_flagged(fw=fw, fa=fa, fb=fb, f_sq=f_sq, f_norm=f_norm):
+                    return refine_ill_conditioned_rows_triton(f_norm.clone(), *f_sq, fw, fa, fb, s)
+
+                row = dict(op="refinement", shape=f"{d_in}->{d_out}", r=r, adapters=adapters, flagged=flagged)
+                for case, fn in (("norm", run_norm), ("check", check), ("flagged", check_flagged)):
+                    row[f"{case}_b2b"] = summarize(time_back_to_back(fn, calls, reps, warmup=3))
+                for case, fn in (("norm", run_norm), ("check", check)):
+                    row[f"{case}_graph"] = summarize(time_cuda_graph(fn, calls=20, reps=reps))
+                rows.append(row)
                 print(rows[-1], flush=True)
     return rows
 
@@ -378,15 +417,21 @@ def bench_sweep() -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--ranks", default="16,384")
     parser.add_argument(
-        "--parts", default="compose,norm,small,lora_up", help="any of compose,norm,small,sweep,gram,parts,lora_up"
+        "--parts",
+        default="compose,norm,small,lora_up",
+        help="any of compose,norm,small,lora_up,refinement,sweep,gram,parts",
     )
+    parser.add_argument("--flagged", type=int, default=16, help="refinement: rows made to cancel")
+    parser.add_argument("--calls", type=int, default=50, help="refinement: calls back to back per timing")
+    parser.add_argument("--reps", type=int, default=20, help="refinement: timings per case")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     parts = args.parts.split(",")
+    ranks = [int(r) for r in args.ranks.split(",")]
     copy_gbs = copy_bandwidth()
     print(f"copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
     rows: list[dict] = []
@@ -399,54 +444,52 @@ def main() -> None:
     if "compose" in parts:
         rows += bench_compose(args.tokens, copy_gbs)
     if "norm" in parts:
-        rows += bench_norm([int(r) for r in args.ranks.split(",")])
+        rows += bench_norm(ranks)
     if "small" in parts:
         rows += bench_small(512)
     if "lora_up" in parts:
-        rows += bench_lora_up(args.tokens, [int(r) for r in args.ranks.split(",")])
-    meta = dict(
-        gpu=torch.cuda.get_device_name(),
-        torch=torch.__version__,
-        triton=triton.__version__,
-        cuda=torch.version.cuda,
-        python=platform.python_version(),
-        date=str(date.today()),
-        copy_gbs=copy_gbs,
-        tokens=args.tokens,
-    )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    print(meta)
+        rows += bench_lora_up(args.tokens, ranks)
+    if "refinement" in parts:
+        rows += bench_refinement(ranks, args.flagged, args.calls, args.reps)
+    print(write_json(args.json, rows, copy_gbs=copy_gbs, tokens=args.tokens))
     for r in rows:
-        if r["op"] == "compose":
-            print(
-                f"compose {r['case']:13s} d_out={r['d_out']:5d} {r['adapters']}: {r['ms']:.3f} ms "
-                f"{r['gbs']:.0f} GB/s ({100 * r['of_copy']:.0f}% of copy)"
-            )
-        elif r["op"] == "norm":
-            print(
-                f"norm {r['case']:15s} {r['shape']:11s} r={r['r']:3d} {r['adapters']}: {r['ms']:.3f} ms "
-                f"{r['mb']:.0f} MB (bound {r['bound_mb']:.0f})"
-            )
-        elif r["op"] == "lora_up":
-            print(
-                f"lora_up {r['case']:20s} d_out={r['d_out']:5d} r={r['r']:3d}: {1000 * r['ms']:.1f} us "
-                f"{r['gbs']:.0f} GB/s err {r['err']:.1e}"
-            )
-        elif r["op"] == "small":
-            where = f"{r['case']:6s} d={r['d']:4d} r={r['r']:2d} {r['adapters']}"
-            print(f"small {where}: {1000 * r['ms']:.1f} us in a CUDA graph, {1000 * r['b2b_ms']:.1f} us back to back")
-        elif r["op"] == "gram":
-            print(
-                f"gram {r['case']:14s} d_in={r['d_in']:5d} {r['adapters']}: {1000 * r['ms']:.1f} us err {r['err']:.1e}"
-            )
-        else:
-            cfg = r["config"]
-            if isinstance(cfg, dict):
-                cfg = " ".join(f"{_SHORT[k]}{v}" for k, v in cfg.items())
-            err = f" err {r['err']:.1e}" if "err" in r else ""
-            print(f"sweep {r['shape']:11s} r={r['r']:3d} {r['adapters']}: {r['ms']:.3f} ms{err}  {cfg}")
+        print(_line(r))
+
+
+def _line(r: dict) -> str:
+    """One result row as a line of text."""
+    if r["op"] == "compose":
+        return (
+            f"compose {r['case']:13s} d_out={r['d_out']:5d} {r['adapters']}: {r['ms']:.3f} ms "
+            f"{r['gbs']:.0f} GB/s ({100 * r['of_copy']:.0f}% of copy)"
+        )
+    if r["op"] == "norm":
+        return (
+            f"norm {r['case']:15s} {r['shape']:11s} r={r['r']:3d} {r['adapters']}: {r['ms']:.3f} ms "
+            f"{r['mb']:.0f} MB (bound {r['bound_mb']:.0f}), error {r['err']:.1e}"
+        )
+    if r["op"] == "lora_up":
+        return (
+            f"lora_up {r['case']:20s} d_out={r['d_out']:5d} r={r['r']:3d}: {1000 * r['ms']:.1f} us "
+            f"{r['gbs']:.0f} GB/s err {r['err']:.1e}"
+        )
+    if r["op"] == "small":
+        where = f"{r['case']:6s} d={r['d']:4d} r={r['r']:2d} {r['adapters']}"
+        return f"small {where}: {1000 * r['ms']:.1f} us in a CUDA graph, {1000 * r['b2b_ms']:.1f} us back to back"
+    if r["op"] == "gram":
+        return f"gram {r['case']:14s} d_in={r['d_in']:5d} {r['adapters']}: {1000 * r['ms']:.1f} us err {r['err']:.1e}"
+    if r["op"] == "refinement":
+        us = {k: 1000 * r[k]["ms"] for k in ("norm_b2b", "check_b2b", "flagged_b2b", "norm_graph", "check_graph")}
+        return (
+            f"refinement {r['shape']:11s} r={r['r']:3d} {r['adapters']}: back to back norm {us['norm_b2b']:.1f} us, "
+            f"check {us['check_b2b']:.1f} us, {r['flagged']} rows flagged {us['flagged_b2b']:.1f} us; "
+            f"CUDA graphs: norm {us['norm_graph']:.1f} us, check {us['check_graph']:.1f} us"
+        )
+    cfg = r["config"]
+    if isinstance(cfg, dict):
+        cfg = " ".join(f"{_SHORT[k]}{v}" for k, v in cfg.items())
+    err = f" err {r['err']:.1e}" if "err" in r else ""
+    return f"sweep {r['shape']:11s} r={r['r']:3d} {r['adapters']}: {r['ms']:.3f} ms{err}  {cfg}"
 
 
 if __name__ == "__main__":

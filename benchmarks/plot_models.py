@@ -14,11 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
 from models_table import LABELS, load, pick
 
 COLORS = {
@@ -52,6 +47,11 @@ def _bars(ax, cases: list[str], series: dict[str, list[float | None]]) -> None:
 
 
 def plot(data: dict, out: str, title: str) -> list[str]:
+    import matplotlib  # here, not at the top: ``--help`` works without it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     chosen = pick(data["rows"])
     cases = list(chosen)
     present = [c for c in LABELS if any(c in by for by in chosen.values())]

@@ -17,14 +17,15 @@ import json
 import time
 
 import torch
-from dora_linear import build
 from torch.profiler import ProfilerActivity, profile
 
 import dora_fused
 
+from dora_linear import build
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="4096x4096")
     parser.add_argument("--adapters", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--backend", default="dora_fused")

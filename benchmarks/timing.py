@@ -1,22 +1,37 @@
-"""Timing, memory and environment helpers shared by the benchmark scripts.
+"""Timing, memory, environment and result-file helpers shared by the benchmark scripts.
 
-- ``time_calls``: per-call times of a function, timed with CUDA events on a GPU
-  and ``time.perf_counter`` on the CPU (where every op is synchronous), after
-  warm-up calls; the function may mark intermediate points (``lap``).
-- ``time_back_to_back``: per-call time of a function called many times in a row
-  without synchronizing, as the layers of a model run (the host's work for a
-  call overlaps the GPU's work of earlier calls).
-- ``summarize``: median and 10/90% quantiles of a list of times.
-- ``PeakMemory``: peak CUDA memory above what was allocated when it started
-  (``None`` on the CPU).
-- ``environment``: GPU, versions and date, for the ``meta`` of a JSON result.
+Timing (each returns a list of ms per call; ``summarize`` turns it into a median and quantiles):
+
+- ``time_calls``: ``reps`` single calls, each synchronized, timed with CUDA events on a GPU
+  and ``time.perf_counter`` on the CPU (where every op is synchronous), after warm-up calls;
+  the function may mark intermediate points (``lap``). What a synchronized step costs,
+  the host's time to the first launch included.
+- ``time_back_to_back``: ``calls`` calls in a row without synchronizing, as the layers of a
+  model run (the host's work for a call overlaps the GPU's work of earlier calls).
+- ``time_cuda_graph``: GPU time alone: calls captured in one CUDA graph and replayed (what
+  compiled code with CUDA graphs pays). CUDA only.
+- ``summarize``: median and 10/90% quantiles of such a list.
+
+Memory: ``PeakMemory`` (a context manager) and ``peak_mb`` (one call): peak CUDA memory
+above what was allocated before (``None`` on the CPU).
+
+Results: ``environment`` (GPU name, torch/CUDA/triton/peft/transformers/Python versions,
+date) and ``write_json``, which writes ``{"meta": environment() + extra, "rows": rows}``.
+
+A new script::
+
+    from timing import peak_mb, summarize, time_cuda_graph, write_json
+
+    rows = [dict(case="...", **summarize(time_cuda_graph(fn)), mb=peak_mb(fn))]
+    write_json(args.json, rows, tokens=args.tokens)
 
 The scripts run as ``python benchmarks/<script>.py``, which puts this folder on
-``sys.path``: they import it as ``timing``.
+``sys.path``: they import this module as ``timing``.
 """
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 import time
@@ -25,7 +40,17 @@ from datetime import date
 
 import torch
 
-__all__ = ["PeakMemory", "environment", "summarize", "synchronize", "time_back_to_back", "time_calls"]
+__all__ = [
+    "PeakMemory",
+    "environment",
+    "peak_mb",
+    "summarize",
+    "synchronize",
+    "time_back_to_back",
+    "time_calls",
+    "time_cuda_graph",
+    "write_json",
+]
 
 
 def synchronize() -> None:
@@ -96,8 +121,39 @@ def time_back_to_back(fn: Callable[[], object], calls: int, reps: int, warmup: i
     return times
 
 
+def time_cuda_graph(fn: Callable[[], object], calls: int = 10, reps: int = 20, warmup: int = 3) -> list[float]:
+    """GPU ms per call: ``calls`` calls captured in one CUDA graph, replayed ``reps`` times.
+
+    ``warmup`` calls run on a side stream first (as capture requires); one untimed
+    replay follows the capture. Each replay is timed with CUDA events and divided
+    by ``calls``. The host's launch time is not counted. CUDA only.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    return times
+
+
 def summarize(times: list[float]) -> dict[str, float]:
-    """Median and 10/90% quantiles (both equal to the value for a single time)."""
+    """Median (``ms``) and 10/90% quantiles (``q10``, ``q90``); all three equal for a single time."""
     if len(times) == 1:
         return dict(ms=times[0], q10=times[0], q90=times[0])
     q = statistics.quantiles(times, n=10)
@@ -129,8 +185,15 @@ class PeakMemory:
         return None if self.peak is None else self.peak / 2**20
 
 
+def peak_mb(fn: Callable[[], object]) -> float | None:
+    """Peak MB of one call of ``fn`` above what was allocated before it (``None`` without CUDA)."""
+    with PeakMemory() as mem:
+        fn()
+    return mem.peak_mb
+
+
 def environment() -> dict[str, object]:
-    """GPU (or CPU), library versions and date."""
+    """GPU name (``None`` on the CPU), CPU, torch/CUDA/triton/peft/transformers/Python versions and date."""
     import peft
     import transformers
 
@@ -150,4 +213,16 @@ def environment() -> dict[str, object]:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
+    return info
+
+
+def write_json(path: str | None, rows: list[dict], **meta: object) -> dict:
+    """Write ``{"meta": {**environment(), **meta}, "rows": rows}`` to ``path`` (nothing where it is ``None``).
+
+    Returns the meta dict, for printing.
+    """
+    info = {**environment(), **meta}
+    if path:
+        with open(path, "w") as f:
+            json.dump(dict(meta=info, rows=rows), f, indent=1)
     return info

@@ -6,10 +6,18 @@ PyTorch model: each worker loads the base model and the adapter, compiles it wit
 
     python examples/serve_litserve.py                     # a tiny random-init Llama + DoRA adapter
     python examples/serve_litserve.py --model BASE_DIR --adapter ADAPTER_DIR --port 8000
+    python examples/serve_litserve.py --model BASE_DIR --adapter ADAPTER_DIR --frozen   # a fixed adapter
 
     curl -s 127.0.0.1:8000/predict -H 'Content-Type: application/json' \\
          -d '{"input_ids": [1, 5, 9, 2], "max_new_tokens": 4}'
     {"tokens": [...], "logits": [[...], ...]}   # greedy continuation, and each step's next-token logits
+
+``"logits": false`` in the request leaves the logits out of the answer.
+
+``--frozen`` serves with frozen inference (``dora_fused.backend(frozen=True)``): each DoRA
+module's norm is computed once, at compile time, so a layer costs what LoRA costs;
+``--merge-budget-bytes N`` also merges whole weights (the merged model's cost) while N
+bytes of extra weight memory last. A changed adapter is still seen at the next request.
 
 Requests are decoded greedily, one full forward per new token (no KV cache): a
 small, exact reference for tests, not a fast decoder.
@@ -40,30 +48,52 @@ def greedy(model: torch.nn.Module, input_ids: list[int], max_new_tokens: int) ->
 
 
 class DoraLM(ls.LitAPI):
-    def __init__(self, model_dir: str, adapter_dir: str, inner: str = "inductor"):
+    def __init__(
+        self,
+        model_dir: str,
+        adapter_dir: str,
+        inner: str = "inductor",
+        *,
+        dtype: str = "float32",
+        frozen: bool = False,
+        merge_budget_bytes: int = 0,
+        compile: bool = True,
+    ):
         super().__init__()
         self.model_dir, self.adapter_dir, self.inner = model_dir, adapter_dir, inner
+        self.dtype, self.frozen, self.merge_budget_bytes, self.compile = dtype, frozen, merge_budget_bytes, compile
 
     def setup(self, device: str) -> None:
         import dora_fused
 
-        base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=getattr(torch, self.dtype))
         model = PeftModel.from_pretrained(base, self.adapter_dir).to(device).eval()
-        backend = "dora_fused" if self.inner == "inductor" else dora_fused.backend(inner=self.inner)
-        self.model = torch.compile(model, backend=backend)
+        if not self.compile:
+            self.model = model  # PEFT eager, for comparison
+        elif self.inner == "inductor" and not self.frozen:
+            self.model = torch.compile(model, backend="dora_fused")
+        else:
+            # frozen=True: norms (or, within the budget, whole weights) computed once; requests run without grad
+            backend = dora_fused.backend(
+                inner=self.inner, frozen=self.frozen or None, merge_budget_bytes=self.merge_budget_bytes
+            )
+            self.model = torch.compile(model, backend=backend)
         # Compile before serving: two lengths, so the second compile makes the sequence length dynamic.
         for length in (4, 5):
             greedy(self.model, list(range(length)), 1)
 
-    def decode_request(self, request: dict) -> tuple[list[int], int]:
-        return [int(t) for t in request["input_ids"]], int(request.get("max_new_tokens", 8))
+    def decode_request(self, request: dict) -> tuple[list[int], int, bool]:
+        ids = [int(t) for t in request["input_ids"]]
+        return ids, int(request.get("max_new_tokens", 8)), bool(request.get("logits", True))
 
-    def predict(self, request: tuple[list[int], int]) -> tuple[list[int], torch.Tensor]:
-        return greedy(self.model, *request)
+    def predict(self, request: tuple[list[int], int, bool]) -> tuple[list[int], torch.Tensor | None]:
+        ids, max_new_tokens, with_logits = request
+        tokens, logits = greedy(self.model, ids, max_new_tokens)
+        return tokens, logits if with_logits else None
 
-    def encode_response(self, output: tuple[list[int], torch.Tensor]) -> dict:
+    def encode_response(self, output: tuple[list[int], torch.Tensor | None]) -> dict:
         tokens, logits = output
-        return {"tokens": tokens, "logits": logits.tolist()}
+        return {"tokens": tokens} if logits is None else {"tokens": tokens, "logits": logits.tolist()}
 
 
 def save_tiny_model(root: str) -> tuple[str, str]:
@@ -90,6 +120,12 @@ def main() -> None:
         choices=["inductor", "aot_eager", "eager"],
         help="what compiles the rewritten graph (tests use aot_eager: no C++ compile on CPU)",
     )
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="base dtype")
+    parser.add_argument("--frozen", action="store_true", help="frozen inference: DoRA norms computed once")
+    parser.add_argument(
+        "--merge-budget-bytes", type=int, default=0, help="with --frozen: extra bytes for merged weights"
+    )
+    parser.add_argument("--eager", action="store_true", help="serve PEFT eager, uncompiled (for comparison)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,7 +133,15 @@ def main() -> None:
             args.model, args.adapter = save_tiny_model(tmp)
         elif args.adapter is None:
             parser.error("--adapter is required with --model")
-        api = DoraLM(args.model, args.adapter, args.inner)
+        api = DoraLM(
+            args.model,
+            args.adapter,
+            args.inner,
+            dtype=args.dtype,
+            frozen=args.frozen,
+            merge_budget_bytes=args.merge_budget_bytes,
+            compile=not args.eager,
+        )
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
         server = ls.LitServer(api, accelerator=accelerator, devices=1, timeout=120)
         server.run(host=args.host, port=args.port, num_api_servers=1, generate_client_file=False)

@@ -1,6 +1,8 @@
 """dora_fused ops: factored row norm, fused compose, and the LoRA up-projection fused with the compose.
 
-The factored norm recomputes the rows where its sum cancels densely (``ill_conditioned_rows``).
+The factored norm (``factored_norm``) takes ``G = A·Aᵀ`` from ``gram`` and its launch plan from
+``norm_plan``, and recomputes the rows where its sum cancels densely (``ill_conditioned_rows``).
+``common`` holds what several ops share: the accumulation dtype, exact 16-bit terms, launch helpers.
 
 ``folded_compose`` is plain torch: the training compose whose backward folds ``g·s`` into ``B``.
 
@@ -12,30 +14,16 @@ any device; each module also exports its reference math.
 if __name__ != "dora_fused.kernels":
     # Found as the top-level package "kernels" because the checkout root is on sys.path
     # (``python -m``/``-c`` run from the root). That name is Hugging Face's kernels package, which
-    # transformers imports: import the installed one instead (or stand in for none, below).
-    # (The same guard opens passes/ and src/: it must run before any import of this project.)
-    import importlib
-    import importlib.machinery
+    # transformers imports: the installed one is imported instead (or an empty namespace package).
+    # src/_checkout_root.py hands the name over, loaded by its path: no import of this project may run first.
     import importlib.util
     import os
-    import sys
 
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    _path = sys.path[:]
-    sys.path[:] = [p for p in _path if os.path.abspath(p or os.curdir) != _root]
-    del sys.modules[__name__]
-    try:
-        importlib.import_module(__name__)
-    except ModuleNotFoundError as error:
-        if error.name != __name__:
-            raise
-        # None is installed: an empty namespace package, as a folder without __init__.py gives
-        # (no __file__, no __version__: transformers' availability check reads that as absent).
-        _spec = importlib.machinery.ModuleSpec(__name__, None, is_package=True)
-        _spec.submodule_search_locations = []
-        sys.modules[__name__] = importlib.util.module_from_spec(_spec)
-    finally:
-        sys.path[:] = _path
+    _guard_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src", "_checkout_root.py")
+    _spec = importlib.util.spec_from_file_location("_dora_fused_checkout_root", _guard_path)
+    _guard = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_guard)
+    _guard.yield_to_installed(__name__)
 else:
     from .compose import (
         compose,

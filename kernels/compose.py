@@ -38,6 +38,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from .common import accumulation_dtype, as_rows, feature_vectors, scale_and_bias
+
 __all__ = [
     "compose",
     "compose_backward_reference",
@@ -48,7 +50,6 @@ __all__ = [
     "compose_torch",
     "compose_with_base_reference",
     "compose_with_base_torch",
-    "compute_dtype",
     "scaled_sum",
     "scaled_sum_with_base",
     "triton_supports_compose",
@@ -56,11 +57,6 @@ __all__ = [
 
 # ----------------------------------------------------------------------------
 # Reference
-
-
-def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
-    """fp64 if any input is fp64, else fp32."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def compose_reference(
@@ -73,7 +69,7 @@ def compose_reference(
     out_dtype: torch.dtype,
 ) -> Tensor:
     """``g·(result - b + s·lora) + b`` with ``g = m / n``, computed in fp32 (fp64), rounded once."""
-    acc = compute_dtype(result, lora, magnitude, weight_norm, bias)
+    acc = accumulation_dtype(result, lora, magnitude, weight_norm, bias)
     return scaled_sum(result, lora, magnitude.to(acc) / weight_norm.to(acc), bias, scaling, out_dtype)
 
 
@@ -104,7 +100,7 @@ def compose_with_base_reference(
     dropped input, so ``result - b`` cannot stand in for it. Plain torch:
     Inductor fuses it into one pointwise kernel and derives the backward.
     """
-    acc = compute_dtype(result, base, lora, magnitude, weight_norm)
+    acc = accumulation_dtype(result, base, lora, magnitude, weight_norm)
     return scaled_sum_with_base(result, base, lora, magnitude.to(acc) / weight_norm.to(acc), scaling, out_dtype)
 
 
@@ -135,7 +131,7 @@ def compose_backward_torch(
     kernels read in ``dy``'s own dtype; an explicit ``dy.float()`` gets materialized in fp32
     instead (seen in the MLP of an 8B-shaped Llama: 224 MB instead of 112 at 4096 tokens).
     """
-    acc = compute_dtype(grad_out, result, lora, magnitude, weight_norm, bias)
+    acc = accumulation_dtype(grad_out, result, lora, magnitude, weight_norm, bias)
     g = magnitude.to(acc) / weight_norm.to(acc)
     token_dims = broadcast_dims(grad_out, magnitude)
     base = result.to(acc) if bias is None else result.to(acc) - bias.to(acc)
@@ -195,18 +191,6 @@ def compose_backward_reference(
 
 
 @triton.jit
-def _scale_and_bias(MAG, NORM, BIAS, cols, cmask, HAS_BIAS: tl.constexpr):
-    m = tl.load(MAG + cols, mask=cmask, other=1.0).to(tl.float32)
-    n = tl.load(NORM + cols, mask=cmask, other=1.0).to(tl.float32)
-    g = tl.math.div_rn(m, n)
-    if HAS_BIAS:
-        b = tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        b = tl.zeros_like(g)
-    return g, b
-
-
-@triton.jit
 def _compose_fwd_kernel(
     RESULT,
     LORA,
@@ -226,7 +210,7 @@ def _compose_fwd_kernel(
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
-    g, b = _scale_and_bias(MAG, NORM, BIAS, cols, cmask, HAS_BIAS)
+    g, b = scale_and_bias(MAG, NORM, BIAS, cols, cmask, HAS_BIAS)
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     mask = (rows < T)[:, None] & cmask[None, :]
     res = tl.load(RESULT + offs, mask=mask, other=0.0).to(tl.float32)
@@ -263,7 +247,7 @@ def _compose_bwd_kernel(
     chunk = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
-    g, b = _scale_and_bias(MAG, NORM, BIAS, cols, cmask, HAS_BIAS)
+    g, b = scale_and_bias(MAG, NORM, BIAS, cols, cmask, HAS_BIAS)
     gs = g * s
     v = tl.zeros([BLOCK_N], dtype=tl.float32)
     dy_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -298,17 +282,6 @@ def triton_supports_compose(result: Tensor, lora: Tensor, magnitude: Tensor, wei
     return all(t.dtype in _TRITON_DTYPES for t in (result, lora, magnitude, weight_norm))
 
 
-def _feature_vectors(magnitude: Tensor, weight_norm: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """The kernels' ``MAG``, ``NORM``, ``BIAS`` pointers: contiguous ``[N]`` vectors (``m`` again for no bias,
-    never read then)."""
-    return magnitude.contiguous(), weight_norm.contiguous(), bias.contiguous() if bias is not None else magnitude
-
-
-def _rows(t: Tensor) -> Tensor:
-    """``t`` as a contiguous ``[T, N]`` matrix (a view when it already is one)."""
-    return t.contiguous().view(-1, t.shape[-1])
-
-
 def compose_forward_triton(
     result: Tensor,
     lora: Tensor,
@@ -319,14 +292,14 @@ def compose_forward_triton(
     out_dtype: torch.dtype,
 ) -> Tensor:
     """The compose forward as one Triton kernel."""
-    res, lo = _rows(result), _rows(lora)
+    res, lo = as_rows(result), as_rows(lora)
     t, n = res.shape
     out = torch.empty(result.shape, dtype=out_dtype, device=result.device)
     grid = (triton.cdiv(t, _BLOCK_T), triton.cdiv(n, _BLOCK_N))
     wrap_triton(_compose_fwd_kernel)[grid](
         res,
         lo,
-        *_feature_vectors(magnitude, weight_norm, bias),
+        *feature_vectors(magnitude, weight_norm, bias),
         out,
         t,
         n,
@@ -349,7 +322,7 @@ def compose_backward_triton(
     scaling: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One pass: ``(d_result, d_lora, v, Σ_T dy)``; the last two fp32 ``[N]`` (``Σ dy`` empty without bias)."""
-    dy, res, lo = _rows(grad_out), _rows(result), _rows(lora)
+    dy, res, lo = as_rows(grad_out), as_rows(result), as_rows(lora)
     t, n = res.shape
     d_result = torch.empty(result.shape, dtype=result.dtype, device=result.device)
     d_lora = torch.empty(lora.shape, dtype=lora.dtype, device=lora.device)
@@ -361,7 +334,7 @@ def compose_backward_triton(
         dy,
         res,
         lo,
-        *_feature_vectors(magnitude, weight_norm, bias),
+        *feature_vectors(magnitude, weight_norm, bias),
         d_result,
         d_lora,
         v_partial,
@@ -512,7 +485,7 @@ class _TorchComposeWithBase(torch.autograd.Function):
         """``d_result = dy``, ``d_base = (g - 1)·dy``, ``d_lora = g·s·dy``, ``v = Σ_T dy ⊙ (base + s·lora)``."""
         result, base, lora, magnitude, weight_norm = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        acc = compute_dtype(grad_out, result, base, lora, magnitude, weight_norm)
+        acc = accumulation_dtype(grad_out, result, base, lora, magnitude, weight_norm)
         g = magnitude.to(acc) / weight_norm.to(acc)
         token_dims = broadcast_dims(grad_out, magnitude)
         v = (grad_out * (base.to(acc) + ctx.scaling * lora.to(acc))).sum(token_dims).reshape(magnitude.shape)

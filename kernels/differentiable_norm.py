@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .factored_norm import accumulation_dtype, factored_row_norm_torch
+from .common import accumulation_dtype
+from .factored_norm import factored_row_norm_torch
 from .ill_conditioned_rows import ill_conditioned
 
 __all__ = ["factored_row_norm_differentiable", "row_norm_gradients_reference"]

@@ -35,7 +35,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .compose import compute_dtype, scaled_sum, scaled_sum_with_base
+from .common import accumulation_dtype
+from .compose import scaled_sum, scaled_sum_with_base
 from .products import product
 
 __all__ = ["lora_up_folded_compose_torch", "lora_up_folded_compose_with_base_torch"]
@@ -149,7 +150,7 @@ def lora_up_folded_compose_torch(
     LoRA gradient and saves no LoRA output (module docstring). Plain torch ops,
     for Inductor to compile with the rest of the graph.
     """
-    acc = compute_dtype(result, hidden, lora_B, magnitude, weight_norm, bias)
+    acc = accumulation_dtype(result, hidden, lora_B, magnitude, weight_norm, bias)
     g = magnitude.to(acc) / weight_norm.to(acc)
     return _FoldedLoraUpCompose.apply(result, hidden, lora_B, g, bias, scaling, out_dtype)
 
@@ -169,6 +170,6 @@ def lora_up_folded_compose_with_base_torch(
     PEFT's compose with dropout active (``base`` the base layer on the dropped input), for training;
     shapes as in ``lora_up_folded_compose_torch``.
     """
-    acc = compute_dtype(result, base, hidden, lora_B, magnitude, weight_norm)
+    acc = accumulation_dtype(result, base, hidden, lora_B, magnitude, weight_norm)
     g = magnitude.to(acc) / weight_norm.to(acc)
     return _FoldedLoraUpComposeWithBase.apply(result, base, hidden, lora_B, g, scaling, out_dtype)

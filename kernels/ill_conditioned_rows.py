@@ -39,6 +39,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .common import accumulation_dtype
+
 __all__ = [
     "dense_rows_reference",
     "ill_conditioned",
@@ -63,7 +65,7 @@ def ill_conditioned(norm: Tensor, w_squared: Tensor, lora_squared: Tensor) -> Te
 
 def dense_rows_reference(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, rows: Tensor) -> Tensor:
     """``‖W_i + s·B_i·A‖`` for the given row indices, in the accumulation dtype (as the dense path computes it)."""
-    acc = torch.float64 if torch.float64 in (weight.dtype, lora_A.dtype, lora_B.dtype) else torch.float32
+    acc = accumulation_dtype(weight, lora_A, lora_B)
     w = weight.reshape(weight.shape[0], -1)[rows].to(acc)
     return torch.linalg.vector_norm(w + scaling * (lora_B[rows].to(acc) @ lora_A.to(acc)), dim=1)
 

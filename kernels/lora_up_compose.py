@@ -26,7 +26,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .compose import _feature_vectors, _rows, _scale_and_bias, compose_reference
+from .common import as_rows, feature_vectors, scale_and_bias
+from .compose import compose_reference
 
 __all__ = [
     "lora_up_compose",
@@ -116,7 +117,7 @@ def _lora_up_compose_kernel(
         acc = tl.dot(h, b_t, acc)
 
     s = tl.cast(scaling, tl.float32)  # Inductor passes Python floats as fp64
-    g, b = _scale_and_bias(MAG, NORM, BIAS, cols, cmask, HAS_BIAS)
+    g, b = scale_and_bias(MAG, NORM, BIAS, cols, cmask, HAS_BIAS)
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     mask = rmask[:, None] & cmask[None, :]
     res = tl.load(RESULT + offs, mask=mask, other=0.0).to(tl.float32)
@@ -146,9 +147,8 @@ def lora_up_config(r: int) -> dict[str, int]:
     """Tile sizes of ``_lora_up_compose_kernel`` for rank ``r``.
 
     From an H100 sweep at 4096 tokens, d_out 4096-14336 (``benchmarks/ops.py --parts
-    lora_up``): at r = 16 small tiles keep the pass at 2.5-2.7 TB/s; at r = 384 wide
-    ones halve the reloads of ``h`` (1.2x faster than cuBLAS then Inductor's compose;
-    loading the result tile before the product was no faster). Independent of the
+    lora_up``, docs/benchmarks.md): at r = 16 small tiles keep the pass at the copy
+    bandwidth; at r = 384 wide ones halve the reloads of ``h``. Independent of the
     token count, which is symbolic when Inductor traces the launcher under dynamic
     shapes.
     """
@@ -170,7 +170,7 @@ def lora_up_compose_triton(
     config: dict[str, int] | None = None,
 ) -> Tensor:
     """The fused up-projection and compose as one Triton kernel; ``config`` overrides ``lora_up_config``."""
-    res, h = _rows(result), hidden.reshape(-1, hidden.shape[-1])
+    res, h = as_rows(result), hidden.reshape(-1, hidden.shape[-1])
     (t, n), r = res.shape, h.shape[1]
     out = torch.empty(result.shape, dtype=out_dtype, device=result.device)
     cfg = config if config is not None else lora_up_config(r)
@@ -179,7 +179,7 @@ def lora_up_compose_triton(
         res,
         h,
         lora_B,
-        *_feature_vectors(magnitude, weight_norm, bias),
+        *feature_vectors(magnitude, weight_norm, bias),
         out,
         t,
         n,

@@ -73,8 +73,11 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .factored_norm import adapter_terms, factored_row_norm_torch, gram_plan, gram_terms, norm_splits
+from .common import adapter_terms, multiprocessors
+from .factored_norm import factored_row_norm_torch
+from .gram import gram_plan, gram_terms
 from .ill_conditioned_rows import ill_conditioned
+from .norm_plan import norm_splits
 
 __all__ = [
     "FP4_CODE",
@@ -368,7 +371,7 @@ def quantized_norm_plan(
     r: int,
     tile_dtype: torch.dtype,
     adapter_dtype: torch.dtype,
-    multiprocessors: int,
+    sm_count: int,
     quant_type: str = "nf4",
 ) -> QuantizedNormPlan:
     """Tiles of 64 rows by up to 64 of ``r``, 128-column chunks; split-K as ``norm_splits`` picks it."""
@@ -377,7 +380,7 @@ def quantized_norm_plan(
     block_m, block_k, sub_k = 64, 128, 64
     block_n = max(16, min(64, triton.next_power_of_2(r)))
     parts, row_tiles = triton.cdiv(r, block_n), triton.cdiv(d_out, block_m)
-    splits = norm_splits(parts * row_tiles, d_in, multiprocessors)
+    splits = norm_splits(parts * row_tiles, d_in, sm_count)
     k_per_split = triton.cdiv(triton.cdiv(d_in, splits), block_k) * block_k
     splits = triton.cdiv(d_in, k_per_split)
     fp32 = 4
@@ -388,10 +391,6 @@ def quantized_norm_plan(
     return QuantizedNormPlan(
         block_m, block_n, block_k, sub_k, parts, row_tiles, splits, k_per_split, a_count, workspace + d_out * fp32
     )
-
-
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def quantized_row_norm_triton(
@@ -427,7 +426,7 @@ def quantized_row_norm_triton(
     packed, scales = packed.contiguous(), scales.contiguous()  # read by flat index (no copy: both are already)
     tile = _tile_dtype(quant_type, dtype, lora_A.dtype)
     a_terms, a_scale = adapter_terms(lora_A, tile, after)
-    plan = quantized_norm_plan(d_out, d_in, r, dtype, lora_A.dtype, _multiprocessors(device), quant_type)
+    plan = quantized_norm_plan(d_out, d_in, r, dtype, lora_A.dtype, multiprocessors(device), quant_type)
     g_terms = gram_terms(a_terms, a_scale, r, after).float()
     gram = (g_terms[2] + g_terms[1]) + g_terms[0]
     code = four_bit_code(quant_type if quant_type != "int8" else "nf4", device)

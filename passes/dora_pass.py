@@ -12,7 +12,8 @@ from pathlib import Path
 
 from torch.fx import Graph, GraphModule, Node
 
-from .form import DoraMatch, Form
+from .folding import FoldedValue, FoldOptions, Unfoldable, drop_attributes, fold_match, peft_norm_value, plan_fold
+from .form import ComposeMatch, DoraMatch, Form
 from .graph_view import example_value, mutated_tensor, op_of, strip
 from .heuristics import LayerFacts, OpsImpl, choose_ops
 from .matching import NotDora, Unsupported
@@ -33,10 +34,17 @@ class PassOutcome:
     original: ModuleSnapshot  # the graphs before the pass: what to compile if the rewritten ones fail
     records: list[ModuleRecord] = field(default_factory=list)
     error: str | None = None  # the pass raised; the graphs are the originals
+    folded: list[FoldedValue] = field(default_factory=list)  # values for the backend to compute (``folding``)
+    fold_options: FoldOptions | None = None
 
     def restore(self, gm: GraphModule) -> None:
-        """Put back the graphs as they were before the pass (``gm``'s and its subgraphs')."""
+        """Put back the graphs as they were before the pass (``gm``'s and its subgraphs'), without folded values."""
         self.original.restore(gm)
+        drop_attributes(gm)
+        if self.fold_options is not None:
+            for value in self.folded:
+                self.fold_options.budget.give_back(value.merged_bytes)
+        self.folded = []
 
     @property
     def changed(self) -> bool:
@@ -95,12 +103,18 @@ class DoraRewritePass:
             digest.update(path.read_bytes())
         return digest.hexdigest()
 
-    def __call__(self, gm: GraphModule) -> PassOutcome:
-        """Rewrite ``gm``'s graph and its higher-order-op subgraphs (activation-checkpoint bodies)."""
-        outcome = PassOutcome(original=ModuleSnapshot(gm))
+    def __call__(self, gm: GraphModule, fold: FoldOptions | None = None) -> PassOutcome:
+        """Rewrite ``gm``'s graph and its higher-order-op subgraphs (activation-checkpoint bodies).
+
+        With ``fold``, modules of the top graph whose output needs no gradient get
+        their norm or whole weight from a graph attribute (``folding``); the outcome
+        lists those values for the backend to compute.
+        """
+        outcome = PassOutcome(original=ModuleSnapshot(gm), fold_options=fold)
         try:
             for _, sub in graph_modules(gm):
-                records = self._rewrite_all(sub.graph)
+                top = sub is gm  # folded values refer to the top graph's inputs and attributes
+                records = self._rewrite_all(sub.graph, fold if top else None, outcome.folded if top else None)
                 if records:
                     sub.graph.lint()
                     sub.recompile()
@@ -113,19 +127,23 @@ class DoraRewritePass:
             outcome.error = f"{type(error).__name__}: {error}"
         return outcome
 
-    def _rewrite_all(self, graph: Graph) -> list[ModuleRecord]:
+    def _rewrite_all(
+        self, graph: Graph, fold: FoldOptions | None = None, folded: list[FoldedValue] | None = None
+    ) -> list[ModuleRecord]:
         records = []
         anchor_ops = {op for form in self.forms for op in form.anchors}
         anchors = [n for n in graph.nodes if op_of(n) in anchor_ops]
         for anchor in anchors:
             if getattr(anchor, "_erased", False):  # part of an earlier rewrite (fx marks erased nodes)
                 continue
-            record = self._rewrite_one(graph, anchor)
+            record = self._rewrite_one(graph, anchor, fold, folded)
             if record is not None:
                 records.append(record)
         return records
 
-    def _rewrite_one(self, graph: Graph, anchor: Node) -> ModuleRecord | None:
+    def _rewrite_one(
+        self, graph: Graph, anchor: Node, fold: FoldOptions | None = None, folded: list[FoldedValue] | None = None
+    ) -> ModuleRecord | None:
         name, adapter = _layer_and_adapter(anchor)
         unsupported: tuple[Form, Unsupported] | None = None  # the last form that got past NotDora, and why
         for form in self.forms:
@@ -142,14 +160,23 @@ class DoraRewritePass:
             if mutated is not None:
                 unsupported = (form, Unsupported(f"{mutated} is modified in place between the norm and its use"))
                 break
-            return self._rewrite(graph, form, match, name, adapter)
+            return self._rewrite(graph, form, match, name, adapter, fold, folded)
         if unsupported is None:
             return None
         form, why = unsupported
         kind = form.kind if adapter is not None else "DoRA-like"  # outside PEFT, unknown until a form matches
         return ModuleRecord(name, adapter, form.name, "skipped", reason=str(why), kind=kind)
 
-    def _rewrite(self, graph: Graph, form: Form, match: DoraMatch, name: str, adapter: str | None) -> ModuleRecord:
+    def _rewrite(
+        self,
+        graph: Graph,
+        form: Form,
+        match: DoraMatch,
+        name: str,
+        adapter: str | None,
+        fold: FoldOptions | None,
+        folded: list[FoldedValue] | None,
+    ) -> ModuleRecord:
         low_rank = match.norm  # None where the graph computes no norm (PEFT's cached norm)
         weight = match.base_weight
         lora_A, _ = match.adapter_factors
@@ -167,7 +194,7 @@ class DoraRewritePass:
             packed_norm=packed_norm_applies(match),
         )
         impl, why = choose_ops(self.ops, facts)
-        ops = form.rewrite(graph, match, impl)
+        ops, frozen, why = self._insert(graph, form, match, impl, why, name, adapter, fold, folded)
         rank = int(a.shape[0])
         quantized = low_rank.quantized if low_rank is not None else None
         if low_rank is not None:
@@ -191,6 +218,45 @@ class DoraRewritePass:
             ops_reason=why,
             kind=match.kind or form.kind,
             dense_bytes=dense,
-            rewritten_bytes=rewritten,
+            rewritten_bytes=None if frozen else rewritten,
+            frozen=frozen,
             quantization=quantized.scheme if quantized is not None else None,
         )
+
+    @staticmethod
+    def _insert(
+        graph: Graph,
+        form: Form,
+        match: DoraMatch,
+        impl: tuple[str, str],
+        why: str,
+        name: str,
+        adapter: str | None,
+        fold: FoldOptions | None,
+        folded: list[FoldedValue] | None,
+    ) -> tuple[tuple[str, ...], str, str]:
+        """Rewrite ``match`` (folded where ``fold`` allows); returns ``(ops, frozen kind or "", ops_reason)``.
+
+        ``folded`` collects the values the backend computes or checks (None: a subgraph, nothing is folded).
+        """
+        if fold is not None and folded is not None:
+            try:
+                kind, merged_bytes, plan = plan_fold(match, fold)
+                try:  # the graph is untouched until the operands' recipe is built
+                    ops, value = fold_match(graph, match, kind, impl, name, adapter)
+                except Unfoldable:
+                    fold.budget.give_back(merged_bytes)
+                    raise
+            except Unfoldable as reason:
+                why = f"frozen: not folded ({reason}); {why}"
+            else:
+                value.merged_bytes = merged_bytes
+                folded.append(value)
+                return ops, kind, f"frozen: {plan}" + ("" if kind == "merged" else f"; {why}")
+        ops = form.rewrite(graph, match, impl)
+        if folded is not None and isinstance(match, ComposeMatch) and match.norm is None:  # PEFT's cached norm
+            try:
+                folded.append(peft_norm_value(match, name, adapter))
+            except Unfoldable as reason:
+                why = f"{why}; PEFT's cached norm is not checked against its parameters ({reason})"
+        return ops, "", why

@@ -37,9 +37,7 @@ each of the two ops to insert for one module. Both compute the same math:
   Triton norm took less GPU time than the plain-torch one at every size measured
   (64² at r = 8 up to 2048² at r = 64, H200: 8.6 against 15.1 µs at 64²), and
   fewer launches, so less host time where calls are launch-bound (83-124 against
-  138-188 µs per call back to back). A size threshold from an earlier, invalid
-  measurement (its later cases had run eagerly) kept layers under 1024² on the
-  plain-torch norm until 2026-11-26;
+  138-188 µs per call back to back);
 - compose: ``"torch"``. Inductor fuses ``compose_torch`` into one pointwise
   kernel forward and one backward at the same bandwidth as the Triton kernels
   (both at the copy bandwidth), and, unlike an op with its own output, it writes

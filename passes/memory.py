@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from dora_fused.kernels.factored_norm import CHUNK_BYTES, norm_plan
+from dora_fused.kernels.norm_plan import CHUNK_BYTES, norm_plan
 from dora_fused.kernels.quantized_norm import quantized_norm_plan
 
 __all__ = ["dense_norm_bytes", "rewritten_norm_bytes"]

@@ -92,10 +92,16 @@ class FrameNames:
     prefix: str | None  # "" when the frame is the root itself; None when unknown (names stay frame-relative)
 
     def qualify(self, name: str) -> str:
-        """The model's qualified name of a frame-relative module name (``ROOT`` for the frame itself)."""
-        if not self.prefix:
+        """The model's qualified name of a frame-relative module name (``ROOT`` for the frame itself).
+
+        Known frames give names without transparent wrappers' attributes, as the root's are matched.
+        """
+        if self.prefix is None:
             return name
-        return self.prefix.removesuffix(".") if name in ("", ROOT) else self.prefix + name
+        rel = unwrapped_name(name)
+        if not self.prefix:
+            return rel or ROOT
+        return self.prefix.removesuffix(".") if rel in ("", ROOT) else self.prefix + rel
 
     @classmethod
     def of(cls, gm: GraphModule, example_inputs: Sequence[object], roots: Iterable[torch.nn.Module]) -> FrameNames:
@@ -113,7 +119,7 @@ class FrameNames:
         for node, value in zip(placeholders, example_inputs, strict=False):
             path = _frame_attribute(node)
             if isinstance(value, torch.Tensor) and path is not None:
-                lifted.append((id(value), path))
+                lifted.append((id(value), unwrapped_name(path)))  # the frame may be a wrapper's (checkpoint_wrapper)
         if not lifted:
             return cls(None)
         for root in roots:

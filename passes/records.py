@@ -28,6 +28,7 @@ class ModuleRecord:
     active_adapters: tuple[str, ...] = ()  # the module's active adapters, when known
     dense_bytes: int | None = None  # transient memory of PEFT's dense norm per call (estimate)
     rewritten_bytes: int | None = None  # the same for the rewritten norm (estimate)
+    frozen: str = ""  # frozen inference: "norm" (the norm computed once) or "merged" (the whole weight); "" live
     # the base's quantization ("bnb-nf4", "bnb-fp4", "-dq" with double quantization, "bnb-int8", "torchao-int8",
     # "torchao-intx"); None for an unquantized base. weight_dtype is then the dequantized weight's dtype
     quantization: str | None = None

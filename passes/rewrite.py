@@ -304,22 +304,28 @@ def replace_root(graph: Graph, match: ComposeMatch, composed: Node) -> None:
     erase_dead(graph, [*match.nodes, match.lora])
 
 
-def rewrite_with_compose(graph: Graph, match: ComposeMatch, impl: OpsChoice = ("triton", "triton")) -> tuple[str, ...]:
+def rewrite_with_compose(
+    graph: Graph, match: ComposeMatch, impl: OpsChoice = ("triton", "triton"), *, norm: Node | None = None
+) -> tuple[str, ...]:
     """Insert the factored norm (after the base output) and the compose (before the root); retarget the root's users.
 
     Where the graph has no norm to factor (PEFT's cached norm) the compose takes
     ``detach(weight_norm)`` as it is; the factored ``[d_out]`` norm is viewed as ``m``
     where ``m`` has another shape (a Conv's ``[1, C_out, 1, ...]``); a DoRA term scaled by one
-    more factor (``lora_factor``) gives the compose ``lora·factor``. Returns the
-    names of what was inserted, for the record.
+    more factor (``lora_factor``) gives the compose ``lora·factor``. A given ``norm``
+    (a ``[d_out]`` value already in the graph before the root: a folded norm) takes
+    the place of both. Returns the names of what was inserted, for the record.
     """
     inserted: list[str] = []
-    if match.norm is not None:
+    if norm is not None:
+        with graph.inserting_before(match.root):
+            store_norm(graph, match.stored, norm, match.root)
+    elif match.norm is not None:
         norm_target, norm_name = TARGETS["norm"][impl[0]]
         norm = insert_norm(graph, match, norm_target, match.root)
         inserted.append(norm_name)
     with graph.inserting_before(match.root):
-        if match.norm is None:  # the cached norm, as the graph has it
+        if norm is None:  # the cached norm, as the graph has it
             norm = insert_node(graph, "call_method", "detach", (match.weight_norm,), match.root)
         elif tuple(example_value(match.magnitude).shape) != tuple(example_value(norm).shape):  # [d_out] as m
             norm = insert_node(graph, "call_method", "view", (norm, *example_value(match.magnitude).shape), match.root)

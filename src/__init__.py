@@ -14,29 +14,16 @@ backend would rewrite without compiling.
 if __name__ != "dora_fused":
     # Found as the top-level package "src" because the checkout root is on sys.path
     # (``python -m``/``-c`` run from the root). That name belongs to any installed package of
-    # that name (PyPI has one): import it instead.
-    import importlib
-    import importlib.machinery
+    # that name (PyPI has one): it is imported instead.
+    # src/_checkout_root.py hands the name over, loaded by its path: no import of this project may run first.
     import importlib.util
     import os
-    import sys
 
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    _path = sys.path[:]
-    sys.path[:] = [p for p in _path if os.path.abspath(p or os.curdir) != _root]
-    del sys.modules[__name__]
-    try:
-        importlib.import_module(__name__)
-    except ModuleNotFoundError as error:
-        if error.name != __name__:
-            raise
-        # None is installed: an empty namespace package, as a folder without __init__.py gives
-        # (no __file__, no __version__: transformers' availability check reads that as absent).
-        _spec = importlib.machinery.ModuleSpec(__name__, None, is_package=True)
-        _spec.submodule_search_locations = []
-        sys.modules[__name__] = importlib.util.module_from_spec(_spec)
-    finally:
-        sys.path[:] = _path
+    _guard_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src", "_checkout_root.py")
+    _spec = importlib.util.spec_from_file_location("_dora_fused_checkout_root", _guard_path)
+    _guard = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_guard)
+    _guard.yield_to_installed(__name__)
 else:
     from .logs import configure_from_env
     from .peft_tracing import enable_peft_tracing
@@ -46,6 +33,7 @@ else:
     configure_from_env()
 
     from .backend import DoraFusedBackend, audit, backend, dora_fused, register_name
+    from .frozen import refresh_frozen
 
     register_name()
 
@@ -59,6 +47,7 @@ else:
         "clear_reports",
         "dora_fused",
         "last_report",
+        "refresh_frozen",
         "reports",
     ]
     __version__ = "0.1.0"

@@ -8,10 +8,17 @@ result goes to Inductor with the ``mode``/``options`` torch.compile forwarded.
 Never broken: if the pass raises, or the inner compiler fails on the rewritten
 graph, the original graph is compiled instead and the error is recorded in the
 report (and logged), never raised.
+
+Frozen inference (``frozen=True``, or Inductor's ``freezing`` on for a graph that
+needs no gradient): the pass folds what depends only on parameters into graph
+attributes, this module computes them from the real parameters
+(``frozen.materialize``) and returns the compiled graph behind a per-call check
+that those parameters are unchanged (``frozen.FoldedGraph``).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -21,10 +28,14 @@ from torch._dynamo.exc import RestartAnalysis
 from torch.fx import GraphModule
 
 from dora_fused.passes import DoraRewritePass
+from dora_fused.passes.dora_pass import PassOutcome
+from dora_fused.passes.folding import FoldOptions, MergeBudget
 from dora_fused.passes.heuristics import OpsImpl
 from dora_fused.passes.naming import FrameNames, calling_modules
+from dora_fused.passes.snapshot import snapshot
 
 from .auditing import audit_model
+from .frozen import FoldedGraph, Variant, materialize
 from .logs import graph_break_reasons, log_report
 from .report import RewriteReport, _record
 
@@ -47,29 +58,57 @@ class DoraFusedBackend:
             ``torch.ops.dora_fused`` Triton ops; plain torch off CUDA) or
             ``"torch"`` (plain torch ops that Inductor compiles); see
             ``dora_fused.passes.heuristics``.
+        frozen: frozen inference. ``True``: in graphs that need no gradient, each
+            DoRA module's norm (or, within ``merge_budget_bytes``, its whole weight)
+            is computed once at compile time from the parameters; a per-call check
+            recomputes it when a parameter changed. ``None`` (default): on where
+            Inductor's freezing applies (``torch._inductor.config.freezing`` or
+            ``options={"freezing": True}``, without grad). ``False``: never.
+        merge_budget_bytes: extra memory frozen graphs of this backend may hold in
+            merged weights (one more copy of each merged ``W``). Modules are merged
+            in graph order while it lasts; the others get their norm folded. 0 by
+            default: nothing is merged, except under Inductor's
+            ``freezing_discard_parameters``, which drops the original weights.
     """
 
-    def __init__(self, *, inner: str = "inductor", rewrite: bool = True, ops: OpsImpl = "auto") -> None:
+    def __init__(
+        self,
+        *,
+        inner: str = "inductor",
+        rewrite: bool = True,
+        ops: OpsImpl = "auto",
+        frozen: bool | None = None,
+        merge_budget_bytes: int = 0,
+    ) -> None:
         if inner not in INNER_COMPILERS:
             raise ValueError(f"inner must be one of {INNER_COMPILERS}, got {inner!r}")
         if ops not in ("auto", "triton", "torch"):
             raise ValueError(f"ops must be 'auto', 'triton' or 'torch', got {ops!r}")
+        if frozen not in (None, True, False):
+            raise ValueError(f"frozen must be None, True or False, got {frozen!r}")
         self.inner = inner
         self.rewrite = rewrite
         self.ops = ops
+        self.frozen = frozen
+        self.merge_budget = MergeBudget(int(merge_budget_bytes))
         self.rewrite_pass = DoraRewritePass(ops=ops)
 
-    def _key(self) -> tuple[str, bool, str]:
-        return self.inner, self.rewrite, self.ops
+    def _key(self) -> tuple[object, ...]:
+        return self.inner, self.rewrite, self.ops, self.frozen, self.merge_budget.total
 
     def __repr__(self) -> str:
-        return f"DoraFusedBackend(inner={self.inner!r}, rewrite={self.rewrite}, ops={self.ops!r})"
+        frozen = f", frozen={self.frozen}, merge_budget_bytes={self.merge_budget.total}"
+        return f"DoraFusedBackend(inner={self.inner!r}, rewrite={self.rewrite}, ops={self.ops!r}{frozen})"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, DoraFusedBackend) and self._key() == other._key()
 
     def __hash__(self) -> int:
         return hash(self._key())
+
+    def __deepcopy__(self, memo: dict[int, object]) -> DoraFusedBackend:
+        # generate() deep-copies its CompileConfig: the copy shares this backend's merge budget
+        return self
 
     def __call__(
         self,
@@ -79,22 +118,42 @@ class DoraFusedBackend:
         mode: str | None = None,
         options: dict[str, Any] | None = None,
     ) -> Callable[..., Any]:
+        return self._compile(gm, example_inputs, mode, options)
+
+    def _compile(
+        self,
+        gm: GraphModule,
+        example_inputs: Sequence[Any],
+        mode: str | None,
+        options: dict[str, Any] | None,
+        rebuilding: bool = False,
+    ) -> Callable[..., Any]:
         report = RewriteReport(graph_breaks=graph_break_reasons(gm))
-        outcome = self.rewrite_pass(gm) if self.rewrite else None
-        if outcome is not None:
+        freezing = self._inductor_freezing(options)
+        baked = freezing and self.inner == "inductor"  # parameters become constants of the compiled code
+        discard = baked and bool(_option(options, "freezing_discard_parameters"))
+        fold = self.frozen if self.frozen is not None else freezing
+        # to compile again for changed (baked) or other (a shared graph) parameters
+        original = snapshot(gm.graph) if (fold or baked) and not discard else None
+        watched = [str(n.target) for n in gm.graph.nodes if n.op == "get_attr"] if baked else []
+        outcome = None
+        if self.rewrite:
+            outcome = self.rewrite_pass(gm, FoldOptions(self.merge_budget, discard) if fold else None)
             names = FrameNames.of(gm, example_inputs, calling_modules())
             report.modules = [replace(m, name=names.qualify(m.name)) for m in outcome.records]
             report.error = outcome.error
         try:
+            if outcome is not None and outcome.folded:
+                materialize(gm, outcome.folded, example_inputs)
             compiled = self._compile_inner(gm, example_inputs, mode, options)
         except RestartAnalysis:
             raise  # Dynamo's control flow (e.g. tensorify-scalars restarts), not a failure: it retraces
         except Exception as error:
-            if outcome is None or not outcome.changed:
+            if outcome is None or not (outcome.changed or outcome.folded):
                 raise
             report.error = f"inner compiler failed on the rewritten graph: {type(error).__name__}: {error}"
             report.modules = [
-                replace(m, status="skipped", reason="inner compile failed; original kept", ops=())
+                replace(m, status="skipped", reason="inner compile failed; original kept", ops=(), frozen="")
                 if m.status == "rewritten"
                 else m
                 for m in report.modules
@@ -102,7 +161,41 @@ class DoraFusedBackend:
             outcome.restore(gm)
             compiled = self._compile_inner(gm, example_inputs, mode, options)
         log_report(_record(report))
-        return compiled
+        if outcome is None or not (outcome.folded or (baked and outcome.changed) or rebuilding):
+            return compiled
+        return self._folded(compiled, gm, example_inputs, outcome, baked, watched, original, mode, options).call()
+
+    def _folded(
+        self,
+        compiled: Callable[..., Any],
+        gm: GraphModule,
+        example_inputs: Sequence[Any],
+        outcome: PassOutcome,
+        baked: bool,
+        watched: list[str],
+        original: Any,
+        mode: str | None,
+        options: dict[str, Any] | None,
+    ) -> FoldedGraph:
+        """``compiled`` behind the per-call check of the parameters its folded (or baked) values came from."""
+        rebuild = None
+        if original is not None:
+
+            def rebuild(args: list[Any]) -> Variant:
+                fresh = GraphModule(gm, snapshot(original))
+                fresh.meta.update(gm.meta)
+                return self._compile(fresh, args, mode, options, rebuilding=True).folded.current
+
+        variant = Variant(compiled, gm, outcome.folded, example_inputs, watched, weak=baked and original is None)
+        merged = sum(v.merged_bytes for v in outcome.folded)
+        if merged:
+            weakref.finalize(variant, self.merge_budget.give_back, merged)
+        return FoldedGraph(variant, example_inputs, baked=baked, rebuild=rebuild)
+
+    @staticmethod
+    def _inductor_freezing(options: dict[str, Any] | None) -> bool:
+        """Whether Inductor's freezing applies to this graph: asked for, and no gradient."""
+        return bool(_option(options, "freezing")) and not torch.is_grad_enabled()
 
     def audit(self, model: torch.nn.Module, *args: Any, **kwargs: Any) -> RewriteReport:
         """What this backend would rewrite in ``model(*args, **kwargs)``; compiles nothing (``dora_fused.audit``)."""
@@ -128,12 +221,30 @@ class DoraFusedBackend:
         return gm.forward
 
 
+def _option(options: dict[str, Any] | None, name: str) -> object:
+    """An Inductor config value as this compile sees it: ``options`` first, then the global config."""
+    if options and name in options:
+        return options[name]
+    return getattr(torch._inductor.config, name)
+
+
 _default = DoraFusedBackend()
 
 
-def backend(*, inner: str = "inductor", rewrite: bool = True, ops: OpsImpl = "auto") -> DoraFusedBackend:
-    """A configured backend: ``torch.compile(model, backend=dora_fused.backend(inner="aot_eager"))``."""
-    return DoraFusedBackend(inner=inner, rewrite=rewrite, ops=ops)
+def backend(
+    *,
+    inner: str = "inductor",
+    rewrite: bool = True,
+    ops: OpsImpl = "auto",
+    frozen: bool | None = None,
+    merge_budget_bytes: int = 0,
+) -> DoraFusedBackend:
+    """A configured backend: ``torch.compile(model, backend=dora_fused.backend(inner="aot_eager"))``.
+
+    ``frozen=True`` turns on frozen inference; ``merge_budget_bytes`` bounds the extra
+    memory of merged weights (see :class:`DoraFusedBackend`).
+    """
+    return DoraFusedBackend(inner=inner, rewrite=rewrite, ops=ops, frozen=frozen, merge_budget_bytes=merge_budget_bytes)
 
 
 def dora_fused(

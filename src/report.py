@@ -142,6 +142,8 @@ _OP_LABELS = {
     "torch:lora_up_folded_compose_torch": "compose: torch (scale folded into B)",
     "torch:lora_up_folded_compose_with_base_torch": "compose: torch (dropout base, scale folded into B)",
     "torch:compose_with_base_torch": "compose: torch (dropout base)",
+    "frozen:row_norm": "norm: folded at compile time",
+    "frozen:merged_weight": "merged weight (one matmul)",
 }
 
 

@@ -25,8 +25,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from dora_fused.kernels import factored_norm as fn  # the module (kernels/__init__ exports functions)
+from dora_fused.kernels import factored_norm as fn  # the modules (kernels/__init__ exports functions)
+from dora_fused.kernels import gram
 from dora_fused.kernels.lora_up_compose import _lora_up_compose_kernel, lora_up_config
+from dora_fused.kernels.norm_plan import norm_plan
 
 H100_SHARED_BYTES = 232448  # the most dynamic shared memory one block may use on an H100 / H200 (227 KB)
 SM90 = GPUTarget("cuda", 90, 32)
@@ -88,7 +90,7 @@ def _norm_bytes(weight: str, adapters: str, constexprs: dict[str, object], **lau
 
 def _norm_case(weight: torch.dtype, adapters: torch.dtype, r: int) -> int:
     a_count = 1 if adapters == weight else 3
-    plan = fn.norm_plan(4096, 4096, r, a_count, multiprocessors=132)
+    plan = norm_plan(4096, 4096, r, a_count, multiprocessors=132)
     options = dict(plan.kernel)
     launch = dict(num_warps=options.pop("num_warps"), num_stages=options.pop("num_stages", 3))
     constexprs = dict(
@@ -104,11 +106,11 @@ def _norm_case(weight: torch.dtype, adapters: torch.dtype, r: int) -> int:
 
 
 def _gram_case(dtype: torch.dtype, r: int, count: int) -> int:
-    plan = fn.gram_plan(r, 4096, count)
+    plan = gram.gram_plan(r, 4096, count)
     constexprs = dict(MAX_ORDER=min(2, 2 * count - 2), BLOCK=plan.block, BLOCK_K=plan.block_k)
     pointers = dict(X=_DTYPES[dtype], P="fp32", AFTER=_DTYPES[dtype])
     return sm90_shared_bytes(
-        fn._pair_products_kernel,
+        gram._pair_products_kernel,
         pointers=pointers,
         constexprs=constexprs,
         unit=("stride_xk",),

@@ -48,6 +48,7 @@ left alone: (root): hand-written DoRA with mixed dtypes is not a supported form 
         )
 
 
+@pytest.mark.slow
 def test_audit_matches_what_the_backend_does_and_compiles_nothing():
     model = tiny_llama_dora(torch.float32, torch.float32).eval()
     embeds = torch.randn(1, 5, TINY_LLAMA["hidden_size"])
@@ -126,6 +127,7 @@ def test_json_round_trip_and_schema():
     assert dora_fused.RewriteReport.from_json(json.dumps(older)).modules[0].quantization is None
 
 
+@pytest.mark.slow
 def test_logging_one_info_line_per_graph_and_details_at_debug(caplog):
     with caplog.at_level(logging.DEBUG, logger="dora_fused"):
         torch.compile(small_dora_mlp(), backend="dora_fused")(torch.randn(3, 12))

@@ -45,6 +45,7 @@ def _capture(model, *args, ops="auto", **kwargs):
 # --- registration -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_backend_is_found_by_name_without_importing_dora_fused():
     script = textwrap.dedent(
         """
@@ -75,6 +76,7 @@ def test_peft_tracing_registration_is_idempotent():
     assert reloaded.enable_peft_tracing()
 
 
+@pytest.mark.slow
 def test_quantized_bases_keep_peft_path():
     """A module PEFT treats as quantized (HQQ's W_q) still goes through PEFT's own dequantize under Dynamo."""
     from peft.utils.integrations import dequantize_module_weight
@@ -150,6 +152,7 @@ def _lora_llama():
     return get_peft_model(_plain_llama(), config)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", [_plain_llama, _lora_llama], ids=["no-adapter", "plain-lora"])
 def test_models_without_dora_compile_as_inductor_alone_would(build):
     model = build().eval()
@@ -187,6 +190,7 @@ def _uncompilable_rewrite(graph, match, impl):
     return ops
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rewrite", [_raising_rewrite, _uncompilable_rewrite], ids=["pass-raises", "inner-fails"])
 def test_failures_fall_back_to_the_original_graph(rewrite):
     model = tiny_llama_dora(torch.float32, torch.float32).eval()
@@ -202,6 +206,7 @@ def test_failures_fall_back_to_the_original_graph(rewrite):
     assert_close(out, expected, rtol=1e-5, atol=1e-6, what="fallback logits")
 
 
+@pytest.mark.slow
 def test_unrecognized_dora_like_subgraph_is_left_alone_with_a_reason():
     module = HandWrittenDora(adapter_dtype=torch.float64)  # fp64 adapters on an fp32 W: not a supported form
     x = torch.randn(3, 5, dtype=torch.float64)
@@ -218,6 +223,7 @@ def test_unrecognized_dora_like_subgraph_is_left_alone_with_a_reason():
 # --- shapes that vary ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_varying_sequence_length_recompiles_once_and_stays_rewritten():
     model = tiny_llama_dora(torch.float32, torch.float32).eval()
     compiled = torch.compile(model, backend="dora_fused")
@@ -229,6 +235,7 @@ def test_varying_sequence_length_recompiles_once_and_stays_rewritten():
     assert len(dora_fused.reports()) == before + 2
 
 
+@pytest.mark.slow
 def test_inference_with_varying_sequence_length_keeps_the_fused_up_projection():
     """no_grad, bf16 adapters: the fused up-projection op traces with a symbolic token count."""
     model = tiny_llama_dora(torch.bfloat16, torch.bfloat16).eval()
@@ -243,6 +250,7 @@ def test_inference_with_varying_sequence_length_keeps_the_fused_up_projection():
     assert len(dora_fused.reports()) == before + 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train", [False, True])
 def test_dynamic_true_is_rewritten_with_the_traced_scaling(train):
     """dynamic=True lifts s to a SymFloat: the plain-torch ops take it; one graph serves every length."""
@@ -264,6 +272,7 @@ def test_dynamic_true_is_rewritten_with_the_traced_scaling(train):
     assert all("symbolic scaling" in m.ops_reason and m.ops[0].startswith("torch:") for m in report.modules)
 
 
+@pytest.mark.slow
 def test_new_adapter_weights_loaded_in_place_show_at_once_without_recompiling():
     """An adapter swap by loading weights into the same adapter (PEFT's set_peft_model_state_dict)."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
@@ -288,6 +297,7 @@ def test_new_adapter_weights_loaded_in_place_show_at_once_without_recompiling():
 # --- options and records ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_inductor_options_are_honoured():
     model = tiny_llama_dora(torch.float32, torch.float32).eval()
     embeds = _embeds()
@@ -299,6 +309,7 @@ def test_inductor_options_are_honoured():
         torch.compile(model, backend="dora_fused", options={"not_an_inductor_option": 1})(inputs_embeds=embeds)
 
 
+@pytest.mark.slow
 def test_record_gives_names_shapes_rank_and_dtypes():
     model = tiny_llama_dora(torch.bfloat16, None, r=5).eval()
     torch.compile(model, backend="dora_fused")(inputs_embeds=_embeds(torch.bfloat16))
@@ -327,6 +338,7 @@ class _TwoLayers(nn.Module):
         return self.down(torch.tanh(self.up(x)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_several_active_adapters_compose_in_peft_order(train):
     torch.manual_seed(0)
@@ -361,6 +373,7 @@ def test_several_active_adapters_compose_in_peft_order(train):
                 assert_close(got[name].grad, param.grad, rtol=2e-5, atol=2e-6 * scale, what=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_bf16_backward_keeps_the_output_gradient_in_bf16(dropout, device):

@@ -81,6 +81,7 @@ def test_the_cli_from_the_root_reports_bad_input_without_a_traceback(tmp_path):
     assert "model directory not found" in done.stderr
 
 
+@pytest.mark.slow
 def test_the_backend_by_name_rewrites_from_the_root():
     script = textwrap.dedent(
         """

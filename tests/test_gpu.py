@@ -13,7 +13,8 @@ from torch._inductor.utils import run_and_get_code
 
 import dora_fused
 from dora_fused.kernels import compose, factored_row_norm, lora_up_compose
-from dora_fused.kernels.factored_norm import dense_row_norm_reference, gram_fp32, gram_triton
+from dora_fused.kernels.factored_norm import dense_row_norm_reference
+from dora_fused.kernels.gram import gram_fp32, gram_triton
 
 pytestmark = pytest.mark.gpu
 

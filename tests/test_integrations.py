@@ -105,6 +105,7 @@ def _losses(trainer: Trainer) -> torch.Tensor:
     return torch.tensor([entry["loss"] for entry in trainer.state.log_history if "loss" in entry], dtype=torch.float64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["model.compile", "torch.compile"])
 def test_trainer_losses_match_eager_step_by_step(tmp_path, how):
     """A model compiled before it is handed to the Trainer trains as eager does, and the same adapter is saved.
@@ -166,6 +167,7 @@ def test_trainer_backend_name_is_rejected_by_accelerate(tmp_path):
 # --- transformers generate -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_generate_static_cache_matches_eager_on_cpu():
     """``generate(cache_implementation="static", compile_config=...)``: the same greedy tokens and logits as eager.
 
@@ -228,6 +230,7 @@ def adapters(tmp_path) -> dict[str, Path]:
     return {name: _save_adapter(tmp_path / name, seed) for seed, name in enumerate("abc", start=1)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "set_before_compile,expected_compiles",
     [(False, [1, 2, 3, 3, 3]), (True, [1, 2, 2, 2, 2])],
@@ -269,6 +272,7 @@ def test_set_adapter_swaps_at_once_and_compiles_each_adapter_once(adapters, set_
     assert (expected["a"] - expected["b"]).abs().max() > 0.1  # the swap changes the outputs
 
 
+@pytest.mark.slow
 def test_in_place_swaps_are_seen_at_once_and_compile_nothing(adapters):
     """Weights copied into the compiled model's tensors reach the next call, norms included; no recompile.
 
@@ -365,6 +369,7 @@ def _eager_greedy(model: torch.nn.Module, input_ids: list[int], max_new_tokens: 
     return ids[0, len(input_ids) :].tolist(), torch.stack(steps)
 
 
+@pytest.mark.slow
 def test_litserve_server_answers_equal_eager(tmp_path, adapters):
     """examples/serve_litserve.py serves a saved base + DoRA adapter on 127.0.0.1; its answers equal eager's."""
     pytest.importorskip("litserve")
@@ -407,6 +412,7 @@ def _lightning():
     return pl
 
 
+@pytest.mark.slow
 def test_lightning_module_with_compiled_model_trains_as_eager(tmp_path):
     """A LightningModule holding the compiled PEFT model: the same loss at every step as the eager module."""
     pl = _lightning()

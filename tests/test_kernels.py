@@ -17,6 +17,7 @@ from dora_fused.kernels import (
     factored_norm,
     factored_row_norm,
 )
+from dora_fused.kernels.common import split_terms
 from dora_fused.kernels.factored_norm import dense_row_norm_reference, factored_row_norm_reference
 
 SHAPES = [(1, 1, 1), (7, 5, 1), (33, 17, 3), (64, 40, 24), (40, 64, 63)]  # (d_out, d_in, r)
@@ -74,7 +75,7 @@ def test_factored_norm_is_at_least_as_precise_as_the_dense_bf16_path():
 def test_split_terms_reconstruct_fp32_exactly():
     gen = torch.Generator().manual_seed(8)
     a = torch.randn(64, 200, generator=gen) * torch.logspace(-20, 20, 200)
-    parts = factored_norm.split_terms(a, torch.bfloat16, 3)
+    parts = split_terms(a, torch.bfloat16, 3)
     assert all(p.dtype == torch.bfloat16 for p in parts)
     rebuilt = sum(p.double() for p in parts)
     # three 8-bit slices hold the 24-bit significand (the last one rounds at most half an fp32 ulp)

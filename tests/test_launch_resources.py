@@ -31,11 +31,13 @@ def shared_bytes() -> dict[str, int]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_the_check_reproduces_the_launch_failure_seen_on_the_gpu(shared_bytes):
     """The former config failed at launch on an H200 asking for 360448 bytes: the check must see it too."""
     assert shared_bytes[CANARY] > H100_SHARED_BYTES
 
 
+@pytest.mark.slow
 def test_every_launch_config_fits_an_h100(shared_bytes):
     cases = {case: size for case, size in shared_bytes.items() if case != CANARY}
     assert len(cases) >= 20 and all(size > 0 for size in cases.values())

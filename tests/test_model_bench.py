@@ -51,6 +51,7 @@ def _rows(data: dict) -> dict[tuple[str, str], dict]:
     return {(r["case"], r["contender"]): r for r in data["rows"]}
 
 
+@pytest.mark.slow
 def test_every_case_and_contender_has_a_good_row(run):
     rows = _rows(run["data"])
     expected = {(case, c) for case in CASES for c in CONTENDERS if c != "merged" or case == LLAMA[0]}
@@ -60,6 +61,7 @@ def test_every_case_and_contender_has_a_good_row(run):
     assert not bad
 
 
+@pytest.mark.slow
 def test_fields(run):
     runs = run["data"]["meta"]["runs"].values()
     assert len(runs) == 2
@@ -78,6 +80,7 @@ def test_fields(run):
         assert row["dora_fused_imported"] == (contender == "dora_fused")  # the other processes never import it
 
 
+@pytest.mark.slow
 def test_parallel_processes_never_time_at_once(run):
     windows = sorted((r["turn_start"], r["turn_end"]) for r in run["data"]["rows"] if r["contender"] != "fp64_ref")
     assert len(windows) == 2 * len(LLAMA) + 1 + 2 * len(VLM)
@@ -85,6 +88,7 @@ def test_parallel_processes_never_time_at_once(run):
     assert {r["parallel"] for r in run["data"]["rows"] if r["case"] in LLAMA} == {3}
 
 
+@pytest.mark.slow
 def test_block_scope_compiles_each_layer_once_with_checkpointing(tmp_path):
     """--compile-scope block: the decoder layers share one compiled graph, rewritten, checkpointing included."""
     out = tmp_path / "block.json"
@@ -102,6 +106,7 @@ def test_block_scope_compiles_each_layer_once_with_checkpointing(tmp_path):
     assert 1 <= rows["train-gc"]["graphs_compiled"] <= 2
 
 
+@pytest.mark.slow
 def test_errors_against_fp64(run):
     rows = _rows(run["data"])
     for case in CASES:
@@ -113,6 +118,7 @@ def test_errors_against_fp64(run):
     assert 0 < rows[LLAMA[0], "merged"]["rel_err"] < MAX_ERROR  # bf16 merged weights: their own rounding
 
 
+@pytest.mark.slow
 def test_dora_fused_rewrote_every_module(run):
     rows = _rows(run["data"])
     for case in CASES:
@@ -122,6 +128,7 @@ def test_dora_fused_rewrote_every_module(run):
         assert "rewritten" not in rows[case, "peft_eager"]
 
 
+@pytest.mark.slow
 def test_tables(run):
     spec = importlib.util.spec_from_file_location("models_table", BENCH / "models_table.py")
     table = importlib.util.module_from_spec(spec)
@@ -132,6 +139,7 @@ def test_tables(run):
     assert "| 14/14 |" in text
 
 
+@pytest.mark.slow
 def test_plots(run, tmp_path):
     pytest.importorskip("matplotlib")
     subprocess.run(
@@ -154,6 +162,7 @@ def harness(monkeypatch):
     return module
 
 
+@pytest.mark.slow
 def test_resume_plans_nothing_already_measured(run, harness):
     args = ["--tiny", "--inner", "aot_eager", *run["llama_args"]]
     assert harness.plan(harness.parse_args(args))  # without --resume: everything again

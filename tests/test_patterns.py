@@ -44,7 +44,7 @@ def _assert_matches_eager(model, x: torch.Tensor, out: torch.Tensor, what: str) 
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("inner", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_dropout_in_training_keeps_peft_semantics(inner, device):
     """With dropout active PEFT runs the base layer again on the dropped input: kept, composed around."""
     model = tiny_llama_dora(torch.float32, torch.float32, lora_dropout=0.3).to(device).train()
@@ -70,6 +70,7 @@ def test_dropout_in_training_keeps_peft_semantics(inner, device):
         assert_close(got[name], grad, rtol=1e-4, atol=1e-6, what=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, None], ids=["bf16-adapters", "fp32-adapters"])
 def test_inference_fuses_the_lora_up_projection_with_the_compose(device, adapter_dtype):
@@ -94,6 +95,7 @@ def test_inference_fuses_the_lora_up_projection_with_the_compose(device, adapter
     assert relative_error(inference, training.detach()) < 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("r", [1, 40])  # rank 1 and rank >= d_in / 2 (d_in = 48 or 88)
 def test_extreme_ranks(r):
     model = tiny_llama_dora(torch.float32, torch.float32, r=r).eval()
@@ -103,6 +105,7 @@ def test_extreme_ranks(r):
     assert_close(out, model(inputs_embeds=embeds).logits, rtol=2e-5, atol=2e-6, what="logits")
 
 
+@pytest.mark.slow
 def test_only_dora_layers_of_a_mixed_model_are_rewritten():
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_LLAMA))
@@ -132,6 +135,7 @@ ARCHITECTURES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_architectures_from_configs(name):
     config_class, model_class, extra = ARCHITECTURES[name]
@@ -152,6 +156,7 @@ def test_architectures_from_configs(name):
     assert_close(out[key], model(input_ids=ids)[key], rtol=2e-5, atol=2e-5, what=f"{name} {key}")
 
 
+@pytest.mark.slow
 def test_vit_image_input():
     torch.manual_seed(0)
     config = transformers.ViTConfig(
@@ -170,6 +175,7 @@ def test_vit_image_input():
     assert_close(out, model(pixel_values=pixels).last_hidden_state, rtol=2e-5, atol=2e-5, what="vit")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train", [False, True])
 def test_gpt2_fan_in_fan_out(train):
     """GPT-2's Conv1D stores W as [d_in, d_out]: PEFT's transpose traces (polyfill) and the norm reads W.T."""
@@ -220,6 +226,7 @@ class _EmbeddingConvLinear(torch.nn.Module):
         return self.lin(self.conv(self.emb(ids).transpose(1, 2)).mean(-1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train", [False, True])
 def test_embedding_conv_and_linear_dora_are_all_rewritten(train):
     torch.manual_seed(0)
@@ -348,6 +355,7 @@ def test_peft_conv_dora_on_a_bf16_base_with_fp32_adapters():
     assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2, what="bf16 conv output")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train", [False, True])
 def test_torchtune_style_dora_linear(train):
     """Identity-trick norm, bias inside the base output (scaled by the magnitude), outside PEFT."""
@@ -372,6 +380,7 @@ def test_torchtune_style_dora_linear(train):
             assert_close(got[name], grad, rtol=1e-4, atol=1e-6, what=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "variant",
     [
@@ -417,6 +426,7 @@ class PaperConventionDora(torch.nn.Module):
         return x @ (self.m * (w / n))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("detach", [True, False])
 @pytest.mark.parametrize("flat_magnitude", [True, False])
 def test_hand_written_dora_in_the_papers_column_convention(detach, flat_magnitude):
@@ -428,6 +438,7 @@ def test_hand_written_dora_in_the_papers_column_convention(detach, flat_magnitud
     _assert_matches_eager(model, x, out, "column convention output")
 
 
+@pytest.mark.slow
 def test_vision_language_model_llava():
     """Image + text through a tiny LLaVA (CLIP tower, Llama LM); DoRA on the language model.
 
@@ -461,6 +472,7 @@ def test_vision_language_model_llava():
 # --- must not be rewritten -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_weight_norm_parametrization_is_not_dora():
     layer = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(8, 6))
     x = torch.randn(3, 8)
@@ -470,6 +482,7 @@ def test_weight_norm_parametrization_is_not_dora():
     assert_close(out, layer(x), rtol=1e-6, atol=1e-6, what="weight_norm")
 
 
+@pytest.mark.slow
 def test_a_row_norm_of_w_plus_ba_that_is_not_a_magnitude_scale_is_left_alone():
     class NotDora(torch.nn.Module):
         def __init__(self):
@@ -491,6 +504,7 @@ def test_a_row_norm_of_w_plus_ba_that_is_not_a_magnitude_scale_is_left_alone():
     assert_close(out, module(x), rtol=1e-5, atol=1e-5, what="not dora")
 
 
+@pytest.mark.slow
 def test_an_input_mutated_between_the_norm_and_its_use_is_left_alone():
     """The replacement reads its inputs at the output: a write in between would change what it reads."""
 
@@ -512,6 +526,7 @@ def test_an_input_mutated_between_the_norm_and_its_use_is_left_alone():
     assert torch.equal(module.A, reference.A)
 
 
+@pytest.mark.slow
 def test_a_write_to_an_adapter_after_the_base_output_is_left_alone(monkeypatch):
     """The rewrite reads W, A and B right after the base output; PEFT's DoRA writing A after it blocks it."""
     from peft.tuners.lora.dora import DoraLinearLayer
@@ -535,6 +550,7 @@ def test_a_write_to_an_adapter_after_the_base_output_is_left_alone(monkeypatch):
     assert_close(out, want, rtol=1e-5, atol=1e-6, what="logits")
 
 
+@pytest.mark.slow
 def test_an_in_place_write_before_the_dora_computation_does_not_block_the_rewrite():
     """A write the original and the replacement both see (it comes before every matched node)."""
 
@@ -629,6 +645,7 @@ def test_gradient_checkpointing_under_dynamos_defaults_says_what_to_set():
     assert all("skip_fwd_side_effects_in_bwd_under_checkpoint = True" in reason for _, reason in report.skipped)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_bodies_are_rewritten(monkeypatch):
     """With activation checkpointing the layers sit in checkpoint subgraphs (a higher-order op): rewritten there."""
     monkeypatch.setattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint", True)

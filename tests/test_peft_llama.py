@@ -67,6 +67,7 @@ def _compile(model, ops: str):
     return compiled, before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ops", ["auto", "triton"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("case", list(CASES))

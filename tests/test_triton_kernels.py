@@ -15,20 +15,17 @@ from helpers import assert_close
 from triton_interpreter import interpreting
 
 from dora_fused.kernels import factored_norm
+from dora_fused.kernels.common import adapter_terms
 from dora_fused.kernels.compose import (
     compose_backward_reference,
     compose_backward_triton,
     compose_forward_triton,
     triton_supports_compose,
 )
-from dora_fused.kernels.factored_norm import (
-    adapter_terms,
-    dense_row_norm_reference,
-    factored_row_norm_triton,
-    gram_fp32,
-    gram_triton,
-)
+from dora_fused.kernels.factored_norm import dense_row_norm_reference, factored_row_norm_triton
+from dora_fused.kernels.gram import GramPlan, gram_fp32, gram_plan, gram_triton
 from dora_fused.kernels.lora_up_compose import lora_up_compose_reference, lora_up_compose_triton
+from dora_fused.kernels.norm_plan import norm_plan, norm_splits
 
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1")),
@@ -285,33 +282,33 @@ def test_triton_dtype_support():
 
 def test_gram_plan_tiles_and_shares():
     """Large stacks take 128-row tiles; every split is a whole number of accumulations and covers d_in."""
-    assert factored_norm.gram_plan(384, 8192, 3).block == 128  # fp32 adapters: 1152 rows of terms
-    assert factored_norm.gram_plan(384, 8192, 1).block == 64
-    assert factored_norm.gram_plan(16, 8192, 3).block == 32
-    assert factored_norm.gram_plan(384, 8192, 3, tiles=(64, 64, 4)) == factored_norm.GramPlan(64, 64, 4, 1, 8192)
+    assert gram_plan(384, 8192, 3).block == 128  # fp32 adapters: 1152 rows of terms
+    assert gram_plan(384, 8192, 1).block == 64
+    assert gram_plan(16, 8192, 3).block == 32
+    assert gram_plan(384, 8192, 3, tiles=(64, 64, 4)) == GramPlan(64, 64, 4, 1, 8192)
     for r, d_in, count in [(384, 8192, 3), (384, 14336, 1), (16, 4096, 3), (190, 300, 3), (1, 1, 1)]:
-        plan = factored_norm.gram_plan(r, d_in, count)
+        plan = gram_plan(r, d_in, count)
         assert plan.k_per_split % plan.block_k == 0
         assert (plan.splits - 1) * plan.k_per_split < d_in <= plan.splits * plan.k_per_split
 
 
 def test_norm_splits_fill_the_last_wave():
     """Split-K only where it shortens the waves, and never below _MIN_SPLIT_K columns a split."""
-    assert factored_norm.norm_splits(192, 8192, 132) == 2  # 2 waves (the second 45% full) → 1.5
-    assert factored_norm.norm_splits(96, 14336, 132) == 4  # 0.73 of one wave → 384 programs, 3 waves of 4
-    assert factored_norm.norm_splits(264, 8192, 132) == 1  # already two full waves
-    assert factored_norm.norm_splits(336, 4096, 132) == 1  # 3 → 2.67 waves: not worth an epilogue per split
-    assert factored_norm.norm_splits(96, 1500, 132) == 1  # d_in too short to share
-    assert factored_norm.norm_splits(5, 8192, 1) == 1  # the interpreter
+    assert norm_splits(192, 8192, 132) == 2  # 2 waves (the second 45% full) → 1.5
+    assert norm_splits(96, 14336, 132) == 4  # 0.73 of one wave → 384 programs, 3 waves of 4
+    assert norm_splits(264, 8192, 132) == 1  # already two full waves
+    assert norm_splits(336, 4096, 132) == 1  # 3 → 2.67 waves: not worth an epilogue per split
+    assert norm_splits(96, 1500, 132) == 1  # d_in too short to share
+    assert norm_splits(5, 8192, 1) == 1  # the interpreter
 
 
 def test_norm_config_needs_two_dots_a_chunk():
     """One dot per chunk would let the compiler fold the fp32 add into one long tensor-core sum."""
     with pytest.raises(ValueError, match="two SUB_K dots"):
-        factored_norm.norm_plan(4, 8, 2, 3, 1, config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SUB_K=32, BLOCK_R=16))
+        norm_plan(4, 8, 2, 3, 1, config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SUB_K=32, BLOCK_R=16))
 
 
 def test_norm_config_chunks_of_g_divide_a_tile():
     """The epilogue's half of ``B·G`` counts each chunk of G's rows as before or inside a tile."""
     with pytest.raises(ValueError, match="BLOCK_R must divide BLOCK_N"):
-        factored_norm.norm_plan(4, 8, 2, 3, 1, config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, BLOCK_R=32))
+        norm_plan(4, 8, 2, 3, 1, config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, BLOCK_R=32))
