@@ -24,8 +24,8 @@ from dora_fused.passes import DoraRewritePass
 from dora_fused.passes.heuristics import OpsImpl
 
 from .auditing import audit_model
-from .logs import graph_break_reasons, log_report
-from .report import RewriteReport, _record
+from .graph_rewrite import backend_owns_graph, publish, rewrite_graph
+from .report import RewriteReport
 
 __all__ = ["DoraFusedBackend", "backend", "dora_fused"]
 
@@ -78,28 +78,26 @@ class DoraFusedBackend:
         mode: str | None = None,
         options: dict[str, Any] | None = None,
     ) -> Callable[..., Any]:
-        report = RewriteReport(graph_breaks=graph_break_reasons(gm))
-        outcome = self.rewrite_pass(gm) if self.rewrite else None
-        if outcome is not None:
-            report.modules = outcome.records
-            report.error = outcome.error
-        try:
-            compiled = self._compile_inner(gm, example_inputs, mode, options)
-        except RestartAnalysis:
-            raise  # Dynamo's control flow (e.g. tensorify-scalars restarts), not a failure: it retraces
-        except Exception as error:
-            if outcome is None or not outcome.changed:
-                raise
-            report.error = f"inner compiler failed on the rewritten graph: {type(error).__name__}: {error}"
-            report.modules = [
-                replace(m, status="skipped", reason="inner compile failed; original kept", ops=())
-                if m.status == "rewritten"
-                else m
-                for m in report.modules
-            ]
-            outcome.restore(gm)
-            compiled = self._compile_inner(gm, example_inputs, mode, options)
-        log_report(_record(report))
+        with backend_owns_graph():  # an enabled Inductor hook leaves this graph to the backend
+            step = rewrite_graph(gm, self.rewrite_pass if self.rewrite else None)
+            outcome, report = step.outcome, step.report
+            try:
+                compiled = self._compile_inner(gm, example_inputs, mode, options)
+            except RestartAnalysis:
+                raise  # Dynamo's control flow (e.g. tensorify-scalars restarts), not a failure: it retraces
+            except Exception as error:
+                if outcome is None or not outcome.changed:
+                    raise
+                report.error = f"inner compiler failed on the rewritten graph: {type(error).__name__}: {error}"
+                report.modules = [
+                    replace(m, status="skipped", reason="inner compile failed; original kept", ops=())
+                    if m.status == "rewritten"
+                    else m
+                    for m in report.modules
+                ]
+                outcome.restore(gm)
+                compiled = self._compile_inner(gm, example_inputs, mode, options)
+        publish(report)
         return compiled
 
     def audit(self, model: torch.nn.Module, *args: Any, **kwargs: Any) -> RewriteReport:
