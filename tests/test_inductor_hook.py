@@ -108,7 +108,7 @@ def test_hook_uses_the_backends_default_ops_and_a_stable_cache_key():
 
 
 def test_hook_rewrites_dynamo_graphs_as_the_backend_and_records_each_once(inductor_hook):
-    model = tiny_llama_dora(r=4).eval()
+    model = tiny_llama_dora(r=4, layers=1).eval()
     by_backend = _dynamo_graph(model, inputs_embeds=_embeds())
     DoraRewritePass(ops=dora_fused.backend().ops)(by_backend)
     gm = _dynamo_graph(model, inputs_embeds=_embeds())
@@ -130,7 +130,7 @@ def _raising_rewrite(graph, match, impl):
 
 
 def test_an_error_in_the_pass_leaves_the_graph_as_it_was_and_is_recorded(inductor_hook):
-    gm = _dynamo_graph(tiny_llama_dora(r=4).eval(), inputs_embeds=_embeds())
+    gm = _dynamo_graph(tiny_llama_dora(r=4, layers=1).eval(), inputs_embeds=_embeds())
     before = gm.code
     hook = DoraInductorPass()
     hook.rewrite_pass = DoraRewritePass(forms=(Form("faulty", "test form", match_peft_linear, _raising_rewrite),))
@@ -155,7 +155,7 @@ def test_backend_and_hook_hand_inductor_the_same_graph(inductor_settings):
     inductor_settings.pre_grad_custom_pass = recording
     dora_fused.enable_inductor_hook()
     dora_fused.clear_reports()
-    model = tiny_llama_dora(r=4).eval()
+    model = tiny_llama_dora(r=4, layers=1).eval()
     embeds = _embeds()
     with torch.no_grad():
         expected = model(inputs_embeds=embeds).logits
@@ -192,10 +192,10 @@ def test_the_environment_variable_enables_the_hook_at_interpreter_start(tmp_path
     if value is not None:
         env[ENV_VAR] = value
     script = (
-        "import sys; torch_at_start = 'torch' in sys.modules; import dora_fused; "
-        "print(torch_at_start, dora_fused.inductor_hook_enabled())"
+        "import sys; loaded = 'torch' in sys.modules, 'dora_fused' in sys.modules; "
+        "print(*loaded, loaded[1] and sys.modules['dora_fused'].inductor_hook_enabled())"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    enabled = value == "1"
-    assert result.stdout.split() == [str(enabled), str(enabled)]  # torch is imported at start only when enabled
+    enabled = str(value == "1")
+    assert result.stdout.split() == [enabled, enabled, enabled]  # neither torch nor dora_fused imported unless enabled

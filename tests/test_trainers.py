@@ -1,6 +1,6 @@
 """Trainers that compile with Inductor, with the Inductor hook on: the HF Trainer, TRL, accelerate, Lightning.
 
-Each test trains a tiny random-init Llama with PEFT DoRA (adapters off their identity init) for a
+Each test trains a one-layer tiny random-init Llama with PEFT DoRA (adapters off their identity init) for a
 few steps twice, eagerly and compiled by the framework with its default backend (Inductor, real
 C++ compiles on the CPU), and checks that the losses agree step by step and that every DoRA
 module was rewritten (``dora_fused.reports()``). accelerate and Lightning call the model as the HF
@@ -86,7 +86,7 @@ def test_hf_trainer_torch_compile_true_trains_as_eager_and_saves_the_adapter(tmp
     The Trainer keeps the PeftModel as ``trainer.model`` and trains the compiled wrapper, so
     ``save_model`` writes the adapter's tensors under their usual names.
     """
-    model = tiny_llama_dora(r=4).train()
+    model = tiny_llama_dora(r=4, layers=1).train()
     initial = {name: p.detach().clone() for name, p in get_peft_model_state_dict(model).items()}
 
     eager_args = _training_args(output_dir=str(tmp_path / "eager"))
@@ -144,7 +144,7 @@ def test_trl_sft_trainer_torch_compile_true_trains_as_eager(tmp_path, inductor_h
     gen = torch.Generator().manual_seed(5)
     texts = [" ".join(f"t{int(i)}" for i in torch.randint(2, VOCAB, (11,), generator=gen)) for _ in range(8)]
     dataset = Dataset.from_dict({"text": texts})
-    model = tiny_llama_dora(r=4).train()
+    model = tiny_llama_dora(r=4, layers=1).train()
 
     def train(peft_model, name: str, **kwargs) -> SFTTrainer:
         args = _training_args(
@@ -194,7 +194,7 @@ def test_accelerate_dynamo_backend_inductor_trains_as_eager(inductor_hook):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    model = tiny_llama_dora(r=4).train()
+    model = tiny_llama_dora(r=4, layers=1).train()
     expected = _fit_by_hand(copy.deepcopy(model))
 
     AcceleratorState._reset_state(reset_partial_state=True)  # the state is shared per process: start afresh
@@ -255,7 +255,7 @@ def test_lightning_with_torch_compile_default_backend_trains_as_eager(tmp_path, 
         trainer.fit(module, torch.utils.data.DataLoader(torch.cat(_batches()), batch_size=2))
         return torch.tensor(module.losses, dtype=torch.float64)
 
-    model = tiny_llama_dora(r=4).train()
+    model = tiny_llama_dora(r=4, layers=1).train()
     expected = fit(CausalLM(copy.deepcopy(model), compile=False))
     got = fit(CausalLM(model, compile=True))
 
