@@ -20,7 +20,7 @@ import torch
 import yaml
 
 import dora_fused
-from dora_fused.integrations.axolotl import DoraFusedPlugin
+from dora_fused.integrations.axolotl import AXOLOTL_LORA_KERNELS, DoraFusedPlugin
 
 PLUGIN = "dora_fused.integrations.axolotl.DoraFusedPlugin"
 CONFIG = f"""
@@ -69,6 +69,8 @@ def test_the_yaml_plugins_entry_turns_the_hook_on_and_a_rejected_config_turns_it
     plugin, cfg = _load_as_axolotl_does(yaml.safe_load(CONFIG))
     assert isinstance(plugin, DoraFusedPlugin)
     assert dora_fused.inductor_hook_enabled()
+    # Axolotl's validation would switch its LoRA kernels on, replacing PEFT's DoRA forward
+    assert all(cfg[key] is False for key in AXOLOTL_LORA_KERNELS)
     if PluginManager is not None:
         assert isinstance(plugin, BasePlugin)
         PluginManager.get_instance().pre_model_load(cfg)
@@ -83,18 +85,23 @@ def test_the_yaml_plugins_entry_turns_the_hook_on_and_a_rejected_config_turns_it
 
 @pytest.mark.parametrize(
     "settings,warning",
-    [({"torch_compile": False}, "nothing is compiled"), ({"torch_compile_backend": "eager"}, "Inductor's compiles")],
+    [
+        ({"torch_compile": False}, "nothing is compiled"),
+        ({"torch_compile_backend": "eager"}, "Inductor's compiles"),
+        ({"lora_qkv_kernel": True}, "lora_qkv_kernel on: the layers they cover are not rewritten"),
+    ],
 )
 def test_the_plugin_warns_when_the_config_compiles_nothing_it_can_rewrite(hook_settings, caplog, settings, warning):
     cfg = {**yaml.safe_load(CONFIG), **settings}
-    with caplog.at_level(logging.WARNING, logger="dora_fused"):
-        _load_as_axolotl_does(cfg)
+    with caplog.at_level(logging.WARNING, logger="axolotl.integrations.dora_fused"):
+        _, cfg = _load_as_axolotl_does(cfg)
     assert any(warning in record.getMessage() for record in caplog.records), caplog.text
+    assert all(cfg[key] is settings.get(key, False) for key in AXOLOTL_LORA_KERNELS)  # a setting given is kept
 
 
 def test_post_train_logs_what_the_compiled_graphs_rewrote(caplog):
     dora_fused.clear_reports()
-    with caplog.at_level(logging.INFO, logger="dora_fused"):
+    with caplog.at_level(logging.INFO, logger="axolotl.integrations.dora_fused"):
         DoraFusedPlugin().post_train({}, None)
     assert "0 compiled graphs, 0 DoRA modules rewritten" in caplog.text
 
