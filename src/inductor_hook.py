@@ -145,7 +145,7 @@ def enable_inductor_hook() -> DoraInductorPass:
         _previous = config.pre_grad_custom_pass
         _installed = [_hook, *get_custom_graph_passes(_previous)]
         config.pre_grad_custom_pass = _installed
-    if getattr(config, "pre_grad_pass_timing", None) == "default":  # the setting exists from torch 2.13 on
+    if getattr(config, "pre_grad_pass_timing", None) == "default":  # older torch has no such setting
         config.pre_grad_pass_timing = "early"
         _set_timing = True
     return _hook
