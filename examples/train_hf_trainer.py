@@ -6,7 +6,9 @@ checks the name against its own closed list of backends and raises
 Compile the model yourself instead, before handing it to the Trainer.
 ``model.compile(...)`` compiles in place: the model keeps its class, its forward
 signature (the Trainer reads it to drop unused dataset columns) and its
-``state_dict`` keys (``save_model`` writes the usual adapter files).
+``state_dict`` keys (``save_model`` writes the usual adapter files). Or let the
+Trainer compile it (``torch_compile=True``, Inductor) after
+``dora_fused.enable_inductor_hook()``: docs/integrations.md.
 
 Runs on the CPU in well under a minute (a tiny random-init Llama, a few steps):
 

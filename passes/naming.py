@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-__all__ = ["ROOT", "FrameNames", "calling_modules", "dotted", "module_path", "unwrapped_name"]
+__all__ = ["ROOT", "FrameNames", "calling_modules", "dotted", "lifted_values", "module_path", "unwrapped_name"]
 
 ROOT = "(root)"  # the record name of the compiled module itself
 
@@ -83,6 +83,22 @@ def _frame_attribute(node: Node) -> str | None:
         return None  # an argument or a global: not a path from the frame's module
     path = dotted(name)
     return path if path and path != name else None
+
+
+def lifted_values(gm: GraphModule) -> list[object]:
+    """The real values of ``gm``'s placeholders as Dynamo keeps them (``meta["grapharg"].example``), None where gone.
+
+    For a caller that gets the graph without its example inputs (an Inductor graph
+    pass). Dynamo holds parameters weakly: a value no longer alive is None.
+    """
+    values: list[object] = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            try:
+                values.append(node.meta["grapharg"].example)
+            except Exception:  # no grapharg (not a Dynamo graph), or its value is gone
+                values.append(None)
+    return values
 
 
 @dataclass(frozen=True)

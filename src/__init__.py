@@ -8,7 +8,9 @@ Importing this package registers the backend name and, when PEFT is installed,
 the Dynamo polyfill that lets PEFT's DoRA layers trace as one graph; with
 ``DORA_FUSED_LOG`` set it also attaches a log handler to the ``dora_fused``
 logger. It has no other side effects. ``audit(model, *args)`` reports what the
-backend would rewrite without compiling.
+backend would rewrite without compiling. ``enable_inductor_hook()`` makes
+``backend="inductor"`` (and so every trainer that compiles with Inductor)
+rewrite DoRA layers as well.
 """
 
 if __name__ != "dora_fused":
@@ -34,6 +36,7 @@ else:
 
     from .backend import DoraFusedBackend, audit, backend, dora_fused, register_name
     from .frozen import refresh_frozen
+    from .inductor_hook import disable_inductor_hook, enable_inductor_hook, inductor_hook_enabled
 
     register_name()
 
@@ -45,7 +48,10 @@ else:
         "audit",
         "backend",
         "clear_reports",
+        "disable_inductor_hook",
         "dora_fused",
+        "enable_inductor_hook",
+        "inductor_hook_enabled",
         "last_report",
         "refresh_frozen",
         "reports",

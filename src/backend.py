@@ -31,13 +31,12 @@ from dora_fused.passes import DoraRewritePass
 from dora_fused.passes.dora_pass import PassOutcome
 from dora_fused.passes.folding import FoldOptions, MergeBudget
 from dora_fused.passes.heuristics import OpsImpl
-from dora_fused.passes.naming import FrameNames, calling_modules
 from dora_fused.passes.snapshot import snapshot
 
 from .auditing import audit_model
 from .frozen import FoldedGraph, Variant, materialize
-from .logs import graph_break_reasons, log_report
-from .report import RewriteReport, _record
+from .graph_rewrite import backend_owns_graph, publish, rewrite_graph
+from .report import RewriteReport
 
 __all__ = ["DoraFusedBackend", "backend", "dora_fused"]
 
@@ -128,7 +127,6 @@ class DoraFusedBackend:
         options: dict[str, Any] | None,
         rebuilding: bool = False,
     ) -> Callable[..., Any]:
-        report = RewriteReport(graph_breaks=graph_break_reasons(gm))
         freezing = self._inductor_freezing(options)
         baked = freezing and self.inner == "inductor"  # parameters become constants of the compiled code
         discard = baked and bool(_option(options, "freezing_discard_parameters"))
@@ -136,31 +134,29 @@ class DoraFusedBackend:
         # to compile again for changed (baked) or other (a shared graph) parameters
         original = snapshot(gm.graph) if (fold or baked) and not discard else None
         watched = [str(n.target) for n in gm.graph.nodes if n.op == "get_attr"] if baked else []
-        outcome = None
-        if self.rewrite:
-            outcome = self.rewrite_pass(gm, FoldOptions(self.merge_budget, discard) if fold else None)
-            names = FrameNames.of(gm, example_inputs, calling_modules())
-            report.modules = [replace(m, name=names.qualify(m.name)) for m in outcome.records]
-            report.error = outcome.error
-        try:
-            if outcome is not None and outcome.folded:
-                materialize(gm, outcome.folded, example_inputs)
-            compiled = self._compile_inner(gm, example_inputs, mode, options)
-        except RestartAnalysis:
-            raise  # Dynamo's control flow (e.g. tensorify-scalars restarts), not a failure: it retraces
-        except Exception as error:
-            if outcome is None or not (outcome.changed or outcome.folded):
-                raise
-            report.error = f"inner compiler failed on the rewritten graph: {type(error).__name__}: {error}"
-            report.modules = [
-                replace(m, status="skipped", reason="inner compile failed; original kept", ops=(), frozen="")
-                if m.status == "rewritten"
-                else m
-                for m in report.modules
-            ]
-            outcome.restore(gm)
-            compiled = self._compile_inner(gm, example_inputs, mode, options)
-        log_report(_record(report))
+        with backend_owns_graph():  # an enabled Inductor hook leaves this graph to the backend
+            fold_options = FoldOptions(self.merge_budget, discard) if fold else None
+            step = rewrite_graph(gm, self.rewrite_pass if self.rewrite else None, example_inputs, fold_options)
+            outcome, report = step.outcome, step.report
+            try:
+                if outcome is not None and outcome.folded:
+                    materialize(gm, outcome.folded, example_inputs)
+                compiled = self._compile_inner(gm, example_inputs, mode, options)
+            except RestartAnalysis:
+                raise  # Dynamo's control flow (e.g. tensorify-scalars restarts), not a failure: it retraces
+            except Exception as error:
+                if outcome is None or not (outcome.changed or outcome.folded):
+                    raise
+                report.error = f"inner compiler failed on the rewritten graph: {type(error).__name__}: {error}"
+                report.modules = [
+                    replace(m, status="skipped", reason="inner compile failed; original kept", ops=(), frozen="")
+                    if m.status == "rewritten"
+                    else m
+                    for m in report.modules
+                ]
+                outcome.restore(gm)
+                compiled = self._compile_inner(gm, example_inputs, mode, options)
+        publish(report)
         if outcome is None or not (outcome.folded or (baked and outcome.changed) or rebuilding):
             return compiled
         return self._folded(compiled, gm, example_inputs, outcome, baked, watched, original, mode, options).call()

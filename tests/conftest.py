@@ -28,6 +28,20 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture
+def inductor_hook():
+    """``dora_fused.enable_inductor_hook()`` for one test, reports cleared; Inductor's settings restored after."""
+    import dora_fused
+
+    config = torch._inductor.config
+    before = (config.pre_grad_custom_pass, config.pre_grad_pass_timing)
+    hook = dora_fused.enable_inductor_hook()
+    dora_fused.clear_reports()
+    yield hook
+    dora_fused.disable_inductor_hook()
+    assert (config.pre_grad_custom_pass, config.pre_grad_pass_timing) == before
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

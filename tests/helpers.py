@@ -47,14 +47,16 @@ def tiny_llama_dora(
     r: int = 8,
     seed: int = 0,
     spread: float = 0.5,
+    layers: int = TINY_LLAMA["num_hidden_layers"],
     **lora_kwargs,
 ) -> torch.nn.Module:
     """Random-init tiny Llama, PEFT DoRA on all linear layers, adapters not at their identity init.
 
-    ``adapter_dtype=None`` keeps PEFT's default (fp32 adapters on a bf16/fp16 base).
+    ``adapter_dtype=None`` keeps PEFT's default (fp32 adapters on a bf16/fp16 base). ``layers``:
+    decoder layers (one compiles faster under Inductor).
     """
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).to(base_dtype)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "num_hidden_layers": layers})).to(base_dtype)
     config = LoraConfig(
         r=r,
         lora_alpha=2 * r,
