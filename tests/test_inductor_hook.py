@@ -24,7 +24,7 @@ from dora_fused.graph_rewrite import backend_owns_graph
 from dora_fused.inductor_hook import ENV_VAR, DoraInductorPass
 from dora_fused.passes import DoraRewritePass, Form
 from dora_fused.passes.peft_linear import match_peft_linear
-from dora_fused.passes.rewrite import rewrite_peft_linear
+from dora_fused.passes.rewrite import rewrite_with_compose
 
 
 class RecordingPass(CustomGraphPass):
@@ -125,7 +125,7 @@ def test_hook_rewrites_dynamo_graphs_as_the_backend_and_records_each_once(induct
 
 
 def _raising_rewrite(graph, match, impl):
-    rewrite_peft_linear(graph, match, impl)  # mutate the graph half-way, then fail
+    rewrite_with_compose(graph, match, impl)  # mutate the graph half-way, then fail
     raise RuntimeError("injected failure")
 
 
@@ -133,7 +133,8 @@ def test_an_error_in_the_pass_leaves_the_graph_as_it_was_and_is_recorded(inducto
     gm = _dynamo_graph(tiny_llama_dora(r=4, layers=1).eval(), inputs_embeds=_embeds())
     before = gm.code
     hook = DoraInductorPass()
-    hook.rewrite_pass = DoraRewritePass(forms=(Form("faulty", "test form", match_peft_linear, _raising_rewrite),))
+    faulty = Form("faulty", "PEFT Linear", "test form", match_peft_linear, _raising_rewrite)
+    hook.rewrite_pass = DoraRewritePass(forms=(faulty,))
     hook(gm.graph)
     report = dora_fused.last_report()
     assert gm.code == before

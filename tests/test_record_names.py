@@ -139,3 +139,22 @@ def test_unknown_frames_keep_relative_names():
     assert FrameNames("layers.0.").qualify("mlp.up_proj") == "layers.0.mlp.up_proj"
     assert unwrapped_name("layers.0._orig_mod.mlp._checkpoint_wrapped_module.up_proj") == "layers.0.mlp.up_proj"
     assert calling_modules() == []
+
+
+def test_without_example_inputs_names_come_from_dynamos_kept_values():
+    """The Inductor hook gets the graph alone: the values Dynamo keeps for its placeholders name the frame."""
+    from dora_fused.graph_rewrite import rewrite_graph
+    from dora_fused.passes import DoraRewritePass
+
+    reports = []
+
+    def graph_only(gm, example_inputs):
+        reports.append(rewrite_graph(gm, DoraRewritePass(ops="torch")).report)
+        return gm.forward
+
+    model = tiny_llama_dora()
+    for layer in model.base_model.model.model.layers:
+        layer.compile(backend=graph_only)
+    model(input_ids=_ids())
+    names = [m.name for report in reports for m in report.modules]
+    assert sorted(names) == sorted(dora_module_names(model)), names
