@@ -42,6 +42,11 @@ def _quantize_bnb(model: torch.nn.Module, scheme: str, compute_dtype: torch.dtyp
                         *dims, bias=child.bias is not None, compute_dtype=compute_dtype,
                         compress_statistics=nested, quant_type=quant_type,
                     )  # fmt: skip
+                    # bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU inference kernel on
+                    # CPUs that have it, and that layout needs out_features % 32 == 0 (not the tiny
+                    # model's): off, so every machine runs the same eager path (the pass leaves a
+                    # repacked weight alone, tested on its own)
+                    module.support_avx512bf16_for_cpu = False
                     module.weight = bnb.nn.Params4bit(
                         child.weight.data.clone(), requires_grad=False, compress_statistics=nested,
                         quant_type=quant_type, module=module,

@@ -646,9 +646,9 @@ def test_gradient_checkpointing_under_dynamos_defaults_says_what_to_set():
 
 
 @pytest.mark.slow
-def test_gradient_checkpointing_bodies_are_rewritten(monkeypatch):
+@torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
+def test_gradient_checkpointing_bodies_are_rewritten():
     """With activation checkpointing the layers sit in checkpoint subgraphs (a higher-order op): rewritten there."""
-    monkeypatch.setattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint", True)
     model = tiny_llama_dora(torch.float32, torch.float32).train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     embeds = torch.randn(1, 5, TINY_LLAMA["hidden_size"], requires_grad=True)

@@ -104,11 +104,11 @@ def test_a_wrapper_around_the_peft_model_does_not_prefix_the_names():
     _assert_each_dora_module_rewritten_once(model)
 
 
-def test_checkpoint_wrapped_layers_compiled_on_their_own(monkeypatch):
+@torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
+def test_checkpoint_wrapped_layers_compiled_on_their_own():
     """``layer.compile()`` of torch's ``checkpoint_wrapper``: the wrapper's frame, its attribute not in the names."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    monkeypatch.setattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint", True)
     model = tiny_llama_dora()
     expected = dora_module_names(model)
     layers = model.base_model.model.model.layers
