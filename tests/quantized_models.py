@@ -116,7 +116,9 @@ def fp64_twin(model: torch.nn.Module, scheme: str, *, layers: int = 1) -> torch.
                 module.base_layer.weight.copy_(dequantized_weight(source.base_layer).double())
                 for attr in ("lora_A", "lora_B"):
                     getattr(module, attr)[adapter].weight.copy_(getattr(source, attr)[adapter].weight.double())
-                module.lora_magnitude_vector[adapter].weight.copy_(source.lora_magnitude_vector[adapter].weight.double())
+                module.lora_magnitude_vector[adapter].weight.copy_(
+                    source.lora_magnitude_vector[adapter].weight.double()
+                )
             elif not name.endswith(".base_layer") and not hasattr(source, "base_layer"):
                 for pname, param in module.named_parameters(recurse=False):
                     param.copy_(getattr(source, pname).double())
