@@ -362,6 +362,7 @@ class QuantizedNormPlan:
     splits: int  # shares of d_in
     k_per_split: int
     a_count: int  # A's terms
+    num_stages: int  # the main loop's software pipeline depth
     workspace_bytes: int  # besides the [d_out] norm it returns: A's terms, the Gram's, U and ‖W‖² per split, …
 
 
@@ -379,6 +380,10 @@ def quantized_norm_plan(
     a_count = 1 if adapter_dtype == tile_dtype else 3
     block_m, block_k, sub_k = 64, 128, 64
     block_n = max(16, min(64, triton.next_power_of_2(r)))
+    # Shared memory of the pipelined main loop on sm_90, 3 stages (Triton's default): 176 KB for
+    # 4-bit tiles with one A term at 64 columns, 272 KB with three (fp32 adapters on a 16-bit
+    # weight), over the 227 KB a block may use; 2 stages need 160 KB there.
+    num_stages = 2 if quant_type != "int8" and a_count > 1 and block_n > 32 else 3
     parts, row_tiles = triton.cdiv(r, block_n), triton.cdiv(d_out, block_m)
     splits = norm_splits(parts * row_tiles, d_in, sm_count)
     k_per_split = triton.cdiv(triton.cdiv(d_in, splits), block_k) * block_k
@@ -389,8 +394,9 @@ def quantized_norm_plan(
     workspace += splits * d_out * (r + 1) * fp32  # U and ‖W‖² per split
     workspace += 2 * d_out * fp32 + d_out  # the sum's terms, the flags
     return QuantizedNormPlan(
-        block_m, block_n, block_k, sub_k, parts, row_tiles, splits, k_per_split, a_count, workspace + d_out * fp32
-    )
+        block_m, block_n, block_k, sub_k, parts, row_tiles, splits, k_per_split, a_count, num_stages,
+        workspace + d_out * fp32,
+    )  # fmt: skip
 
 
 def quantized_row_norm_triton(
@@ -439,6 +445,7 @@ def quantized_row_norm_triton(
         plan.k_per_split, shift, a_terms.stride(0), a_terms.stride(1),
         FORMAT=fmt, W_DTYPE=_TL_DTYPES[tile], A_TERMS=plan.a_count, A_SCALED=a_scale is not None,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, SUB_K=plan.sub_k, num_warps=4,
+        num_stages=plan.num_stages,
     )  # fmt: skip
     norm = torch.empty(d_out, dtype=torch.float32, device=device)
     w_total = torch.empty(d_out, dtype=torch.float32, device=device)

@@ -36,7 +36,7 @@ def perturb_magnitudes(model: torch.nn.Module, spread: float, seed: int = 0) -> 
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_magnitude_vector" in name:
-                noise = torch.rand(param.shape, generator=gen, dtype=torch.float64) * 2 - 1
+                noise = (torch.rand(param.shape, generator=gen, dtype=torch.float64) * 2 - 1).to(param.device)
                 param.copy_((param.double() * (1 + spread * noise)).to(param.dtype))
 
 

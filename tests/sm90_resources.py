@@ -27,6 +27,7 @@ from triton.compiler import ASTSource
 
 from dora_fused.kernels import factored_norm as fn  # the modules (kernels/__init__ exports functions)
 from dora_fused.kernels import gram
+from dora_fused.kernels import quantized_norm as qn
 from dora_fused.kernels.lora_up_compose import _lora_up_compose_kernel, lora_up_config
 from dora_fused.kernels.norm_plan import norm_plan
 
@@ -133,6 +134,30 @@ def _lora_up_case(dtype: torch.dtype, r: int) -> int:
     )
 
 
+def _quantized_case(quant_type: str, weight: torch.dtype, adapters: torch.dtype, r: int) -> int:
+    """``_quantized_products_kernel`` as ``quantized_norm_plan`` launches it for a 4096² layer."""
+    plan = qn.quantized_norm_plan(4096, 4096, r, weight, adapters, 132, quant_type)
+    tile = qn._tile_dtype(quant_type, weight, adapters)
+    pointers = dict(Q="u8", SCALES="fp32", CODE="fp32", A=_DTYPES[tile], A_SCALE="fp32", U="fp32", WSQ="fp32")
+    constexprs = dict(
+        FORMAT=int(quant_type == "int8"),
+        W_DTYPE=qn._TL_DTYPES[tile],
+        A_TERMS=plan.a_count,
+        A_SCALED=tile == torch.float16 and plan.a_count == 3,
+        BLOCK_M=plan.block_m,
+        BLOCK_N=plan.block_n,
+        BLOCK_K=plan.block_k,
+        SUB_K=plan.sub_k,
+    )
+    return sm90_shared_bytes(
+        qn._quantized_products_kernel,
+        pointers=pointers,
+        constexprs=constexprs,
+        unit=("stride_ak",),
+        num_stages=plan.num_stages,
+    )
+
+
 def _canary() -> int:
     """The norm's former config for 64 columns of fp32 adapters (three A terms): 360448 bytes on the H200."""
     constexprs = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, SUB_K=128, BLOCK_R=16, A_TERMS=3, A_SCALED=False)
@@ -157,6 +182,11 @@ def cases() -> dict[str, int]:
             out[f"gram {_DTYPES[dtype]} r={r} terms={count}"] = _gram_case(dtype, r, count)
         for r in (16, 384):
             out[f"lora_up {_DTYPES[dtype]} r={r}"] = _lora_up_case(dtype, r)
+    for quant_type, weight in (("nf4", torch.bfloat16), ("fp4", torch.float16), ("int8", torch.bfloat16)):
+        for adapters in (weight, torch.float32):
+            for r in (8, 16, 64, 384):
+                name = f"quantized norm {quant_type} W {_DTYPES[weight]} adapters {_DTYPES[adapters]} r={r}"
+                out[name] = _quantized_case(quant_type, weight, adapters, r)
     return out
 
 
