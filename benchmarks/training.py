@@ -47,7 +47,7 @@ rewritten after every process (timing.write_json: GPU, versions, date), the rati
 ``--quick`` (QUICK_CASES, 16 processes, fp32 adapters): the hidden-4096 model4 training step at
 r = 16; the 4096² layer's training step at r = 16 and 384, single and back to back; the 1B prefill
 at r = 16. Estimated 6-7 minutes on one H100: 16 process starts of 5-10 s, 9 cold compiles of
-15-40 s, seconds of timed steps; no process starts after --time-budget (540 s with --quick).
+15-40 s, seconds of timed steps; no process starts after --time-budget (500 s with --quick).
 ``--tiny``: dimensions / 64, ranks 2-8, 2 layers, 32 tokens, aot_eager instead of Inductor.
 """
 
@@ -110,6 +110,7 @@ TARGETS = {  # ratio: (target, True where the ratio must be at least the target,
 }
 TINY_RANKS = {8: 2, 16: 4, 64: 6, 384: 8}
 BACK_TO_BACK_CALLS = 20
+MIN_START_S = 20  # no process starts with less of --time-budget left
 SEED, INPUT_SEED, MAGNITUDE_SPREAD, LR = 0, 1234, 0.5, 1e-5
 ROW_MARK = "@@row "  # a worker's result lines on its stdout
 
@@ -279,9 +280,13 @@ def base_row(case: Case, contender: str, args) -> dict:
     )
 
 
+def graphs_compiled() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 def compile_counts(contender: str, graphs_before: int) -> dict:
     """Graphs Dynamo compiled since ``graphs_before``; for dora_fused, the modules its reports rewrote."""
-    counts: dict[str, object] = dict(graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before)
+    counts: dict[str, object] = dict(graphs=graphs_compiled() - graphs_before)
     if contender == "dora_fused":
         import dora_fused
 
@@ -302,7 +307,7 @@ def measure_work(cases: list[Case], contender: str, model, fn, args, device: tor
         import dora_fused
 
         dora_fused.clear_reports()
-    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    graphs_before = graphs_compiled()
     step = make_step(cases[0], model, fn, args, device)
     start = time.perf_counter()
     step()
@@ -330,6 +335,7 @@ def measure_work(cases: list[Case], contender: str, model, fn, args, device: tor
                 first_call_s=first_call_s,
                 compile_s=max(0.0, first_call_s - stats["ms"] / 1e3),
                 **counts,
+                graphs_after_first_call=graphs_compiled() - graphs_before - counts["graphs"],  # recompiles: 0
             )
         )
     return rows
@@ -488,11 +494,13 @@ def run_all(args) -> list[dict]:
     start = time.monotonic()
     for cases in groups.values():
         for contender in args.contender_list:
-            left = args.time_budget - (time.monotonic() - start) if args.time_budget else args.timeout
-            if left < 20:
+            left = None if args.time_budget is None else args.time_budget - (time.monotonic() - start)
+            if left is not None and left < MIN_START_S:
                 rows += [dict(base_row(c, contender, args), status="skipped: time budget") for c in cases]
                 continue
-            new = run_process(contender, cases, args, min(args.timeout, left), run_dir)
+            new = run_process(
+                contender, cases, args, args.timeout if left is None else min(args.timeout, left), run_dir
+            )
             for row in new:
                 print(f"[{contender}] {row['case']}: {summary_line(row)}", flush=True)
             rows += new
@@ -518,17 +526,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--inner", default=None, help="what the compiled contenders compile with (inductor; --tiny aot_eager)"
     )
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per process")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per process (900; --quick 240)")
     parser.add_argument(
-        "--time-budget", type=float, default=None, help="seconds; no process starts after (--quick 540)"
+        "--time-budget", type=float, default=None, help="seconds; no process starts after (--quick 500)"
     )
     parser.add_argument("--list", action="store_true", help="print the case names and exit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.inner = args.inner or ("aot_eager" if args.tiny else "inductor")
     args.tokens = args.tokens or (32 if args.tiny else 4096)
-    if args.time_budget is None and args.quick:
-        args.time_budget = 540.0
+    if args.quick:
+        args.time_budget = 500.0 if args.time_budget is None else args.time_budget
+    args.timeout = args.timeout or (240.0 if args.quick else 900.0)
     args.contender_list = [c for c in args.contenders.split(",") if c]
     if set(args.contender_list) - set(CONTENDERS):
         parser.error(f"unknown contenders {sorted(set(args.contender_list) - set(CONTENDERS))}")
