@@ -39,7 +39,7 @@ def plot(data: dict, out: str) -> list[str]:
     ok = {(r["case"], r["contender"]): r for r in data["rows"] if r.get("status") == "ok"}
     cases = list(dict.fromkeys(r["case"] for r in data["rows"]))
     contenders = [c for c in COLORS if any(key[1] == c for key in ok)]
-    width = max(8.0, 0.6 * len(cases) + 3)
+    width = min(40.0, max(8.0, 0.6 * len(cases) + 3))
     written = []
 
     def save(fig, name: str) -> None:

@@ -4,8 +4,8 @@ Question: what does a DoRA training step and a prefill cost under dora_fused, ag
 of the same PEFT model and against plain LoRA of the same rank (the price to match), from one
 layer to a 1B-shaped model?
 
-    python benchmarks/training.py --quick --out training.json     # GPU, about 6-7 minutes
-    python benchmarks/training.py --out training.json              # the whole matrix: hours
+    python benchmarks/training.py --quick --out training.json     # GPU, about 6-8 minutes
+    python benchmarks/training.py --out training.json              # the whole matrix: about 3-4 hours
     python benchmarks/training.py --out t.json --cases 'model4-*-r16-*' --contenders dora_fused,lora
     python benchmarks/training.py --list                           # case names
     python benchmarks/training.py --tiny --out /tmp/t.json         # toy sizes, the harness on a CPU
@@ -45,9 +45,10 @@ rewritten after every process (timing.write_json: GPU, versions, date), the rati
     compile_vs_compile  dora_fused / torch.compile first call    target <= 1.30
 
 ``--quick`` (QUICK_CASES, 16 processes, fp32 adapters): the hidden-4096 model4 training step at
-r = 16; the 4096² layer's training step at r = 16 and 384, single and back to back; the 1B prefill
-at r = 16. Estimated 6-7 minutes on one H100: 16 process starts of 5-10 s, 9 cold compiles of
-15-40 s, seconds of timed steps; no process starts after --time-budget (500 s with --quick).
+r = 16; the 4096² layer's training step at r = 384 and 16, single and back to back; the 1B prefill
+at r = 16. Estimated 6-8 minutes on one H100: 16 process starts of 5-10 s, 12 cold compiles of
+10-60 s (a layer's the shortest, the 1B model's the longest), a few seconds of timed steps; no
+process starts after --time-budget (500 s with --quick), so it ends within about 8.5 minutes.
 ``--tiny``: dimensions / 64, ranks 2-8, 2 layers, 32 tokens, aot_eager instead of Inductor.
 """
 
@@ -68,6 +69,7 @@ from dataclasses import dataclass
 
 import torch
 
+from models import default_dtype
 from timing import PeakMemory, summarize, synchronize, time_back_to_back, time_calls, write_json
 
 RANKS = (8, 16, 64, 384)
@@ -94,13 +96,13 @@ LLAMA_1B = dict(
     rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
 )
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-QUICK_CASES = (
+QUICK_CASES = (  # in the order they run: a --time-budget cut skips the last first
     "model4-h4096-r16-fp32-train",
-    "layer-4096x4096-r16-fp32-train",
-    "layer_b2b-4096x4096-r16-fp32-train",
     "layer-4096x4096-r384-fp32-train",
     "layer_b2b-4096x4096-r384-fp32-train",
     "llama1b-r16-fp32-prefill",
+    "layer-4096x4096-r16-fp32-train",
+    "layer_b2b-4096x4096-r16-fp32-train",
 )
 TARGETS = {  # ratio: (target, True where the ratio must be at least the target, False at most)
     "speed_vs_compile": (1.00, True),
@@ -164,7 +166,7 @@ def llama_config(case: Case, args) -> dict:
         config.update(
             hidden_size=dim(config["hidden_size"], args),
             intermediate_size=dim(config["intermediate_size"], args),
-            num_hidden_layers=2,
+            num_hidden_layers=1,
             num_attention_heads=4,
             num_key_value_heads=2,
             vocab_size=97,
@@ -180,15 +182,13 @@ def build(case: Case, contender: str, args, device: torch.device) -> torch.nn.Mo
 
     torch.manual_seed(SEED)
     with torch.device(device):
-        if case.group[0] == "layer":
-            d_in, d_out = (dim(int(d), args) for d in case.shape.split("x"))
-            base, targets = torch.nn.Sequential(torch.nn.Linear(d_in, d_out, bias=False)), ["0"]
-        else:
-            base, targets = (
-                transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama_config(case, args))),
-                TARGET_MODULES,
-            )
-        base = base.to(torch.bfloat16)
+        with default_dtype(torch.bfloat16):  # rotary frequencies stay fp32, as from_pretrained leaves them
+            if case.group[0] == "layer":
+                d_in, d_out = (dim(int(d), args) for d in case.shape.split("x"))
+                base, targets = torch.nn.Sequential(torch.nn.Linear(d_in, d_out, bias=False)), ["0"]
+            else:
+                llama = transformers.LlamaConfig(**llama_config(case, args))
+                base, targets = transformers.LlamaForCausalLM(llama), TARGET_MODULES
         rank = TINY_RANKS[case.r] if args.tiny else case.r
         config = LoraConfig(
             r=rank,
@@ -316,8 +316,8 @@ def measure_work(cases: list[Case], contender: str, model, fn, args, device: tor
     counts = compile_counts(contender, graphs_before)
     rows = []
     for case in cases:
-        reps = args.reps or (2 if args.tiny else 20 if case.group[0] == "layer" else 10)
-        warmup = args.warmup if args.warmup is not None else 1 if args.tiny else 5 if case.group[0] == "layer" else 2
+        reps, warmup = (2, 1) if args.tiny else (20, 5) if case.group[0] == "layer" else (10, 2)
+        reps, warmup = args.reps or reps, warmup if args.warmup is None else args.warmup
         with PeakMemory() as memory:
             if case.scope == "layer_b2b":
                 times = time_back_to_back(step, 3 if args.tiny else BACK_TO_BACK_CALLS, reps, warmup)
@@ -342,6 +342,7 @@ def measure_work(cases: list[Case], contender: str, model, fn, args, device: tor
 
 
 def run_worker(contender: str, cases: list[Case], args) -> None:
+    """Build the contender's model once, then each work: its rows (or error rows) to stdout."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)  # toy tensors gain nothing from threads, and stall on a busy machine
@@ -358,15 +359,14 @@ def run_worker(contender: str, cases: list[Case], args) -> None:
         work_cases = sorted((c for c in cases if c.work == work), key=lambda c: SCOPES.index(c.scope))
         if not work_cases:
             continue
-        try:
-            if failure:
-                raise RuntimeError(failure)
-            rows = measure_work(work_cases, contender, model, fn, args, device)
-        except Exception as error:  # e.g. out of memory: recorded, and the next work still runs
-            rows = [
-                dict(base_row(c, contender, args), status="error", error=f"{type(error).__name__}: {error}"[:2000])
-                for c in work_cases
-            ]
+        error = failure
+        if error is None:
+            try:
+                rows = measure_work(work_cases, contender, model, fn, args, device)
+            except Exception as caught:  # e.g. out of memory: recorded, and the next work still runs
+                error = f"{type(caught).__name__}: {caught}"
+        if error is not None:
+            rows = [dict(base_row(c, contender, args), status="error", error=error[:2000]) for c in work_cases]
         for row in rows:
             row.update(adapted_modules=adapted, dora_fused_imported="dora_fused" in sys.modules)
             print(ROW_MARK + json.dumps(row), flush=True)
@@ -382,20 +382,23 @@ def run_process(contender: str, cases: list[Case], args, timeout: float, run_dir
     """The worker for (contender, cases) with its own compile caches; its rows, or why it gave none."""
     work_dir = tempfile.mkdtemp(prefix=f"{contender}-", dir=run_dir)
     log_path = os.path.join(work_dir, "log.txt")
+    names = ",".join(c.name for c in cases)
     command = [
         sys.executable,
         os.path.abspath(__file__),
         "--worker",
         contender,
         "--cases",
-        ",".join(c.name for c in cases),
+        names,
+        "--inner",
+        args.inner,
     ]
-    command += ["--tokens", str(args.tokens), "--inner", args.inner] + ["--tiny"] * args.tiny
-    command += ["--reps", str(args.reps)] * bool(args.reps) + ["--warmup", str(args.warmup)] * (args.warmup is not None)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.update(
-        TORCHINDUCTOR_CACHE_DIR=os.path.join(work_dir, "inductor"), TRITON_CACHE_DIR=os.path.join(work_dir, "triton")
-    )
+    command += ["--tokens", str(args.tokens)] + ["--tiny"] * args.tiny
+    for flag, value in (("--reps", args.reps), ("--warmup", args.warmup)):
+        command += [] if value is None else [flag, str(value)]
+    caches = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{k: os.path.join(work_dir, v) for k, v in caches.items()})
+    started = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
@@ -403,20 +406,18 @@ def run_process(contender: str, cases: list[Case], args, timeout: float, run_dir
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # its compile workers too
             proc.wait()
-            status = f"timeout: killed after {timeout:.0f} s"
+            status = f"timeout: killed after {timeout:g} s"
+    process_s = time.monotonic() - started  # the whole process: start, build, compiles, timed steps
+    for cache in caches.values():
+        shutil.rmtree(os.path.join(work_dir, cache), ignore_errors=True)
     with open(log_path) as log:
         lines = log.read().splitlines()
-    for cache in ("inductor", "triton"):
-        shutil.rmtree(os.path.join(work_dir, cache), ignore_errors=True)
     rows = [json.loads(line[len(ROW_MARK) :]) for line in lines if line.startswith(ROW_MARK)]
-    got = {row["case"] for row in rows}
     tail = "\n".join(line for line in lines[-20:] if not line.startswith(ROW_MARK))
-    for case in cases:
-        if case.name not in got:
-            rows.append(
-                dict(base_row(case, contender, args), status=status or "crashed: no row", error=tail, log=log_path)
-            )
-    return rows
+    got = {row["case"] for row in rows}
+    missing = [c for c in cases if c.name not in got]
+    rows += [dict(base_row(c, contender, args), status=status or "crashed: no row", error=tail) for c in missing]
+    return [dict(row, process_s=process_s, log=log_path) for row in rows]
 
 
 def ratio(a: dict | None, b: dict | None, key: str) -> float | None:
@@ -444,23 +445,43 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+def results_table(rows: list[dict]) -> str:
+    """Markdown: median ms per contender (or its status), dora_fused's and LoRA's peak, first calls."""
+    got = {(r["case"], r["contender"]): r for r in rows}
+    lines = ["| case | " + " | ".join(f"{c} ms" for c in CONTENDERS) + " | peak MB dora_fused / lora | "]
+    lines[0] += "first call s dora_fused / torch_compile | rewritten |"
+    lines.append("|---" * (len(CONTENDERS) + 4) + "|")
+
+    def cell(case: str, contender: str, key: str, fmt: str) -> str:
+        row = got.get((case, contender))
+        if row is None or row["status"] != "ok":
+            return row["status"].split(":")[0] if row else ""
+        return "-" if row.get(key) is None else format(row[key], fmt)
+
+    for case in dict.fromkeys(r["case"] for r in rows):
+        times = [cell(case, c, "ms", ".2f") for c in CONTENDERS]
+        peaks = f"{cell(case, 'dora_fused', 'peak_mb', '.0f')} / {cell(case, 'lora', 'peak_mb', '.0f')}"
+        firsts = (
+            f"{cell(case, 'dora_fused', 'first_call_s', '.1f')} / {cell(case, 'torch_compile', 'first_call_s', '.1f')}"
+        )
+        fused = got.get((case, "dora_fused")) or {}
+        rewritten = f"{fused['rewritten']}/{fused['adapted_modules']}" if "rewritten" in fused else ""
+        lines.append(f"| {case} | {' | '.join(times)} | {peaks} | {firsts} | {rewritten} |")
+    return "\n".join(lines)
+
+
 def ratio_table(ratios: list[dict]) -> str:
-    """Markdown: each ratio, with "!" where it misses its target."""
-    header = "| case | " + " | ".join(
-        f"{k} ({'≥' if at_least else '≤'}{t:.2f})" for k, (t, at_least) in TARGETS.items()
-    )
-    lines = [header + " |", "|---" * (len(TARGETS) + 1) + "|"]
+    """Markdown: each ratio, "!" where it misses its target; then how many met theirs."""
+    lines = ["| case | " + " | ".join(f"{k} {'≥' if up else '≤'} {t:.2f}" for k, (t, up) in TARGETS.items()) + " |"]
+    lines.append("|---" * (len(TARGETS) + 1) + "|")
     met = total = 0
     for entry in ratios:
         cells = []
         for key, (target, at_least) in TARGETS.items():
             value = entry[key]
-            if value is None:
-                cells.append("-")
-                continue
-            good = value >= target if at_least else value <= target
-            met, total = met + good, total + 1
-            cells.append(f"{value:.2f}{'' if good else ' !'}")
+            good = value is None or (value >= target if at_least else value <= target)
+            met, total = met + (value is not None and good), total + (value is not None)
+            cells.append("-" if value is None else f"{value:.2f}{'' if good else ' !'}")
         lines.append(f"| {entry['case']} | " + " | ".join(cells) + " |")
     return "\n".join([*lines, f"targets met: {met} of {total} ratios"])
 
@@ -509,14 +530,14 @@ def run_all(args) -> list[dict]:
     info = write_json(args.out, rows, **meta, targets=TARGETS, ratios=ratios)
     print({k: v for k, v in info.items() if k not in ("ratios", "targets")})
     print(f"done in {time.monotonic() - start:.0f} s; results in {args.out}\n")
-    print(ratio_table(ratios))
+    print(results_table(rows), ratio_table(ratios), sep="\n\n")
     return rows
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="results JSON (rewritten after every process)")
-    parser.add_argument("--quick", action="store_true", help="QUICK_CASES (about 6-7 minutes on one H100)")
+    parser.add_argument("--quick", action="store_true", help="QUICK_CASES (about 6-8 minutes on one H100)")
     parser.add_argument("--tiny", action="store_true", help="toy sizes, aot_eager: the harness on a CPU")
     parser.add_argument("--cases", default=None, help="comma-separated globs over case names (--list)")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help=f"comma-separated, of {CONTENDERS}")
