@@ -1,55 +1,50 @@
 """DoRA training step and prefill: PEFT eager, torch.compile, backend="dora_fused" and LoRA, one matrix.
 
-Question: what does a DoRA training step and a prefill cost under dora_fused, against torch.compile
-of the same PEFT model and against plain LoRA of the same rank (the price to match), from one
-layer to a 1B-shaped model?
+Question: what do a DoRA training step and a prefill cost under dora_fused, against torch.compile of
+the same PEFT model and against plain LoRA of the same rank (the price to match), from one layer to
+a 1B-shaped model?
 
-    python benchmarks/training.py --quick --out training.json     # GPU, about 6-8 minutes
+    python benchmarks/training.py --quick --out training.json     # one GPU, about 6-8 minutes
     python benchmarks/training.py --out training.json              # the whole matrix: about 3-4 hours
     python benchmarks/training.py --out t.json --cases 'model4-*-r16-*' --contenders dora_fused,lora
-    python benchmarks/training.py --list                           # case names
-    python benchmarks/training.py --tiny --out /tmp/t.json         # toy sizes, the harness on a CPU
-    python benchmarks/plot_training.py training.json               # docs/img/training_*.png
+    python benchmarks/training.py --tiny --out /tmp/t.json         # toy sizes: the harness on a CPU
 
-Cases, named scope-shape-rank-adapters-work (``layer-4096x14336-r16-fp32-train``): ranks 8, 16,
-64, 384; adapters ``bf16`` or ``fp32`` (PEFT's default fp32 adapters on the bf16 base); work
-``train`` (forward, backward, AdamW step on the adapter parameters) or ``prefill`` (forward under
-no_grad, eval mode, a model's logits at the last position only); scopes:
+Cases (``--list``), named scope-shape-rank-adapters-work: ranks 8, 16, 64, 384; adapters ``bf16``
+or ``fp32`` (PEFT's default fp32 adapters on the bf16 base); work ``train`` (forward, backward,
+AdamW step on the adapter parameters) or ``prefill`` (forward under no_grad, eval mode, a model's
+logits at the last position only). Scopes, DoRA on every attention and MLP linear layer:
 - ``layer``: one bf16 ``nn.Linear``, d_in x d_out of 1024², 2048², 4096², 4096x14336, 14336x4096,
-  4096 tokens, the output's gradient a fixed random tensor; each step a synchronized call
-  (timing.time_calls); ``layer_b2b``: the same, 20 steps in a row per timing (time_back_to_back);
+  4096 tokens, the output's gradient a fixed random tensor; single synchronized steps
+  (timing.time_calls); ``layer_b2b``: the same layer, 20 steps in a row per timing (time_back_to_back);
 - ``model4``: 4 random-init Llama decoder layers of hidden 1024 / 2048 / 4096 (MLP 4096 / 8192 /
   14336, heads of 64 / 64 / 128, 8 KV heads, vocabulary 32000), 1 x 4096 tokens, labels = inputs;
-- ``llama1b``: Llama-3.2-1B's shape (16 layers, hidden 2048, MLP 8192, 32 heads, 8 KV heads,
-  vocabulary 128256, tied embeddings). DoRA on every attention and MLP linear layer.
+- ``llama1b``: Llama-3.2-1B's shape (16 layers, hidden 2048, MLP 8192, 32 / 8 heads, vocabulary
+  128256, tied embeddings).
 
 Contenders: ``peft_eager``; ``torch_compile`` (``torch.compile(model)``, Inductor); ``dora_fused``
-(``backend="dora_fused"``, its modules rewritten counted from ``dora_fused.reports()``); ``lora``
-(``use_dora=False``, ``torch.compile(model)``). Each runs in a process of its own, one process at a
-time, with its own fresh Inductor and Triton caches (every compile is cold; only the dora_fused
-process imports dora_fused). A process runs the cases of one layer or model, rank and adapters:
-prefill, then train, Dynamo reset in between.
+(``backend="dora_fused"``, the modules rewritten counted from ``dora_fused.reports()``); ``lora``
+(``use_dora=False``, ``torch.compile(model)``). Each runs in a process of its own, one at a time,
+with fresh Inductor and Triton caches (every compile is cold; only the dora_fused process imports
+dora_fused). A process runs the cases of one layer or model, rank and adapters: prefill, then
+train, Dynamo reset in between.
 
 Method: the same seeded weights and inputs in every process (``init_lora_weights=False``,
-magnitudes moved off the row norms by ±50%: the DoRA scale is not 1). ``first_call_s``: wall time
-of the first (compiling) step; ``compile_s``: that minus the median step. Then --warmup untimed
-and --reps timed steps: median ms and 10/90% quantiles (CUDA events; ``perf_counter`` on the CPU);
-``peak_mb``: CUDA memory allocated during the timed steps above what was allocated before them
-(weights, optimizer state, inputs). A process past --timeout is killed, an exception is caught:
-either gives its cases a row with the status and the error, and the matrix goes on. --out is
-rewritten after every process (timing.write_json: GPU, versions, date), the ratios last:
+magnitudes moved off the row norms by ±50%). ``first_call_s``: the first (compiling) step's wall
+time; then --warmup untimed and --reps timed steps: median ms, 10/90% quantiles (CUDA events;
+``perf_counter`` on the CPU), and ``peak_mb``, the CUDA memory allocated meanwhile above what was
+before (weights, optimizer state, inputs). A process past --timeout is killed, an exception is
+caught: either gives its cases a row with the status and the error, and the matrix goes on. --out
+is rewritten after every process (timing.write_json: GPU, versions, date); the ratios come last:
+``speed_vs_compile`` (torch.compile ms / dora_fused ms, target >= 1.00), ``step_vs_lora``
+(dora_fused ms / LoRA ms, training, <= 1.10), ``peak_vs_lora`` (the same for peak memory, <= 1.10)
+and ``compile_vs_compile`` (dora_fused's first call / torch.compile's, <= 1.30).
 
-    speed_vs_compile    torch.compile ms / dora_fused ms         target >= 1.00
-    step_vs_lora        dora_fused ms / LoRA ms, train           target <= 1.10
-    peak_vs_lora        dora_fused peak / LoRA peak, train       target <= 1.10
-    compile_vs_compile  dora_fused / torch.compile first call    target <= 1.30
-
-``--quick`` (QUICK_CASES, 16 processes, fp32 adapters): the hidden-4096 model4 training step at
-r = 16; the 4096² layer's training step at r = 384 and 16, single and back to back; the 1B prefill
-at r = 16. Estimated 6-8 minutes on one H100: 16 process starts of 5-10 s, 12 cold compiles of
-10-60 s (a layer's the shortest, the 1B model's the longest), a few seconds of timed steps; no
-process starts after --time-budget (500 s with --quick), so it ends within about 8.5 minutes.
-``--tiny``: dimensions / 64, ranks 2-8, 2 layers, 32 tokens, aot_eager instead of Inductor.
+``--quick`` (QUICK_CASES, fp32 adapters): the hidden-4096 model4 training step at r = 16; the 4096²
+layer's training step at r = 384 and 16, single and back to back; the 1B prefill at r = 16.
+Estimated 6-8 minutes on one H100: 16 process starts of 5-10 s, 12 cold compiles of 10-60 s (a
+layer's the shortest, the 1B model's the longest), seconds of timed steps; no process starts after
+--time-budget (500 s with --quick). ``--tiny``: dimensions / 64, ranks 2-8, one decoder layer,
+32 tokens, aot_eager instead of Inductor.
 """
 
 from __future__ import annotations
@@ -65,7 +60,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -212,13 +207,12 @@ def build(case: Case, contender: str, args, device: torch.device) -> torch.nn.Mo
 def compiled(model: torch.nn.Module, contender: str, args):
     if contender == "peft_eager":
         return model
+    backend = args.inner
     if contender == "dora_fused":
         import dora_fused
 
-        return torch.compile(
-            model, backend="dora_fused" if args.inner == "inductor" else dora_fused.backend(inner=args.inner)
-        )
-    return torch.compile(model, backend=args.inner)
+        backend = "dora_fused" if args.inner == "inductor" else dora_fused.backend(inner=args.inner)
+    return torch.compile(model, backend=backend)
 
 
 def make_step(case: Case, model: torch.nn.Module, fn, args, device: torch.device):
@@ -265,19 +259,9 @@ def make_step(case: Case, model: torch.nn.Module, fn, args, device: torch.device
 
 
 def base_row(case: Case, contender: str, args) -> dict:
-    return dict(
-        case=case.name,
-        contender=contender,
-        scope=case.scope,
-        shape=case.shape,
-        r=case.r,
-        rank=TINY_RANKS[case.r] if args.tiny else case.r,
-        adapters=case.adapters,
-        work=case.work,
-        tokens=args.tokens,
-        tiny=args.tiny,
-        inner=args.inner,
-    )
+    """What a row of this case and contender says whatever happened: the case's fields, the run's sizes."""
+    row = dict(case=case.name, contender=contender, **asdict(case), rank=TINY_RANKS[case.r] if args.tiny else case.r)
+    return dict(row, tokens=args.tokens, tiny=args.tiny, inner=args.inner)
 
 
 def graphs_compiled() -> int:
@@ -324,20 +308,11 @@ def measure_work(cases: list[Case], contender: str, model, fn, args, device: tor
             else:
                 times, _ = time_calls(step, reps, warmup)
         stats = summarize(times)
-        rows.append(
-            dict(
-                base_row(case, contender, args),
-                status="ok",
-                **stats,
-                times=times,
-                peak_mb=memory.peak_mb,
-                resident_mb=None if memory.resident is None else memory.resident / 2**20,
-                first_call_s=first_call_s,
-                compile_s=max(0.0, first_call_s - stats["ms"] / 1e3),
-                **counts,
-                graphs_after_first_call=graphs_compiled() - graphs_before - counts["graphs"],  # recompiles: 0
-            )
-        )
+        row = dict(base_row(case, contender, args), status="ok", **stats, times=times, **counts)
+        row.update(peak_mb=memory.peak_mb, resident_mb=None if memory.resident is None else memory.resident / 2**20)
+        row.update(first_call_s=first_call_s, compile_s=max(0.0, first_call_s - stats["ms"] / 1e3))
+        row["graphs_after_first_call"] = graphs_compiled() - graphs_before - counts["graphs"]  # recompiles: 0
+        rows.append(row)
     return rows
 
 
@@ -544,13 +519,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=None, help="tokens per step (--tiny: 32)")
     parser.add_argument("--reps", type=int, default=None, help="timed steps (layers 20, models 10; --tiny 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps after the first (5, 2; --tiny 1)")
-    parser.add_argument(
-        "--inner", default=None, help="what the compiled contenders compile with (inductor; --tiny aot_eager)"
-    )
+    parser.add_argument("--inner", default=None, help="backend of the compiled contenders (inductor; --tiny aot_eager)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per process (900; --quick 240)")
-    parser.add_argument(
-        "--time-budget", type=float, default=None, help="seconds; no process starts after (--quick 500)"
-    )
+    parser.add_argument("--time-budget", type=float, default=None, help="s; no process starts after (--quick 500)")
     parser.add_argument("--list", action="store_true", help="print the case names and exit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
