@@ -100,7 +100,7 @@ VOCAB = 256  # one token per byte
 
 SIZES = {
     # hidden, MLP, layers, heads, KV heads, rank, tokens per sequence, sequences per batch
-    "default": dict(hidden=128, intermediate=352, layers=4, heads=4, kv_heads=2, rank=16, seq=128, batch=8),
+    "default": dict(hidden=128, intermediate=352, layers=4, heads=4, kv_heads=2, rank=16, seq=128, batch=4),
     "tiny": dict(hidden=32, intermediate=64, layers=2, heads=2, kv_heads=1, rank=4, seq=16, batch=2),
 }
 TINY_CORPUS_BYTES = 1 << 20
@@ -144,7 +144,7 @@ def batch_offsets(corpus_bytes: int, seq: int, batch: int, steps: int, seed: int
 
 
 def build_model(size: dict[str, int], seed: int, contender: Contender, device: torch.device) -> torch.nn.Module:
-    """The seeded random Llama with PEFT DoRA adapters; base weights bf16-representable, cast to the contender's dtype."""
+    """The seeded random Llama with PEFT DoRA; base weights bf16-representable, cast to the contender's dtype."""
     import transformers
     from peft import LoraConfig, get_peft_model
 
@@ -208,6 +208,7 @@ def rewrite_counts(expected: int) -> dict[str, int]:
         rewritten=len(rewritten),
         left_alone=len(found - rewritten),
         graphs=len(dora_fused.reports()),
+        graph_breaks=breaks,
     )
 
 
@@ -332,8 +333,11 @@ def run_workers(names: list[str], args: argparse.Namespace) -> list[dict]:
             for s in parse_seeds(args.seeds)
         ]
 
+    # the compiled contenders (the longest: their compiles) start first
+    started = sorted(names, key=lambda n: CONTENDERS[n].compiler is None)
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-        results = list(pool.map(run, names))
+        by_name = dict(zip(started, pool.map(run, started), strict=True))
+    results = [by_name[name] for name in names]
     for name, rows in zip(names, results, strict=True):
         for row in rows:
             print(f"[{name}] seed {row['seed']}: {row_line(row)}", flush=True)
@@ -476,7 +480,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--corpus-bytes", type=int, default=None, help="use only the first N bytes of the corpus")
     parser.add_argument("--inner", default="inductor", help="compiler of the compiled contenders: inductor, aot_eager")
     parser.add_argument("--parallel", type=int, default=1, help="contender processes at once")
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads per process (CPU)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="intra-op threads per process (CPU; default: cores ÷ --parallel)"
+    )
     parser.add_argument("--same-process", action="store_true", help="run the contenders in this process, in turn")
     parser.add_argument("--tiny", action="store_true", help="toy sizes: seconds on a CPU")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -490,6 +496,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown contenders {sorted(unknown)}; known: {list(CONTENDERS)}")
     args.contender_names = names
+    if args.threads is None and args.device == "cpu":
+        args.threads = max(1, (os.cpu_count() or 1) // max(1, args.parallel))
     return args
 
 
@@ -513,7 +521,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.out,
         rows,
         device=args.device,
-        threads=torch.get_num_threads() if args.threads is None else args.threads,
+        threads=args.threads,
         parallel=1 if args.same_process else args.parallel,
         same_process=args.same_process,
         inner=args.inner,
