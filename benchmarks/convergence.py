@@ -63,6 +63,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -212,6 +213,41 @@ def rewrite_counts(expected: int) -> dict[str, int]:
     )
 
 
+class OneStepCheck:
+    """One step's numerical error apart from the trajectory: the fp32 eager model at the contender's own adapter values.
+
+    At a checked step the adapter values of the contender are copied into an fp32 eager copy of the
+    same seed's model (the same base values: they are bf16-representable), which runs the same batch.
+    ``loss_error = l_c − l_fp32`` and ``grad_rel_error = ‖∇_c − ∇_fp32‖ / ‖∇_fp32‖`` over every
+    adapter gradient (before clipping) then measure what one step's arithmetic costs, without the
+    divergence of trajectories that the per-step loss difference also contains.
+    """
+
+    def __init__(self, size: dict[str, int], seed: int, device: torch.device) -> None:
+        self.model = build_model(size, seed, CONTENDERS[REFERENCE], device)
+        self.model.train()
+        self.params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def __call__(self, model: torch.nn.Module, ids: torch.Tensor, loss: float) -> dict[str, float]:
+        start = time.perf_counter()
+        trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(trained[name])
+        reference = self.model(input_ids=ids, labels=ids).loss
+        reference.backward()
+        difference = total = 0.0
+        for name, p in self.params.items():
+            difference += (trained[name].grad.float() - p.grad).square().sum().item()
+            total += p.grad.square().sum().item()
+        self.model.zero_grad(set_to_none=True)
+        return dict(
+            loss_error=loss - reference.item(),
+            grad_rel_error=math.sqrt(difference / total) if total > 0 else 0.0,
+            seconds=time.perf_counter() - start,
+        )
+
+
 def train_seed(name: str, seed: int, args: argparse.Namespace, corpus: torch.Tensor, device: torch.device) -> dict:
     """One contender, one seed: ``args.steps`` optimizer steps; the row with every step's loss."""
     contender = CONTENDERS[name]
@@ -238,13 +274,17 @@ def train_seed(name: str, seed: int, args: argparse.Namespace, corpus: torch.Ten
         dora_fused_imported="dora_fused" in sys.modules,
         trainable_params=sum(p.numel() for p in params),
     )
-    losses, step_s = [], []
+    check = OneStepCheck(size, seed, device) if args.check_every > 0 else None
+    losses, step_s, checks = [], [], []
     start = time.perf_counter()
     for step in range(args.steps):
         t0 = time.perf_counter()
         ids = corpus[offsets[step, :, None] + window].long().to(device)
         loss = fn(input_ids=ids, labels=ids).loss
         loss.backward()
+        if check is not None and step % args.check_every == 0:
+            checks.append(dict(step=step, **check(model, ids, loss.item())))
+            t0 += checks[-1]["seconds"]  # not a training step's time
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
@@ -253,6 +293,7 @@ def train_seed(name: str, seed: int, args: argparse.Namespace, corpus: torch.Ten
         step_s.append(time.perf_counter() - t0)
     row.update(
         losses=losses,
+        one_step_checks=checks,
         wall_s=time.perf_counter() - start,
         first_step_s=step_s[0],
         step_ms=statistics.median(step_s[1:]) * 1e3 if len(step_s) > 1 else None,
@@ -338,6 +379,10 @@ def run_workers(names: list[str], args: argparse.Namespace) -> list[dict]:
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         by_name = dict(zip(started, pool.map(run, started), strict=True))
     results = [by_name[name] for name in names]
+    if all(row["status"] == "ok" for rows in results for row in rows):
+        shutil.rmtree(work)
+    else:
+        print(f"worker logs: {work}", flush=True)
     for name, rows in zip(names, results, strict=True):
         for row in rows:
             print(f"[{name}] seed {row['seed']}: {row_line(row)}", flush=True)
@@ -359,9 +404,11 @@ def _spread(values: list[float]) -> dict[str, float | None]:
 
 def _deviation(losses: list[float], against: list[float]) -> dict[str, float]:
     diffs = [a - b for a, b in zip(losses, against, strict=True)]
+    first = diffs[: max(1, len(diffs) // 10)]
     last = diffs[len(diffs) - max(1, len(diffs) // 4) :]
     return dict(
         mean_abs=statistics.fmean(abs(d) for d in diffs),
+        first_tenth_mean_abs=statistics.fmean(abs(d) for d in first),
         last_quarter_mean_abs=statistics.fmean(abs(d) for d in last),
         mean_signed=statistics.fmean(diffs),
     )
@@ -394,6 +441,12 @@ def summarize_runs(rows: list[dict]) -> dict:
             tail = max(1, len(runs[0]["losses"]) // 20)
             entry["final_loss"] = _spread([statistics.fmean(r["losses"][-tail:]) for r in runs])
             entry["wall_s"] = sum(r["wall_s"] for r in runs)
+            checked = [r["one_step_checks"] for r in runs if r.get("one_step_checks")]
+            if checked:
+                entry["one_step"] = dict(
+                    loss_abs_error=_spread([statistics.fmean(abs(c["loss_error"]) for c in cs) for cs in checked]),
+                    grad_rel_error=_spread([statistics.fmean(c["grad_rel_error"] for c in cs) for cs in checked]),
+                )
             if "rewritten" in runs[0]:
                 entry["rewritten"] = [r["rewritten"] for r in runs]
                 entry["dora_modules"] = runs[0]["dora_modules"]
@@ -417,13 +470,24 @@ def criterion(contenders: dict, ours: str, theirs: str) -> dict | None:
     per_seed = {
         s: a["per_seed"][s]["mean_abs"] / b["per_seed"][s]["mean_abs"] for s in a["per_seed"] if s in b["per_seed"]
     }
-    return dict(contender=ours, against=theirs, ratio=ratio, per_seed=per_seed, met=ratio <= 1.0)
+    differences = [a["per_seed"][s]["mean_abs"] - b["per_seed"][s]["mean_abs"] for s in per_seed]
+    std = statistics.stdev(differences) if len(differences) > 1 else None
+    paired = dict(
+        mean=statistics.fmean(differences),
+        std=std,
+        stderr=std / math.sqrt(len(differences)) if std is not None else None,
+    )
+    return dict(
+        contender=ours, against=theirs, ratio=ratio, per_seed=per_seed, paired_difference=paired, met=ratio <= 1.0
+    )
 
 
 def table(summary: dict) -> str:
+    """The summary as a markdown table (mean over seeds, min–max in parentheses), then the criterion."""
     header = (
-        "| contender | seeds | rewritten | mean abs Δloss to reference: mean over seeds (min–max) | "
-        "the same, last quarter | mean signed Δloss to reference | mean abs Δloss to eager | final loss | wall s |"
+        "| contender | seeds | rewritten | mean abs Δloss to reference | first tenth | last quarter | "
+        "mean signed Δloss to reference | mean abs Δloss to eager | one step at the same weights: abs Δloss, "
+        "grad rel. error | final loss | wall s |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for name, e in summary["contenders"].items():
@@ -438,12 +502,15 @@ def table(summary: dict) -> str:
             return f"{s['mean']:.2e} ({s['min']:.2e}–{s['max']:.2e})"
 
         rewritten = f"{min(e['rewritten'])}/{e['dora_modules']}" if "rewritten" in e else "-"
+        one_step = e.get("one_step")
+        if one_step:
+            one_step = f"{one_step['loss_abs_error']['mean']:.2e}, {one_step['grad_rel_error']['mean']:.2e}"
         final = f"{e['final_loss']['mean']:.4f}" if "final_loss" in e else "-"
         wall = f"{e['wall_s']:.0f}" if "wall_s" in e else "-"
         lines.append(
             f"| {name} | {len(e['seeds_ok'])} | {rewritten} | {cell('to_reference')} | "
-            f"{cell('to_reference', 'last_quarter_mean_abs')} | {cell('to_reference', 'mean_signed')} | "
-            f"{cell('to_eager')} | {final} | {wall} |"
+            f"{cell('to_reference', 'first_tenth_mean_abs')} | {cell('to_reference', 'last_quarter_mean_abs')} | "
+            f"{cell('to_reference', 'mean_signed')} | {cell('to_eager')} | {one_step or '-'} | {final} | {wall} |"
         )
     if "reference_seed_spread_mean_abs" in summary:
         lines.append(f"reference seed-to-seed mean abs Δloss: {summary['reference_seed_spread_mean_abs']:.3e}")
@@ -452,9 +519,11 @@ def table(summary: dict) -> str:
         if c:
             per_seed = ", ".join(f"{v:.2f}" for v in c["per_seed"].values())
             verdict = "met" if c["met"] else "NOT met"
+            paired = c["paired_difference"]
+            stderr = f" ± {paired['stderr']:.2e} (standard error)" if paired["stderr"] is not None else ""
             lines.append(
                 f"{c['contender']} ÷ {c['against']}, mean abs Δloss to reference: {c['ratio']:.3f} "
-                f"(per seed {per_seed}): {verdict}"
+                f"(per seed {per_seed}): {verdict}; paired difference {paired['mean']:+.2e}{stderr}"
             )
     return "\n".join(lines)
 
@@ -477,6 +546,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW")
     for key, value in SIZES["default"].items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"{value}")
+    parser.add_argument(
+        "--check-every", type=int, default=None, help="steps between one-step checks (steps ÷ 10; 0: none)"
+    )
     parser.add_argument("--corpus-bytes", type=int, default=None, help="use only the first N bytes of the corpus")
     parser.add_argument("--inner", default="inductor", help="compiler of the compiled contenders: inductor, aot_eager")
     parser.add_argument("--parallel", type=int, default=1, help="contender processes at once")
@@ -491,6 +563,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.steps is None:
         args.steps = 4 if args.tiny else 1000
+    if args.check_every is None:
+        args.check_every = max(1, args.steps // 10)
     names = [n for n in args.contenders.split(",") if n]
     unknown = set(names) - set(CONTENDERS)
     if unknown:
@@ -526,6 +600,7 @@ def main(argv: list[str] | None = None) -> dict:
         same_process=args.same_process,
         inner=args.inner,
         steps=args.steps,
+        check_every=args.check_every,
         seeds=parse_seeds(args.seeds),
         contenders=args.contender_names,
         model=model_size(args),

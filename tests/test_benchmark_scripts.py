@@ -81,6 +81,11 @@ def test_convergence_tiny_run(convergence, tmp_path):
     for name in ("eager", "torch_compile", "dora_fused"):
         deviation = summary["contenders"][name]["to_reference"]["mean_abs"]
         assert deviation["min"] <= deviation["mean"] <= deviation["max"]
+        # one step at the same adapter values as the fp32 eager model: bf16's error, not more
+        assert 0 < summary["contenders"][name]["one_step"]["grad_rel_error"]["mean"] < 0.05
+    # the fp32 eager model checked against itself: the same arithmetic, no error
+    assert [c["step"] for c in rows["reference"]["one_step_checks"]] == [0, 1, 2]
+    assert all(c["loss_error"] == 0 and c["grad_rel_error"] == 0 for c in rows["reference"]["one_step_checks"])
     assert summary["criterion"]["contender"] == "dora_fused" and summary["criterion"]["ratio"] > 0
 
 
