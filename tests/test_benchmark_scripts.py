@@ -56,7 +56,6 @@ def convergence(monkeypatch):
     torch.set_num_threads(threads)  # main() sets the intra-op threads it was given
 
 
-@pytest.mark.slow
 def test_convergence_tiny_run(convergence, tmp_path):
     """Every contender trains a few steps from the same start; dora_fused rewrote every DoRA module."""
     out = tmp_path / "convergence.json"
