@@ -50,7 +50,7 @@ def plot(data: dict, out: str, window: int = 25) -> str:
 
     losses = _by_contender(data["rows"])
     meta = data["meta"]
-    fig, axes = plt.subplots(3, 1, figsize=(9, 11), sharex=True)
+    fig, axes = plt.subplots(3, 1, figsize=(12, 11), sharex=True)
     for name, seeds in losses.items():
         color = COLORS.get(name)
         mean = np.mean([seeds[s] for s in sorted(seeds)], axis=0)
@@ -73,7 +73,7 @@ def plot(data: dict, out: str, window: int = 25) -> str:
     axes[-1].set_xlabel("optimizer step")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     model = meta["model"]
     device = meta.get("gpu") or meta.get("cpu") or meta["device"]
     axes[0].set_title(

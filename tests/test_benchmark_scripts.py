@@ -116,3 +116,19 @@ def test_convergence_summary(convergence):
     rows[-2:] = [row(r["contender"], r["seed"], r["losses"], "rewrite incomplete: 0 of 14") for r in rows[-2:]]
     summary = convergence.summarize_runs(rows)
     assert summary["contenders"]["dora_fused"]["seeds_ok"] == [] and summary["criterion"] is None
+
+
+def test_convergence_plot(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("plot_convergence_bench", BENCH / "plot_convergence.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [
+        dict(contender=name, seed=seed, status="ok", losses=[3.0 - 0.01 * t + 1e-3 * i * seed for t in range(50)])
+        for i, name in enumerate(("reference", "eager", "torch_compile", "dora_fused"))
+        for seed in (0, 1)
+    ]
+    meta = dict(device="cpu", cpu="x86_64", gpu=None, steps=50, seeds=[0, 1], model=dict(layers=2, hidden=32, rank=4))
+    out = module.plot(dict(meta=meta, rows=rows), str(tmp_path / "convergence.png"), window=5)
+    assert Path(out).stat().st_size > 0
