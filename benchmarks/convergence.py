@@ -198,12 +198,17 @@ def rewrite_counts(expected: int) -> dict[str, int]:
     import dora_fused
 
     found, rewritten = set(), set()
+    ops: dict[str, set[str]] = {}
     breaks = 0
     for report in dora_fused.reports():
         found.update(report.found)
         rewritten.update(report.rewritten)
         breaks += len(report.graph_breaks)
+        for module in report.modules:
+            if module.status == "rewritten":
+                ops.setdefault(", ".join(module.ops), set()).add(module.name)
     return dict(
+        ops={op: len(names) for op, names in ops.items()},  # the inserted ops: how many modules got each
         dora_modules=expected,
         found=len(found),
         rewritten=len(rewritten),

@@ -76,6 +76,9 @@ def test_convergence_tiny_run(convergence, tmp_path):
     assert rows["reference"]["base_dtype"] == "float32" and rows["dora_fused"]["base_dtype"] == "bfloat16"
     ours = rows["dora_fused"]
     assert ours["dora_modules"] == 14 and ours["rewritten"] == 14 and ours["left_alone"] == 0
+    # on the CPU the rewrite inserts the plain-torch factored norm and, in training, the folded compose
+    assert ours["ops"] == {"torch:factored_row_norm_torch, torch:lora_up_folded_compose_torch": 14}
+    assert not rows["torch_compile"].get("rewritten")
     summary = meta["summary"]
     for name in ("eager", "torch_compile", "dora_fused"):
         deviation = summary["contenders"][name]["to_reference"]["mean_abs"]
