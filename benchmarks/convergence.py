@@ -7,7 +7,7 @@ dora_fused's deviation within torch.compile's?
     python benchmarks/convergence.py --out conv.json                          # 3 seeds × 1000 steps, CPU or CUDA
     python benchmarks/convergence.py --device cuda --steps 2000 --seeds 0,1,2,3,4 --out conv.json
     python benchmarks/convergence.py --contenders reference,dora_fused_fp32,torch_compile_fp32 --out fp32.json
-    python benchmarks/convergence.py --tiny --steps 4 --inner aot_eager --out /tmp/t.json   # seconds
+    python benchmarks/convergence.py --tiny --steps 4 --inner aot_eager --same-process --out /tmp/t.json  # seconds
     python benchmarks/plot_convergence.py conv.json                            # docs/img/convergence_<device>.png
 
 Contenders (each from the same initial weights and the same batches, per seed):
@@ -16,8 +16,8 @@ Contenders (each from the same initial weights and the same batches, per seed):
     torch_compile       the same dtypes, torch.compile(model) (dora_fused not imported)
     dora_fused          the same dtypes, torch.compile(model, backend="dora_fused"); counts only
                         where every DoRA module was rewritten (dora_fused.reports())
-    dora_fused_fp32     every parameter fp32, backend="dora_fused": the factored norm's numerics
-                        alone against the reference (no bf16 rounding anywhere)
+    dora_fused_fp32     every parameter fp32, backend="dora_fused": the rewrite's numerics (factored
+                        norm, compose) alone against the reference (no bf16 rounding anywhere)
     torch_compile_fp32  every parameter fp32, torch.compile(model): Inductor's own reordering in fp32
 
 Method:
@@ -36,23 +36,29 @@ Method:
   (``lora_A``, ``lora_B``, magnitude), weight decay 0, gradients clipped to norm 1, linear
   warm-up over the first 5% of steps, then cosine decay to 10% of the peak learning rate.
 - Per contender and seed, with ``l_c(t)`` the loss of step ``t``:
-  ``mean|Δloss|`` to the reference ``= mean_t |l_c(t) − l_ref(t)|`` (also over the last quarter
-  of the steps, where the trajectories have had longest to drift apart), the signed mean
+  ``mean|Δloss|`` to the reference ``= mean_t |l_c(t) − l_ref(t)|`` (also over the first tenth of
+  the steps, before the trajectories drift apart, and the last quarter), the signed mean
   ``mean_t (l_c(t) − l_ref(t))`` (> 0: trains worse than the reference), and the same against
   ``eager``. Over seeds: the mean, min, max and standard deviation. For scale, the reference's
   seed-to-seed spread: ``mean_t |l_ref,s1(t) − l_ref,s2(t)|`` averaged over pairs of seeds
   (different initial weights and batches).
+- One step at the same weights (``OneStepCheck``, every ``--check-every`` steps): the loss and
+  adapter-gradient error of the contender against an fp32 eager copy holding its own adapter
+  values, on the same batch: one step's arithmetic, apart from the trajectories' divergence.
 - Criterion: dora_fused's mean|Δloss| to the reference must not exceed torch_compile's; the
-  ratio of the two (mean over seeds, and per seed) is reported as measured.
+  ratio of the two (mean over seeds, and per seed) and their paired difference over seeds (mean,
+  standard error) are reported as measured.
 - Each contender runs all seeds in its own process (``torch.compile`` without dora_fused then
   breaks PEFT's DoRA graph in every layer, as for any user; importing dora_fused would trace it
   as one graph), ``--parallel`` processes at once, each with ``--threads`` intra-op threads on the
   CPU. ``--same-process`` runs them one after another in this process instead (tests).
-- Results: one JSON row per (contender, seed) with every step's loss, the rewrite counts, the wall
-  time; ``meta`` holds the environment, the configuration, the corpus and the summary above.
+- Results: one JSON row per (contender, seed) with every step's loss, the one-step checks, the
+  rewrite counts and inserted ops, the wall time; ``meta`` holds the environment, the
+  configuration, the corpus and the summary above.
 
 On a CPU the backend inserts the same factored-norm and compose math as plain torch ops (its
-Triton kernels run only on CUDA): a CPU run speaks for the rewrite's numerics, not the kernels'.
+Triton norm runs only on CUDA; the training compose is the plain-torch folded one on both): a CPU
+run speaks for the rewrite's numerics, not for the Triton norm's.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ import sysconfig
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,7 +190,8 @@ def learning_rate_factor(step: int, steps: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def compiled_callable(model: torch.nn.Module, contender: Contender, inner: str):
+def compiled_callable(model: torch.nn.Module, contender: Contender, inner: str) -> Callable[..., object]:
+    """The model as the contender runs it: itself (eager), or compiled with its backend and ``inner``."""
     if contender.compiler is None:
         return model
     if contender.compiler == "default":
@@ -550,7 +558,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--contenders", default=",".join(DEFAULT_CONTENDERS), help=f"any of {list(CONTENDERS)}")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW")
     for key, value in SIZES["default"].items():
-        parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"{value}")
+        tiny = SIZES["tiny"][key]
+        parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"{value}; --tiny {tiny}")
     parser.add_argument(
         "--check-every", type=int, default=None, help="steps between one-step checks (steps ÷ 10; 0: none)"
     )
