@@ -1,22 +1,25 @@
 """Every benchmark script imports and parses its arguments on the CPU: ``python benchmarks/X.py --help``;
 benchmarks/training.py also runs end to end at toy sizes.
 
-The scripts need a GPU to measure (except matching_cost.py and models.py --tiny); this keeps
-them from rotting where none is. Each runs in this process as ``__main__`` (no new interpreter,
-so no second import of torch) with the benchmarks folder on ``sys.path``, as
-``python benchmarks/X.py`` has it.
+The scripts need a GPU to measure (except matching_cost.py, models.py --tiny and convergence.py);
+this keeps them from rotting where none is. Each runs in this process as ``__main__`` (no new
+interpreter, so no second import of torch) with the benchmarks folder on ``sys.path``, as
+``python benchmarks/X.py`` has it. convergence.py also trains its toy model a few steps here, every
+contender in this process, and its summary's arithmetic is checked on made-up losses.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 HELPERS = {"timing.py"}  # imported by the scripts, not run
@@ -137,3 +140,97 @@ def test_training_matrix_records_failures_and_goes_on(training, tmp_path):
     assert timed_out["meta"]["ratios"] == [
         dict(case=case, speed_vs_compile=None, step_vs_lora=None, peak_vs_lora=None, compile_vs_compile=None)
     ]
+
+
+@pytest.fixture
+def convergence(monkeypatch):
+    """benchmarks/convergence.py imported in this process, the benchmarks folder on ``sys.path``."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("convergence_bench", BENCH / "convergence.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    yield module
+    torch.set_num_threads(threads)  # main() sets the intra-op threads it was given
+
+
+def test_convergence_tiny_run(convergence, tmp_path):
+    """Every contender trains a few steps from the same start; dora_fused rewrote every DoRA module."""
+    out = tmp_path / "convergence.json"
+    argv = ["--tiny", "--steps", "3", "--seeds", "0", "--inner", "aot_eager", "--same-process", "--threads", "1"]
+    convergence.main([*argv, "--out", str(out)])
+    data = json.loads(out.read_text())
+    meta, rows = data["meta"], {r["contender"]: r for r in data["rows"]}
+    assert meta["device"] == "cpu" and meta["steps"] == 3 and meta["seeds"] == [0] and meta["tiny"] is True
+    assert meta["torch"] and meta["peft"] and meta["transformers"] and meta["date"]
+    assert meta["corpus"]["bytes"] > 0 and len(meta["corpus"]["sha256"]) == 64
+    assert set(rows) == {"reference", "eager", "torch_compile", "dora_fused"}
+    for row in rows.values():
+        assert row["status"] == "ok" and row["seed"] == 0 and len(row["losses"]) == 3
+        assert all(math.isfinite(x) for x in row["losses"])
+    # the same weights and first batch: the first losses agree to bf16 rounding of the activations
+    first = [row["losses"][0] for row in rows.values()]
+    assert max(first) - min(first) < 1e-2
+    assert rows["reference"]["base_dtype"] == "float32" and rows["dora_fused"]["base_dtype"] == "bfloat16"
+    ours = rows["dora_fused"]
+    assert ours["dora_modules"] == 14 and ours["rewritten"] == 14 and ours["left_alone"] == 0
+    # on the CPU the rewrite inserts the plain-torch factored norm and, in training, the folded compose
+    assert ours["ops"] == {"torch:factored_row_norm_torch, torch:lora_up_folded_compose_torch": 14}
+    assert not rows["torch_compile"].get("rewritten")
+    summary = meta["summary"]
+    for name in ("eager", "torch_compile", "dora_fused"):
+        deviation = summary["contenders"][name]["to_reference"]["mean_abs"]
+        assert deviation["min"] <= deviation["mean"] <= deviation["max"]
+        # one step at the same adapter values as the fp32 eager model: bf16's error, not more
+        assert 0 < summary["contenders"][name]["one_step"]["grad_rel_error"]["mean"] < 0.05
+    # the fp32 eager model checked against itself: the same arithmetic, no error
+    assert [c["step"] for c in rows["reference"]["one_step_checks"]] == [0, 1, 2]
+    assert all(c["loss_error"] == 0 and c["grad_rel_error"] == 0 for c in rows["reference"]["one_step_checks"])
+    assert summary["criterion"]["contender"] == "dora_fused" and summary["criterion"]["ratio"] > 0
+
+
+def test_convergence_summary(convergence):
+    """The summary's arithmetic on made-up losses; a dora_fused run that rewrote nothing does not count."""
+
+    def row(contender: str, seed: int, losses: list[float], status: str = "ok") -> dict:
+        return dict(contender=contender, seed=seed, losses=losses, status=status, wall_s=1.0)
+
+    rows = [
+        row("reference", 0, [2.0, 1.0, 1.0, 1.0]),
+        row("reference", 1, [3.0, 2.0, 2.0, 2.0]),
+        row("eager", 0, [2.0, 1.1, 1.1, 1.1]),
+        row("eager", 1, [3.0, 2.1, 2.1, 2.1]),
+        row("torch_compile", 0, [2.0, 1.2, 1.2, 0.8]),
+        row("torch_compile", 1, [3.0, 2.2, 2.2, 1.8]),
+        row("dora_fused", 0, [2.0, 1.1, 1.1, 0.9]),
+        row("dora_fused", 1, [3.0, 2.1, 2.1, 1.9]),
+    ]
+    summary = convergence.summarize_runs(rows)
+    tc = summary["contenders"]["torch_compile"]["to_reference"]
+    assert tc["mean_abs"]["mean"] == pytest.approx(0.15) and tc["mean_abs"]["std"] == pytest.approx(0.0)
+    assert tc["last_quarter_mean_abs"]["mean"] == pytest.approx(0.2)
+    assert tc["mean_signed"]["mean"] == pytest.approx(0.05)
+    assert summary["contenders"]["dora_fused"]["to_eager"]["mean_abs"]["mean"] == pytest.approx(0.05)
+    assert summary["reference_seed_spread_mean_abs"] == pytest.approx(1.0)
+    assert summary["criterion"]["ratio"] == pytest.approx(0.075 / 0.15) and summary["criterion"]["met"]
+
+    rows[-2:] = [row(r["contender"], r["seed"], r["losses"], "rewrite incomplete: 0 of 14") for r in rows[-2:]]
+    summary = convergence.summarize_runs(rows)
+    assert summary["contenders"]["dora_fused"]["seeds_ok"] == [] and summary["criterion"] is None
+
+
+def test_convergence_plot(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("plot_convergence_bench", BENCH / "plot_convergence.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [
+        dict(contender=name, seed=seed, status="ok", losses=[3.0 - 0.01 * t + 1e-3 * i * seed for t in range(50)])
+        for i, name in enumerate(("reference", "eager", "torch_compile", "dora_fused"))
+        for seed in (0, 1)
+    ]
+    meta = dict(device="cpu", cpu="x86_64", gpu=None, steps=50, seeds=[0, 1], model=dict(layers=2, hidden=32, rank=4))
+    out = module.plot(dict(meta=meta, rows=rows), str(tmp_path / "convergence.png"), window=5)
+    assert Path(out).stat().st_size > 0
