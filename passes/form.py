@@ -147,4 +147,3 @@ class Form:
 
     def applies_to(self, in_peft_layer: bool) -> bool:
         return self.scope == "any" or (self.scope == "peft") == in_peft_layer
-

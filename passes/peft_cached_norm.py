@@ -107,4 +107,3 @@ def match_cached_norm(anchor: Node) -> CachedNormMatch:
         nodes=[*chain, *nodes],
         **compose.fields(),
     )
-

@@ -91,4 +91,3 @@ def match_peft_conv(anchor: Node) -> PeftConvMatch:
     _check_lora(compose.lora, low_rank)
     compose.check_one_device(magnitude, low_rank.weight)
     return PeftConvMatch(norm=low_rank, magnitude=magnitude, nodes=nodes, stored=stored, **compose.fields())
-

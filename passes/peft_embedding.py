@@ -105,4 +105,3 @@ def match_peft_embedding(anchor: Node) -> PeftEmbeddingMatch:
         stored=stored,
         lora_factor=lora_factor,
     )
-

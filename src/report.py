@@ -25,6 +25,7 @@ __all__ = ["SCHEMA", "ModuleRecord", "RewriteReport", "clear_reports", "last_rep
 
 SCHEMA = "dora_fused.report/1"
 
+
 @dataclass
 class RewriteReport:
     """The record of one compiled graph, or of a whole audited call."""
