@@ -30,6 +30,26 @@ def dora_module_names(model: torch.nn.Module) -> set[str]:
     return {name for name, module in model.named_modules() if is_dora_layer(module)}
 
 
+def layer_paths(names) -> set[str]:
+    """``…layers.0.self_attn.q_proj`` from any prefix: Dynamo names modules after what was compiled."""
+    return {name[name.rindex("layers.") :] for name in names}
+
+
+def assert_all_rewritten(model: torch.nn.Module) -> None:
+    """A graph compiled since the reports were cleared rewrote every DoRA module of ``model``; none was left alone."""
+    import dora_fused
+
+    reports = dora_fused.reports()
+    assert reports, "nothing was compiled"
+    expected = layer_paths(dora_module_names(model))
+    assert any(layer_paths(report.rewritten) == expected for report in reports), [r.summary() for r in reports]
+    assert all(report.skipped == [] and report.error is None for report in reports), [r.summary() for r in reports]
+
+
+def token_ids(vocab: int, batch: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
 def perturb_magnitudes(model: torch.nn.Module, spread: float, seed: int = 0) -> None:
     """Move each magnitude off ||W||: m ← m·(1 + spread·u), u ~ U(-1, 1)."""
     gen = torch.Generator().manual_seed(seed)

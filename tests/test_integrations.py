@@ -22,7 +22,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_LLAMA, assert_close, dora_module_names, perturb_magnitudes, tiny_llama_dora
+from helpers import (
+    TINY_LLAMA,
+    assert_all_rewritten,
+    assert_close,
+    perturb_magnitudes,
+    tiny_llama_dora,
+    token_ids,
+)
 from peft import (
     LoraConfig,
     PeftModel,
@@ -52,30 +59,12 @@ class CountingBackend:
         return self.inner(gm, example_inputs, **kwargs)
 
 
-def _layer_paths(names) -> set[str]:
-    """``…layers.0.self_attn.q_proj`` from any prefix: Dynamo names modules after what was compiled."""
-    return {name[name.rindex("layers.") :] for name in names}
-
-
-def assert_all_rewritten(model: torch.nn.Module) -> None:
-    """Some graph compiled since ``clear_reports()`` rewrote every DoRA module of ``model``, and none was left alone."""
-    reports = dora_fused.reports()
-    assert reports, "the backend compiled nothing"
-    expected = _layer_paths(dora_module_names(model))
-    assert any(_layer_paths(report.rewritten) == expected for report in reports), [r.summary() for r in reports]
-    assert all(report.skipped == [] and report.error is None for report in reports), [r.summary() for r in reports]
-
-
-def _ids(batch: int, length: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
 # --- HF Trainer ------------------------------------------------------------------------------------
 
 
 class _Tokens(torch.utils.data.Dataset):
     def __init__(self) -> None:
-        self.ids = _ids(8, 12, seed=1)
+        self.ids = token_ids(VOCAB, 8, 12, seed=1)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -175,7 +164,7 @@ def test_generate_static_cache_matches_eager_on_cpu():
     ``_compile_all_devices`` flag is set; the CUDA-graph default mode runs in test_integrations_gpu.py.
     """
     model = tiny_llama_dora(r=4).eval()
-    input_ids = _ids(2, 6, seed=2)
+    input_ids = token_ids(VOCAB, 2, 6, seed=2)
     kwargs = dict(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
@@ -246,7 +235,7 @@ def test_set_adapter_swaps_at_once_and_compiles_each_adapter_once(adapters, set_
     ``set_adapter`` replaces by a list per layer), so the first swap back compiles once more.
     A ``set_adapter`` before compiling avoids that compile.
     """
-    input_ids = _ids(2, 7, seed=3)
+    input_ids = token_ids(VOCAB, 2, 7, seed=3)
     model = PeftModel.from_pretrained(_base(), str(adapters["a"]), adapter_name="a").eval()
     model.load_adapter(str(adapters["b"]), adapter_name="b")
     if set_before_compile:
@@ -280,7 +269,7 @@ def test_in_place_swaps_are_seen_at_once_and_compile_nothing(adapters):
     adapter (``set_peft_model_state_dict``: A, B and magnitudes); then only ``lora_B`` (the row
     norm changes, the magnitudes do not); then one base weight (a cached ‖W‖ would be stale).
     """
-    input_ids = _ids(2, 7, seed=3)
+    input_ids = token_ids(VOCAB, 2, 7, seed=3)
     model = PeftModel.from_pretrained(_base(), str(adapters["a"])).eval()
     eager = copy.deepcopy(model)
     backend = CountingBackend()
@@ -385,7 +374,7 @@ def test_litserve_server_answers_equal_eager(tmp_path, adapters):
             _wait_ready(f"http://127.0.0.1:{port}/health", server, timeout=300)
             eager = PeftModel.from_pretrained(_base(), str(adapters["a"])).eval()
             for length, new_tokens in ((9, 4), (3, 2)):  # two prompt lengths: the server compiled dynamic shapes
-                prompt = _ids(1, length, seed=length)[0].tolist()
+                prompt = token_ids(VOCAB, 1, length, seed=length)[0].tolist()
                 answer = _post(f"http://127.0.0.1:{port}/predict", {"input_ids": prompt, "max_new_tokens": new_tokens})
                 tokens, logits = _eager_greedy(eager, prompt, new_tokens)
                 assert answer["tokens"] == tokens
@@ -432,7 +421,7 @@ def test_lightning_module_with_compiled_model_trains_as_eager(tmp_path):
             return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
 
     def fit(module):
-        loader = torch.utils.data.DataLoader(_ids(8, 12, seed=4), batch_size=2)
+        loader = torch.utils.data.DataLoader(token_ids(VOCAB, 8, 12, seed=4), batch_size=2)
         trainer = pl.Trainer(
             accelerator="cpu",
             max_steps=4,

@@ -13,17 +13,13 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_close, dora_module_names, perturb_magnitudes, tiny_llama_dora
+from helpers import assert_close, dora_module_names, layer_paths, perturb_magnitudes, tiny_llama_dora
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import CompileConfig
 
 import dora_fused
 
 pytestmark = pytest.mark.gpu
-
-
-def _layer_paths(names) -> set[str]:
-    return {name[name.rindex("layers.") :] for name in names}
 
 
 def _other_adapter(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -77,7 +73,7 @@ def test_generate_reduce_overhead_matches_eager_and_swaps_in_place(backend):
 
     reports = dora_fused.reports()
     assert len(reports) == 1, [r.summary() for r in reports]  # the decoding step; the prefill runs eagerly
-    assert _layer_paths(reports[0].rewritten) == _layer_paths(dora_module_names(model)), reports[0].summary()
+    assert layer_paths(reports[0].rewritten) == layer_paths(dora_module_names(model)), reports[0].summary()
     assert reports[0].skipped == [] and reports[0].error is None
     assert counters["inductor"]["cudagraph_skips"] == 0
     manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)

@@ -16,35 +16,15 @@ import copy
 
 import pytest
 import torch
-from helpers import TINY_LLAMA, assert_close, dora_module_names, tiny_llama_dora
+from helpers import TINY_LLAMA, assert_all_rewritten, assert_close, tiny_llama_dora, token_ids
 from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
-
-import dora_fused
 
 VOCAB = TINY_LLAMA["vocab_size"]
 STEPS = 3
 # Inductor reorders and fuses fp32 reductions: per-step losses agree to a few ulps, not bit for bit.
 LOSS_RTOL = 1e-5
-
-
-def _ids(batch: int, length: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def _layer_paths(names) -> set[str]:
-    """``…layers.0.self_attn.q_proj`` from any prefix: Dynamo names modules after what was compiled."""
-    return {name[name.rindex("layers.") :] for name in names}
-
-
-def assert_all_rewritten(model: torch.nn.Module) -> None:
-    """A graph compiled since the hook was enabled rewrote every DoRA module of ``model``; none was left alone."""
-    reports = dora_fused.reports()
-    assert reports, "Inductor compiled nothing"
-    expected = _layer_paths(dora_module_names(model))
-    assert any(_layer_paths(report.rewritten) == expected for report in reports), [r.summary() for r in reports]
-    assert all(report.skipped == [] and report.error is None for report in reports), [r.summary() for r in reports]
 
 
 def _losses(trainer: Trainer) -> torch.Tensor:
@@ -71,7 +51,7 @@ def _training_args(cls=TrainingArguments, **kwargs):
 
 class _Tokens(torch.utils.data.Dataset):
     def __init__(self) -> None:
-        self.ids = _ids(8, 12, seed=1)
+        self.ids = token_ids(VOCAB, 8, 12, seed=1)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -166,7 +146,7 @@ def test_trl_sft_trainer_torch_compile_true_trains_as_eager(tmp_path, inductor_h
 
 
 def _batches() -> list[torch.Tensor]:
-    return list(_ids(2 * STEPS, 12, seed=4).split(2))
+    return list(token_ids(VOCAB, 2 * STEPS, 12, seed=4).split(2))
 
 
 def _loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
