@@ -180,10 +180,34 @@ def _dequantized_tile(Q, SCALES, CODE, rows, ks, mask, d_in, block_shift, FORMAT
 
 
 @triton.jit
+def _dequantized_aligned_tile(Q, SCALES, CODE, rows, k0, mask, d_in, block_shift, SUB_K: tl.constexpr,
+                              OUT: tl.constexpr):  # fmt: skip
+    """4-bit ``W[rows, k0:k0+SUB_K]`` where each row's chunk lies in one quantization block, ``k0`` even.
+
+    The same values as ``_dequantized_tile``, read with one byte load per two
+    codes and one ``absmax`` per row: the bytes' high and low nibbles are looked
+    up apart and interleaved (``tl.join``), the even column from the high nibble.
+    ``mask`` is per row (the chunk is wholly inside or outside ``d_in``).
+    """
+    starts = rows.to(tl.int64) * d_in + k0
+    pairs = (starts >> 1)[:, None] + tl.arange(0, SUB_K // 2)[None, :]
+    byte = tl.load(Q + pairs, mask=mask[:, None] & (pairs >= 0), other=0).to(tl.int32)
+    high = tl.load(CODE + (byte >> 4))
+    low = tl.load(CODE + (byte & 15))
+    absmax = tl.load(SCALES + (starts >> block_shift), mask=mask, other=0.0)
+    value = tl.reshape(tl.join(high, low), (rows.shape[0], SUB_K)) * absmax[:, None]
+    if OUT == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        value = bits.to(tl.float32, bitcast=True)
+    return value.to(OUT)
+
+
+@triton.jit
 def _quantized_products_kernel(
     Q, SCALES, CODE, A, A_SCALE, U, WSQ, d_out, d_in, r, k_per_split, block_shift, stride_ar, stride_ak,
     FORMAT: tl.constexpr, W_DTYPE: tl.constexpr, A_TERMS: tl.constexpr, A_SCALED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
+    ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
 ):  # fmt: skip
     """One ``[BLOCK_M, BLOCK_N of r]`` tile of ``U = W·Aᵀ`` over one split of ``d_in``, W dequantized in registers::
 
@@ -195,6 +219,9 @@ def _quantized_products_kernel(
     ``BLOCK_K`` chunk is one tensor-core accumulation from zero (``BLOCK_K // SUB_K``
     chained dots) added in fp32, as ``factored_norm``'s main loop. For int8 the
     tiles hold ``q`` and both sums are scaled by the row's ``SCB/127`` at the end.
+    ``ALIGNED`` (4-bit, ``d_in`` and the blocksize multiples of ``SUB_K``): every
+    ``SUB_K`` chunk of a row lies in one quantization block and wholly inside or
+    outside the split, so the tile is read by ``_dequantized_aligned_tile``.
     """
     pid_n = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -216,8 +243,13 @@ def _quantized_products_kernel(
         for step in tl.static_range(BLOCK_K // SUB_K):
             ks = k0 + step * SUB_K + tl.arange(0, SUB_K)
             kmask = ks < k_hi
-            w = _dequantized_tile(Q, SCALES, CODE, rows, ks, rmask[:, None] & kmask[None, :], d_in, block_shift,
-                                  FORMAT, W_DTYPE)  # fmt: skip
+            if ALIGNED:
+                chunk = k0 + step * SUB_K
+                w = _dequantized_aligned_tile(Q, SCALES, CODE, rows, chunk, rmask & (rows * 0 + chunk < k_hi), d_in,
+                                              block_shift, SUB_K, W_DTYPE)  # fmt: skip
+            else:
+                w = _dequantized_tile(Q, SCALES, CODE, rows, ks, rmask[:, None] & kmask[None, :], d_in, block_shift,
+                                      FORMAT, W_DTYPE)  # fmt: skip
             a_tile = a_cols + ks[:, None] * stride_ak
             a_mask = cmask[None, :] & kmask[:, None]
             c0 = tl.dot(w, tl.load(a_tile, mask=a_mask, other=0.0), c0)
@@ -362,6 +394,8 @@ class QuantizedNormPlan:
     splits: int  # shares of d_in
     k_per_split: int
     a_count: int  # A's terms
+    aligned: bool  # 4-bit chunks of SUB_K columns each inside one quantization block
+    num_warps: int
     num_stages: int  # the main loop's software pipeline depth
     workspace_bytes: int  # besides the [d_out] norm it returns: A's terms, the Gram's, U and ‖W‖² per split, …
 
@@ -374,6 +408,7 @@ def quantized_norm_plan(
     adapter_dtype: torch.dtype,
     sm_count: int,
     quant_type: str = "nf4",
+    blocksize: int = 64,
 ) -> QuantizedNormPlan:
     """Tiles of 64 rows by up to 64 of ``r``, 128-column chunks; split-K as ``norm_splits`` picks it."""
     tile_dtype = _tile_dtype(quant_type, tile_dtype, adapter_dtype)
@@ -384,6 +419,7 @@ def quantized_norm_plan(
     # 4-bit tiles with one A term at 64 columns, 272 KB with three (fp32 adapters on a 16-bit
     # weight), over the 227 KB a block may use; 2 stages need 160 KB there.
     num_stages = 2 if quant_type != "int8" and a_count > 1 and block_n > 32 else 3
+    aligned = quant_type != "int8" and d_in % sub_k == 0 and blocksize % sub_k == 0
     parts, row_tiles = triton.cdiv(r, block_n), triton.cdiv(d_out, block_m)
     splits = norm_splits(parts * row_tiles, d_in, sm_count)
     k_per_split = triton.cdiv(triton.cdiv(d_in, splits), block_k) * block_k
@@ -394,7 +430,7 @@ def quantized_norm_plan(
     workspace += splits * d_out * (r + 1) * fp32  # U and ‖W‖² per split
     workspace += 2 * d_out * fp32 + d_out  # the sum's terms, the flags
     return QuantizedNormPlan(
-        block_m, block_n, block_k, sub_k, parts, row_tiles, splits, k_per_split, a_count, num_stages,
+        block_m, block_n, block_k, sub_k, parts, row_tiles, splits, k_per_split, a_count, aligned, 4, num_stages,
         workspace + d_out * fp32,
     )  # fmt: skip
 
@@ -432,7 +468,7 @@ def quantized_row_norm_triton(
     packed, scales = packed.contiguous(), scales.contiguous()  # read by flat index (no copy: both are already)
     tile = _tile_dtype(quant_type, dtype, lora_A.dtype)
     a_terms, a_scale = adapter_terms(lora_A, tile, after)
-    plan = quantized_norm_plan(d_out, d_in, r, dtype, lora_A.dtype, multiprocessors(device), quant_type)
+    plan = quantized_norm_plan(d_out, d_in, r, dtype, lora_A.dtype, multiprocessors(device), quant_type, blocksize)
     g_terms = gram_terms(a_terms, a_scale, r, after).float()
     gram = (g_terms[2] + g_terms[1]) + g_terms[0]
     code = four_bit_code(quant_type if quant_type != "int8" else "nf4", device)
@@ -444,7 +480,8 @@ def quantized_row_norm_triton(
         packed, scales, code, a_terms, a_terms if a_scale is None else a_scale, u, w_squares, d_out, d_in, r,
         plan.k_per_split, shift, a_terms.stride(0), a_terms.stride(1),
         FORMAT=fmt, W_DTYPE=_TL_DTYPES[tile], A_TERMS=plan.a_count, A_SCALED=a_scale is not None,
-        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, SUB_K=plan.sub_k, num_warps=4,
+        ALIGNED=plan.aligned, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, SUB_K=plan.sub_k,
+        num_warps=plan.num_warps,
         num_stages=plan.num_stages,
     )  # fmt: skip
     norm = torch.empty(d_out, dtype=torch.float32, device=device)

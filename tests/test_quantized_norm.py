@@ -79,6 +79,9 @@ CASES = {  # quant_type, nested, blocksize, d_out, d_in, r, weight dtype, adapte
     "fp4-double-quant-bf16-adapters": ("fp4", True, 32, 19, 97, 3, torch.bfloat16, torch.bfloat16),
     "nf4-double-quant-two-column-tiles": ("nf4", True, 64, 29, 130, 70, torch.bfloat16, torch.float32),
     "nf4-fp16-weight-fp32-adapters": ("nf4", False, 128, 23, 129, 6, torch.float16, torch.float32),
+    "nf4-aligned-fp32-adapters": ("nf4", False, 64, 37, 192, 5, torch.bfloat16, torch.float32),
+    "nf4-aligned-double-quant-two-column-tiles": ("nf4", True, 128, 29, 256, 70, torch.bfloat16, torch.bfloat16),
+    "fp4-aligned-fp16-weight": ("fp4", False, 64, 19, 128, 6, torch.float16, torch.float32),
     "int8-fp32-adapters": ("int8", False, 0, 21, 53, 4, torch.bfloat16, torch.float32),
     "int8-fp16-adapters": ("int8", False, 0, 17, 66, 9, torch.bfloat16, torch.float16),
 }
