@@ -31,8 +31,8 @@ import torch
 
 from timing import summarize, time_cuda_graph, write_json
 
-SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))  # d_out, d_in: Llama-8B's q/o, gate/up, down
-RANKS = (16, 64)
+SHAPES = ((14336, 4096), (4096, 14336), (4096, 4096))  # d_out, d_in: Llama-8B's q/o, gate/up, down
+RANKS = (64, 16)
 SWEEP = {  # (block_m, num_warps, num_stages, aligned)
     "full": [(m, w, st, al) for m in (64, 128) for w in (4, 8) for st in (2, 3, 4) for al in (True, False)],
     "none": [],

@@ -111,6 +111,25 @@ def four_bit_code(quant_type: str, device: torch.device | str = "cpu") -> Tensor
     return torch.tensor(NF4_CODE if quant_type == "nf4" else FP4_CODE, dtype=torch.float32, device=device)
 
 
+_CODE_TABLES: dict[tuple[str, str], Tensor] = {}
+
+
+def _code_table(quant_type: str, device: torch.device) -> Tensor:
+    """``four_bit_code`` on ``device``, made once per device: a constant, never a parameter.
+
+    Only plain tensors are kept (not a tracer's fake or functional ones). Eager
+    calls captured in a CUDA graph find the table an earlier call made: a
+    host-to-device copy cannot run during capture.
+    """
+    key = (quant_type, str(device))
+    table = _CODE_TABLES.get(key)
+    if table is None:
+        table = four_bit_code(quant_type, device)
+        if type(table) is Tensor:
+            _CODE_TABLES[key] = table
+    return table
+
+
 def dequantize_4bit_reference(
     packed: Tensor, absmax: Tensor, blocksize: int, quant_type: str, shape: tuple[int, int], dtype: torch.dtype
 ) -> Tensor:
@@ -471,7 +490,7 @@ def quantized_row_norm_triton(
     plan = quantized_norm_plan(d_out, d_in, r, dtype, lora_A.dtype, multiprocessors(device), quant_type, blocksize)
     g_terms = gram_terms(a_terms, a_scale, r, after).float()
     gram = (g_terms[2] + g_terms[1]) + g_terms[0]
-    code = four_bit_code(quant_type if quant_type != "int8" else "nf4", device)
+    code = _code_table(quant_type if quant_type != "int8" else "nf4", device)
     fmt = 1 if quant_type == "int8" else 0
     shift = max(blocksize, 1).bit_length() - 1  # bitsandbytes' blocksizes are powers of two (32 to 4096)
     u = torch.empty(plan.splits, d_out, r, dtype=torch.float32, device=device)
