@@ -60,28 +60,14 @@ def _max_relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected).abs() / expected.abs().clamp_min(1e-30)).max().item()
 
 
-def _products(qn, quant_type, layer, lora_A, plan, d_out, d_in):
-    """A closure launching the products kernel alone with ``plan``'s tiles."""
+def _products(qn, quant_type, layer, lora_A, plan, shape):
+    """A closure running the products kernel alone with ``plan``'s tiles."""
     from dora_fused.kernels.common import adapter_terms
 
     tile = qn._tile_dtype(quant_type, layer["dtype"], lora_A.dtype)
     a_terms, a_scale = adapter_terms(lora_A, tile, None)
-    r = lora_A.shape[0]
-    u = torch.empty(plan.splits, d_out, r, dtype=torch.float32, device="cuda")
-    wsq = torch.empty(plan.splits, d_out, dtype=torch.float32, device="cuda")
-    code = qn.four_bit_code(quant_type if quant_type != "int8" else "nf4", "cuda")
-    shift = max(layer["blocksize"], 1).bit_length() - 1
-
-    def launch():
-        qn._quantized_products_kernel[(plan.parts, plan.row_tiles, plan.splits)](
-            layer["packed"], layer["scales"], code, a_terms, a_terms if a_scale is None else a_scale, u, wsq,
-            d_out, d_in, r, plan.k_per_split, shift, a_terms.stride(0), a_terms.stride(1),
-            FORMAT=int(quant_type == "int8"), W_DTYPE=qn._TL_DTYPES[tile], A_TERMS=plan.a_count,
-            A_SCALED=a_scale is not None, ALIGNED=plan.aligned, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-            BLOCK_K=plan.block_k, SUB_K=plan.sub_k, num_warps=plan.num_warps, num_stages=plan.num_stages,
-        )  # fmt: skip
-
-    return launch
+    weight = (layer["packed"], layer["scales"], quant_type, layer["blocksize"], shape, lora_A.shape[0])
+    return lambda: qn.quantized_products(*weight, a_terms, a_scale, plan, tile)
 
 
 def run(args) -> list[dict]:
@@ -125,7 +111,7 @@ def run(args) -> list[dict]:
             )  # fmt: skip
             tiles = dict(block_m=block_m, num_warps=warps, num_stages=stages, aligned=aligned)
             try:
-                launch = _products(qn, quant_type, layer, lora_A, plan, d_out, d_in)
+                launch = _products(qn, quant_type, layer, lora_A, plan, shape)
                 launch()
                 timed = summarize(time_cuda_graph(launch))
             except Exception as error:  # out of shared memory or registers: recorded

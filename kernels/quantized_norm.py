@@ -89,6 +89,7 @@ __all__ = [
     "dequantize_reference",
     "four_bit_code",
     "quantized_norm_plan",
+    "quantized_products",
     "quantized_row_norm",
     "quantized_row_norm_reference",
     "quantized_row_norm_triton",
@@ -454,6 +455,37 @@ def quantized_norm_plan(
     )  # fmt: skip
 
 
+def quantized_products(
+    packed: Tensor,
+    scales: Tensor,
+    quant_type: str,
+    blocksize: int,
+    shape: tuple[int, int],
+    r: int,
+    a_terms: Tensor,
+    a_scale: Tensor | None,
+    plan: QuantizedNormPlan,
+    tile: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """``_quantized_products_kernel`` with ``plan``'s tiles: ``U`` ``[splits, d_out, r]``, ``‖W‖²`` ``[splits, d_out]``.
+
+    ``a_terms``, ``a_scale``: ``adapter_terms(lora_A, tile)``, ``tile`` as ``_tile_dtype`` gives it.
+    """
+    d_out, d_in = shape
+    code = _code_table(quant_type if quant_type != "int8" else "nf4", packed.device)
+    shift = max(blocksize, 1).bit_length() - 1  # bitsandbytes' blocksizes are powers of two (32 to 4096)
+    u = torch.empty(plan.splits, d_out, r, dtype=torch.float32, device=packed.device)
+    w_squares = torch.empty(plan.splits, d_out, dtype=torch.float32, device=packed.device)
+    wrap_triton(_quantized_products_kernel)[(plan.parts, plan.row_tiles, plan.splits)](
+        packed, scales, code, a_terms, a_terms if a_scale is None else a_scale, u, w_squares, d_out, d_in, r,
+        plan.k_per_split, shift, a_terms.stride(0), a_terms.stride(1),
+        FORMAT=int(quant_type == "int8"), W_DTYPE=_TL_DTYPES[tile], A_TERMS=plan.a_count,
+        A_SCALED=a_scale is not None, ALIGNED=plan.aligned, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+        BLOCK_K=plan.block_k, SUB_K=plan.sub_k, num_warps=plan.num_warps, num_stages=plan.num_stages,
+    )  # fmt: skip
+    return u, w_squares
+
+
 def quantized_row_norm_triton(
     packed: Tensor,
     scales: Tensor,
@@ -490,19 +522,10 @@ def quantized_row_norm_triton(
     plan = quantized_norm_plan(d_out, d_in, r, dtype, lora_A.dtype, multiprocessors(device), quant_type, blocksize)
     g_terms = gram_terms(a_terms, a_scale, r, after).float()
     gram = (g_terms[2] + g_terms[1]) + g_terms[0]
+    u, w_squares = quantized_products(packed, scales, quant_type, blocksize, shape, r, a_terms, a_scale, plan, tile)
     code = _code_table(quant_type if quant_type != "int8" else "nf4", device)
     fmt = 1 if quant_type == "int8" else 0
-    shift = max(blocksize, 1).bit_length() - 1  # bitsandbytes' blocksizes are powers of two (32 to 4096)
-    u = torch.empty(plan.splits, d_out, r, dtype=torch.float32, device=device)
-    w_squares = torch.empty(plan.splits, d_out, dtype=torch.float32, device=device)
-    wrap_triton(_quantized_products_kernel)[(plan.parts, plan.row_tiles, plan.splits)](
-        packed, scales, code, a_terms, a_terms if a_scale is None else a_scale, u, w_squares, d_out, d_in, r,
-        plan.k_per_split, shift, a_terms.stride(0), a_terms.stride(1),
-        FORMAT=fmt, W_DTYPE=_TL_DTYPES[tile], A_TERMS=plan.a_count, A_SCALED=a_scale is not None,
-        ALIGNED=plan.aligned, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, SUB_K=plan.sub_k,
-        num_warps=plan.num_warps,
-        num_stages=plan.num_stages,
-    )  # fmt: skip
+    shift = max(blocksize, 1).bit_length() - 1
     norm = torch.empty(d_out, dtype=torch.float32, device=device)
     w_total = torch.empty(d_out, dtype=torch.float32, device=device)
     lora_total = torch.empty(d_out, dtype=torch.float32, device=device)

@@ -18,6 +18,7 @@ from dora_fused.kernels.quantized_norm import (
     FP4_CODE,
     NF4_CODE,
     dequantize_reference,
+    four_bit_code,
     quantized_row_norm,
     quantized_row_norm_reference,
     quantized_row_norm_triton,
@@ -129,6 +130,20 @@ def test_op_has_a_fake():
     with FakeTensorMode(allow_non_fake_inputs=True):
         norm = quantized_row_norm(packed, scales, "nf4", 64, (9, 20), torch.bfloat16, lora_A, lora_B, 0.5)
     assert norm.shape == (9,) and norm.dtype == torch.float32
+
+
+def test_code_table_is_made_once_and_never_kept_from_a_tracer():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dora_fused.kernels import quantized_norm
+
+    quantized_norm._CODE_TABLES.clear()
+    with FakeTensorMode():
+        traced = quantized_norm._code_table("fp4", torch.device("cpu"))
+    assert type(traced) is not torch.Tensor and not quantized_norm._CODE_TABLES
+    table = quantized_norm._code_table("fp4", torch.device("cpu"))
+    assert type(table) is torch.Tensor and torch.equal(table, four_bit_code("fp4"))
+    assert quantized_norm._code_table("fp4", torch.device("cpu")) is table
 
 
 # --- GPU, full size ---------------------------------------------------------------------------------------------
