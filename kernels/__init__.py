@@ -25,6 +25,7 @@ if __name__ != "dora_fused.kernels":
     _spec.loader.exec_module(_guard)
     _guard.yield_to_installed(__name__)
 else:
+    from . import access_analysis
     from .compose import (
         compose,
         compose_backward_reference,
@@ -64,3 +65,5 @@ else:
         "quantized_row_norm_reference",
         "triton_supports_quantized_norm",
     ]
+
+    access_analysis.install()
