@@ -263,7 +263,7 @@ def _quantized_products_kernel(
         for step in tl.static_range(BLOCK_K // SUB_K):
             ks = k0 + step * SUB_K + tl.arange(0, SUB_K)
             kmask = ks < k_hi
-            if ALIGNED:
+            if ALIGNED:  # the chunk's mask per row, as a vector (the interpreter takes no scalar masks)
                 chunk = k0 + step * SUB_K
                 w = _dequantized_aligned_tile(Q, SCALES, CODE, rows, chunk, rmask & (rows * 0 + chunk < k_hi), d_in,
                                               block_shift, SUB_K, W_DTYPE)  # fmt: skip
