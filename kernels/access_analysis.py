@@ -41,6 +41,10 @@ def _python_function(kernel: object) -> object:
     return kernel
 
 
+def _is_sympy(value: object) -> bool:
+    return type(value).__module__.startswith("sympy.")
+
+
 def _argument_key(value: object, constexpr: bool) -> tuple:
     """What Triton's lowering of one argument depends on; raises ``TypeError`` for an unknown kind."""
     if constexpr:
@@ -48,8 +52,8 @@ def _argument_key(value: object, constexpr: bool) -> tuple:
         return ("constexpr", repr(value))
     if value is None:
         return ("none",)
-    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-        return ("symbolic",)
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)) or _is_sympy(value):
+        return ("symbolic",)  # torch lowers every symbolic value (Inductor's sympy ones too) as one placeholder
     if isinstance(value, bool):
         return ("bool", value)
     if isinstance(value, int):  # lowered as i32, i64 or u64 by its range

@@ -105,6 +105,17 @@ def test_each_specialization_is_analyzed_on_its_own(change):
     assert len(calls) == 2
 
 
+def test_symbolic_integers_share_one_analysis():
+    import sympy
+
+    analysis, calls = _counting()
+    kernel, kwargs = _compose_launch()
+    integer = next(name for name, value in kwargs.items() if type(value) is int and value % 16 == 0)
+    for value in (sympy.Integer(4096), sympy.Symbol("s0") + 1):  # Inductor's: torch lowers any as one placeholder
+        analysis(kernel, {**kwargs, integer: value}, {})
+    assert len(calls) == 1
+
+
 @triton.jit
 def _foreign_kernel(X, n, BLOCK: tl.constexpr):
     offsets = tl.arange(0, BLOCK)
