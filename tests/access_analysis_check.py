@@ -46,24 +46,15 @@ def main() -> None:
     analysis = memoized(counted)
     rows = []
 
-    class Analyzed:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                names = list(inspect.signature(self.kernel.fn).parameters)
-                arguments = {**dict(zip(names, args, strict=False)), **kwargs}
-                before = len(lowerings)
-                memo = _writes(analysis(self.kernel, dict(arguments), {}))
-                lowered = len(lowerings) > before
-                plain = _writes(uncached(self.kernel, dict(arguments), {}))
-                rows.append(dict(kernel=self.kernel.fn.__name__, memoized=memo, uncached=plain, lowered=lowered))
-
-            return launch
+    def analyze(kernel, arguments):
+        before = len(lowerings)
+        memo = _writes(analysis(kernel, dict(arguments), {}))
+        lowered = len(lowerings) > before
+        plain = _writes(uncached(kernel, dict(arguments), {}))
+        rows.append(dict(kernel=kernel.fn.__name__, memoized=memo, uncached=plain, lowered=lowered))
 
     for module in (common, compose, factored_norm, gram):
-        module.wrap_triton = Analyzed
+        module.wrap_triton = intercepting(analyze)
     weight = torch.randn(96, 80, dtype=torch.bfloat16)
     lora_A, lora_B = torch.randn(8, 80), torch.randn(96, 8)
     result, lora = torch.randn(4, 96, dtype=torch.bfloat16), torch.randn(4, 96, dtype=torch.bfloat16)
@@ -72,6 +63,23 @@ def main() -> None:
         factored_norm.factored_row_norm_triton(weight, lora_A, lora_B, 2.0)
         compose.compose_forward_triton(result, lora, magnitude, norm, None, 2.0, torch.bfloat16)
     print(json.dumps(dict(installed=installed.__name__, rows=rows)))
+
+
+def intercepting(on_launch):
+    """A stand-in for ``wrap_triton``: a launch calls ``on_launch(kernel, its arguments by name)`` and runs nothing."""
+
+    class Intercepted:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                names = list(inspect.signature(self.kernel.fn).parameters)
+                on_launch(self.kernel, {**dict(zip(names, args, strict=False)), **kwargs})
+
+            return launch
+
+    return Intercepted
 
 
 def _writes(accesses) -> list[str]:

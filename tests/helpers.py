@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -218,3 +224,20 @@ class TorchtuneStyleDoRALinear(torch.nn.Module):
         weight_norm = torch.linalg.norm(weight + self.scaling * lora_weight.detach(), dim=1).detach()
         g = (self.magnitude / weight_norm).view(1, -1)
         return (g - 1) * base_out + g * lora_out * self.scaling + base_out
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def import_benchmark(patch: pytest.MonkeyPatch, script: str, name: str) -> ModuleType:
+    """``benchmarks/<script>.py`` imported in this process as ``name``, as ``python benchmarks/<script>.py`` sees it.
+
+    The benchmarks folder goes on ``sys.path`` and the module into ``sys.modules``
+    (dataclasses look their module up there); ``patch`` undoes both.
+    """
+    patch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    patch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module

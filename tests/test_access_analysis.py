@@ -9,7 +9,6 @@ last test runs torch's real analysis for sm_90 on the CPU in a subprocess.
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import os
 import subprocess
@@ -20,6 +19,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from access_analysis_check import intercepting
 
 from dora_fused.kernels.access_analysis import ANALYSES, install, memoized
 
@@ -30,21 +30,13 @@ def _compose_launch(dtype=torch.bfloat16, bias: bool = False, columns: int = 96)
     """The kernel and arguments ``compose_forward_triton`` launches, captured instead of run."""
     captured = {}
 
-    class Capture:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                names = list(inspect.signature(self.kernel.fn).parameters)
-                captured.update(kernel=self.kernel, kwargs={**dict(zip(names, args, strict=False)), **kwargs})
-
-            return launch
+    def capture(kernel, arguments):
+        captured.update(kernel=kernel, kwargs=arguments)
 
     result, lora = torch.randn(4, columns, dtype=dtype), torch.randn(4, columns, dtype=dtype)
     magnitude, norm = torch.rand(columns), torch.rand(columns) + 1
     original = compose_module.wrap_triton
-    compose_module.wrap_triton = Capture
+    compose_module.wrap_triton = intercepting(capture)
     try:
         compose_module.compose_forward_triton(
             result, lora, magnitude, norm, torch.randn(columns) if bias else None, 2.0, dtype

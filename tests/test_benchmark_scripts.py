@@ -10,7 +10,6 @@ contender in this process, and its summary's arithmetic is checked on made-up lo
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import runpy
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import import_benchmark
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 HELPERS = {"timing.py"}  # imported by the scripts, not run
@@ -58,12 +58,8 @@ TRAINING_CONTENDERS = ("peft_eager", "torch_compile", "dora_fused", "lora")
 def training():
     """benchmarks/training.py imported in this process: its parent part runs here, its workers in processes."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(BENCH))
         before = set(sys.modules)
-        spec = importlib.util.spec_from_file_location("training_bench", BENCH / "training.py")
-        module = importlib.util.module_from_spec(spec)
-        patch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
-        spec.loader.exec_module(module)
+        module = import_benchmark(patch, "training", "training_bench")
         yield module
         for name in set(sys.modules) - before:  # its sibling modules (timing, models) leave with the folder
             if str(BENCH) in str(getattr(sys.modules[name], "__file__", None) or ""):
@@ -145,11 +141,7 @@ def test_training_matrix_records_failures_and_goes_on(training, tmp_path):
 @pytest.fixture
 def convergence(monkeypatch):
     """benchmarks/convergence.py imported in this process, the benchmarks folder on ``sys.path``."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("convergence_bench", BENCH / "convergence.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    module = import_benchmark(monkeypatch, "convergence", "convergence_bench")
     threads = torch.get_num_threads()
     yield module
     torch.set_num_threads(threads)  # main() sets the intra-op threads it was given
@@ -222,10 +214,7 @@ def test_convergence_summary(convergence):
 
 def test_convergence_plot(monkeypatch, tmp_path):
     pytest.importorskip("matplotlib")
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("plot_convergence_bench", BENCH / "plot_convergence.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = import_benchmark(monkeypatch, "plot_convergence", "plot_convergence_bench")
     rows = [
         dict(contender=name, seed=seed, status="ok", losses=[3.0 - 0.01 * t + 1e-3 * i * seed for t in range(50)])
         for i, name in enumerate(("reference", "eager", "torch_compile", "dora_fused"))

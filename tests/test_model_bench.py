@@ -9,7 +9,6 @@ every DoRA module, the markdown tables, the resume and the time budget.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import subprocess
@@ -17,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import import_benchmark
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 LLAMA = ["llama8b-r384-fp32ad-infer", "llama8b-r384-fp32ad-train"]
@@ -132,10 +132,8 @@ def test_dora_fused_rewrote_every_module(run):
 
 
 @pytest.mark.slow
-def test_tables(run):
-    spec = importlib.util.spec_from_file_location("models_table", BENCH / "models_table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+def test_tables(run, monkeypatch):
+    table = import_benchmark(monkeypatch, "models_table", "models_table")
     text = table.tables(run["data"])
     for case in CASES:
         assert text.count(f"| {case} |") == 4  # time, memory, compile, accuracy
@@ -157,12 +155,7 @@ def test_plots(run, tmp_path):
 @pytest.fixture
 def harness(monkeypatch):
     """benchmarks/models.py imported in this process (for its planning, without workers)."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("models_bench_harness", BENCH / "models.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return import_benchmark(monkeypatch, "models", "models_bench_harness")
 
 
 @pytest.mark.slow
@@ -181,10 +174,7 @@ def test_time_budget_starts_nothing_when_spent(tmp_path, harness):
 
 
 def test_memory_peak_replay_finds_what_is_alive_at_the_peak(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("memory_peak", BENCH / "memory_peak.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = import_benchmark(monkeypatch, "memory_peak", "memory_peak")
     trace = [
         dict(action="alloc", addr=1, size=100),
         dict(action="free_requested", addr=99, size=5),  # allocated before recording: ignored
