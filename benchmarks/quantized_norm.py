@@ -5,7 +5,8 @@ LLM.int8()), what does ``quantized_row_norm`` (the norm read from the packed wei
 cost next to the dense path it replaces (bitsandbytes' dequantize, then the factored
 norm of the dense weight), how much of it is the products kernel, and which
 ``QuantizedNormPlan`` tiles (rows per block, warps, pipeline stages, the aligned tile
-reader or the per-element one) make that kernel fastest?
+reader or the per-element one, codes decoded by selects or read from a table) make that
+kernel fastest?
 
     python benchmarks/quantized_norm.py --json quantized_norm.json
     python benchmarks/quantized_norm.py --sweep none --json q.json     # the timings, no tile sweep
@@ -33,8 +34,9 @@ from timing import summarize, time_cuda_graph, write_json
 
 SHAPES = ((14336, 4096), (4096, 14336), (4096, 4096))  # d_out, d_in: Llama-8B's q/o, gate/up, down
 RANKS = (64, 16)
-SWEEP = {  # (block_m, num_warps, num_stages, aligned)
-    "full": [(m, w, st, al) for m in (64, 128) for w in (4, 8) for st in (2, 3, 4) for al in (True, False)],
+SWEEP = {  # (block_m, num_warps, num_stages, aligned, decode)
+    "full": [(m, w, st, True, d) for m in (64, 128) for w in (4, 8) for st in (2, 3) for d in ("select", "table")]
+    + [(64, w, 2, False, d) for w in (4, 8) for d in ("select", "table")],
     "none": [],
 }
 
@@ -100,16 +102,17 @@ def run(args) -> list[dict]:
             error = None if name == "dequantize" else _max_relative(out, exact)
             rows.append(dict(key, what=name, error=error, **summarize(time_cuda_graph(fn))))
             print(rows[-1], flush=True)
-        base = qn.quantized_norm_plan(d_out, d_in, r, weight.dtype, adapters, multiprocessors("cuda"), quant_type, 64)
+        sms = multiprocessors(torch.device("cuda"))
+        base = qn.quantized_norm_plan(d_out, d_in, r, weight.dtype, adapters, sms, quant_type, 64)
         options = SWEEP[args.sweep] if quant_type != "int8" and adapters == torch.float32 else []
-        for block_m, warps, stages, aligned in options:
+        for block_m, warps, stages, aligned, decode in options:
             if time.time() - started > args.budget:
                 break
             plan = dataclasses.replace(
-                base, block_m=block_m, num_warps=warps, num_stages=stages, aligned=aligned,
+                base, block_m=block_m, num_warps=warps, num_stages=stages, aligned=aligned, decode=decode,
                 row_tiles=-(-d_out // block_m),
             )  # fmt: skip
-            tiles = dict(block_m=block_m, num_warps=warps, num_stages=stages, aligned=aligned)
+            tiles = dict(block_m=block_m, num_warps=warps, num_stages=stages, aligned=aligned, decode=decode)
             try:
                 launch = _products(qn, quant_type, layer, lora_A, plan, shape)
                 launch()

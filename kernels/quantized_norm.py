@@ -177,7 +177,47 @@ def quantized_row_norm_reference(
 
 
 @triton.jit
-def _dequantized_tile(Q, SCALES, CODE, rows, ks, mask, d_in, block_shift, FORMAT: tl.constexpr, OUT: tl.constexpr):
+def _select16(n, c0: tl.constexpr, c1: tl.constexpr, c2: tl.constexpr, c3: tl.constexpr, c4: tl.constexpr,
+              c5: tl.constexpr, c6: tl.constexpr, c7: tl.constexpr, c8: tl.constexpr, c9: tl.constexpr,
+              c10: tl.constexpr, c11: tl.constexpr, c12: tl.constexpr, c13: tl.constexpr, c14: tl.constexpr,
+              c15: tl.constexpr):  # fmt: skip
+    """``(c0, …, c15)[n]`` in fp32 for integers ``0 ≤ n < 16``: 15 selects on ``n``'s bits, no memory read."""
+    b0 = (n & 1) != 0
+    b1 = (n & 2) != 0
+    b2 = (n & 4) != 0
+    p0 = tl.where(b1, tl.where(b0, c3, c2), tl.where(b0, c1, c0))
+    p1 = tl.where(b1, tl.where(b0, c7, c6), tl.where(b0, c5, c4))
+    p2 = tl.where(b1, tl.where(b0, c11, c10), tl.where(b0, c9, c8))
+    p3 = tl.where(b1, tl.where(b0, c15, c14), tl.where(b0, c13, c12))
+    return tl.where((n & 8) != 0, tl.where(b2, p3, p2), tl.where(b2, p1, p0))
+
+
+@triton.jit
+def _code_value(CODE, n, mask, DECODE: tl.constexpr):
+    """The 4-bit code ``n``'s fp32 value: read from the table ``CODE`` (``DECODE == 0``), or selected
+    from NF4's (1) or FP4's (2) values written here, the fp32 numbers of ``NF4_CODE`` / ``FP4_CODE``."""
+    if DECODE == 0:
+        if mask is None:
+            return tl.load(CODE + n)
+        return tl.load(CODE + n, mask=mask, other=0.0)
+    elif DECODE == 1:
+        return _select16(
+            n, -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023,
+            1.0,
+        )  # fmt: skip
+    else:
+        return _select16(
+            n, 0.0, 0.0052083334885537624, 0.6666666865348816, 1.0, 0.3333333432674408, 0.5, 0.1666666716337204,
+            0.25, -0.0, -0.0052083334885537624, -0.6666666865348816, -1.0, -0.3333333432674408, -0.5,
+            -0.1666666716337204, -0.25,
+        )  # fmt: skip
+
+
+@triton.jit
+def _dequantized_tile(Q, SCALES, CODE, rows, ks, mask, d_in, block_shift, FORMAT: tl.constexpr, OUT: tl.constexpr,
+                      DECODE: tl.constexpr):  # fmt: skip
     """``W[rows, ks]`` in ``OUT``: 4-bit (``FORMAT == 0``) as bitsandbytes' values; int8 (1) the codes ``q`` unscaled.
 
     The fp32 product is rounded to bf16 to nearest even by hand (the same bits as
@@ -189,7 +229,7 @@ def _dequantized_tile(Q, SCALES, CODE, rows, ks, mask, d_in, block_shift, FORMAT
         byte = tl.load(Q + (flat >> 1), mask=mask, other=0).to(tl.int32)
         nibble = tl.where((flat & 1) == 0, byte >> 4, byte & 15)
         absmax = tl.load(SCALES + (flat >> block_shift), mask=mask, other=0.0)
-        value = tl.load(CODE + nibble, mask=mask, other=0.0) * absmax
+        value = _code_value(CODE, nibble, mask, DECODE) * absmax
         if OUT == tl.bfloat16:
             bits = value.to(tl.uint32, bitcast=True)
             bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
@@ -201,7 +241,7 @@ def _dequantized_tile(Q, SCALES, CODE, rows, ks, mask, d_in, block_shift, FORMAT
 
 @triton.jit
 def _dequantized_aligned_tile(Q, SCALES, CODE, rows, k0, mask, d_in, block_shift, SUB_K: tl.constexpr,
-                              OUT: tl.constexpr):  # fmt: skip
+                              OUT: tl.constexpr, DECODE: tl.constexpr):  # fmt: skip
     """4-bit ``W[rows, k0:k0+SUB_K]`` where each row's chunk lies in one quantization block, ``k0`` even.
 
     The same values as ``_dequantized_tile``, read with one byte load per two
@@ -212,8 +252,8 @@ def _dequantized_aligned_tile(Q, SCALES, CODE, rows, k0, mask, d_in, block_shift
     starts = rows.to(tl.int64) * d_in + k0
     pairs = (starts >> 1)[:, None] + tl.arange(0, SUB_K // 2)[None, :]
     byte = tl.load(Q + pairs, mask=mask[:, None] & (pairs >= 0), other=0).to(tl.int32)
-    high = tl.load(CODE + (byte >> 4))
-    low = tl.load(CODE + (byte & 15))
+    high = _code_value(CODE, byte >> 4, None, DECODE)
+    low = _code_value(CODE, byte & 15, None, DECODE)
     absmax = tl.load(SCALES + (starts >> block_shift), mask=mask, other=0.0)
     value = tl.reshape(tl.join(high, low), (rows.shape[0], SUB_K)) * absmax[:, None]
     if OUT == tl.bfloat16:
@@ -227,7 +267,8 @@ def _dequantized_aligned_tile(Q, SCALES, CODE, rows, k0, mask, d_in, block_shift
 def _quantized_products_kernel(
     Q, SCALES, CODE, A, A_SCALE, U, WSQ, d_out, d_in, r, k_per_split, block_shift, stride_ar, stride_ak,
     FORMAT: tl.constexpr, W_DTYPE: tl.constexpr, A_TERMS: tl.constexpr, A_SCALED: tl.constexpr,
-    ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
+    ALIGNED: tl.constexpr, DECODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
 ):  # fmt: skip
     """One ``[BLOCK_M, BLOCK_N of r]`` tile of ``U = W·Aᵀ`` over one split of ``d_in``, W dequantized in registers::
 
@@ -266,10 +307,10 @@ def _quantized_products_kernel(
             if ALIGNED:  # the chunk's mask per row, as a vector (the interpreter takes no scalar masks)
                 chunk = k0 + step * SUB_K
                 w = _dequantized_aligned_tile(Q, SCALES, CODE, rows, chunk, rmask & (rows * 0 + chunk < k_hi), d_in,
-                                              block_shift, SUB_K, W_DTYPE)  # fmt: skip
+                                              block_shift, SUB_K, W_DTYPE, DECODE)  # fmt: skip
             else:
                 w = _dequantized_tile(Q, SCALES, CODE, rows, ks, rmask[:, None] & kmask[None, :], d_in, block_shift,
-                                      FORMAT, W_DTYPE)  # fmt: skip
+                                      FORMAT, W_DTYPE, DECODE)  # fmt: skip
             a_tile = a_cols + ks[:, None] * stride_ak
             a_mask = cmask[None, :] & kmask[:, None]
             c0 = tl.dot(w, tl.load(a_tile, mask=a_mask, other=0.0), c0)
@@ -348,7 +389,8 @@ def _quantized_combine_kernel(
 @triton.jit
 def _quantized_dense_rows_kernel(
     NORM, FLAGS, Q, SCALES, CODE, A, B, d_out, d_in, r, block_shift, scaling, stride_ar, stride_ak, stride_bo,
-    stride_br, FORMAT: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_br, FORMAT: tl.constexpr, W_DTYPE: tl.constexpr, DECODE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``NORM_i = ‖W_i + s·B_i·A‖`` for the flagged rows, W dequantized to bitsandbytes' exact values (fp32 FMAs).
 
@@ -370,10 +412,10 @@ def _quantized_dense_rows_kernel(
                 product += b[:, None] * a[None, :]
             mask = flag[:, None] & kmask[None, :]
             if FORMAT == 0:
-                w = _dequantized_tile(Q, SCALES, CODE, rows, ks, mask, d_in, block_shift, FORMAT, W_DTYPE)
+                w = _dequantized_tile(Q, SCALES, CODE, rows, ks, mask, d_in, block_shift, FORMAT, W_DTYPE, DECODE)
                 w = w.to(tl.float32)
             else:
-                q = _dequantized_tile(Q, SCALES, CODE, rows, ks, mask, d_in, block_shift, FORMAT, tl.float32)
+                q = _dequantized_tile(Q, SCALES, CODE, rows, ks, mask, d_in, block_shift, FORMAT, tl.float32, DECODE)
                 w = q * tl.load(SCALES + rows, mask=flag, other=0.0)[:, None] * 7.874015718698502e-3
             e = w + s * product
             total += tl.sum(e * e, axis=1)
@@ -415,6 +457,7 @@ class QuantizedNormPlan:
     k_per_split: int
     a_count: int  # A's terms
     aligned: bool  # 4-bit chunks of SUB_K columns each inside one quantization block
+    decode: str  # 4-bit codes to values: "select" (from the code's bits) or "table" (a load from the code table)
     num_warps: int
     num_stages: int  # the main loop's software pipeline depth
     workspace_bytes: int  # besides the [d_out] norm it returns: A's terms, the Gram's, U and ‖W‖² per split, …
@@ -450,9 +493,15 @@ def quantized_norm_plan(
     workspace += splits * d_out * (r + 1) * fp32  # U and ‖W‖² per split
     workspace += 2 * d_out * fp32 + d_out  # the sum's terms, the flags
     return QuantizedNormPlan(
-        block_m, block_n, block_k, sub_k, parts, row_tiles, splits, k_per_split, a_count, aligned, 4, num_stages,
+        block_m, block_n, block_k, sub_k, parts, row_tiles, splits, k_per_split, a_count, aligned, "select", 4,
+        num_stages,
         workspace + d_out * fp32,
     )  # fmt: skip
+
+
+def _decode(quant_type: str, decode: str) -> int:
+    """The kernels' ``DECODE``: 0 reads the code table, 1 and 2 select NF4's and FP4's values."""
+    return 0 if decode == "table" or quant_type == "int8" else (1 if quant_type == "nf4" else 2)
 
 
 def quantized_products(
@@ -480,7 +529,8 @@ def quantized_products(
         packed, scales, code, a_terms, a_terms if a_scale is None else a_scale, u, w_squares, d_out, d_in, r,
         plan.k_per_split, shift, a_terms.stride(0), a_terms.stride(1),
         FORMAT=int(quant_type == "int8"), W_DTYPE=_TL_DTYPES[tile], A_TERMS=plan.a_count,
-        A_SCALED=a_scale is not None, ALIGNED=plan.aligned, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+        A_SCALED=a_scale is not None, ALIGNED=plan.aligned, DECODE=_decode(quant_type, plan.decode),
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         BLOCK_K=plan.block_k, SUB_K=plan.sub_k, num_warps=plan.num_warps, num_stages=plan.num_stages,
     )  # fmt: skip
     return u, w_squares
@@ -537,7 +587,7 @@ def quantized_row_norm_triton(
     wrap_triton(_quantized_dense_rows_kernel)[(triton.cdiv(d_out, 16),)](
         norm, flags, packed, scales, code, lora_A, lora_B, d_out, d_in, r, shift, scaling,
         lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
-        FORMAT=fmt, W_DTYPE=_TL_DTYPES[tile], BLOCK_M=16, BLOCK_K=128,
+        FORMAT=fmt, W_DTYPE=_TL_DTYPES[tile], DECODE=_decode(quant_type, plan.decode), BLOCK_M=16, BLOCK_K=128,
     )  # fmt: skip
     return norm
 

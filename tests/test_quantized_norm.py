@@ -146,6 +146,28 @@ def test_code_table_is_made_once_and_never_kept_from_a_tracer():
     assert quantized_norm._code_table("fp4", torch.device("cpu")) is table
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize(("blocksize", "d_out", "d_in"), [(64, 13, 128), (32, 7, 75)], ids=["aligned", "per-element"])
+def test_selected_codes_are_the_table(quant_type, blocksize, d_out, d_in):
+    """Both 4-bit decodes (the select tree, a load from the code table) give the same products, bit for bit."""
+    import dataclasses
+
+    from dora_fused.kernels import quantized_norm as qn
+    from dora_fused.kernels.common import adapter_terms
+
+    packed, scales, weight = _quantized(quant_type, True, blocksize, d_out, d_in)
+    lora_A, _ = _adapters(d_out, d_in, 3, torch.bfloat16)
+    plan = qn.quantized_norm_plan(d_out, d_in, 3, weight.dtype, lora_A.dtype, 4, quant_type, blocksize)
+    assert plan.decode == "select" and plan.aligned == (blocksize == 64)
+    a_terms, a_scale = adapter_terms(lora_A, weight.dtype, None)
+    args = (packed, scales, quant_type, blocksize, (d_out, d_in), 3, a_terms, a_scale)
+    selected = qn.quantized_products(*args, plan, weight.dtype)
+    read = qn.quantized_products(*args, dataclasses.replace(plan, decode="table"), weight.dtype)
+    for a, b in zip(selected, read, strict=True):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(selected[1].sum(0), weight.float().square().sum(1), rtol=1e-6, atol=0)  # ‖W‖²
+
+
 # --- GPU, full size ---------------------------------------------------------------------------------------------
 
 GPU_CASES = {  # quant_type, nested, blocksize, d_out, d_in, r, adapter dtype
