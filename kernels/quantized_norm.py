@@ -74,10 +74,10 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from .common import adapter_terms, multiprocessors
-from .factored_norm import factored_row_norm_torch, factored_row_norm_triton
+from .factored_norm import factored_row_norm_torch
 from .gram import gram_plan, gram_terms
 from .ill_conditioned_rows import ill_conditioned
-from .norm_plan import norm_plan, norm_splits
+from .norm_plan import norm_splits
 
 __all__ = [
     "FP4_CODE",
@@ -106,7 +106,6 @@ NF4_CODE = (
 FP4_CODE = tuple(v / 12.0 for v in (0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2, -3))
 QUANT_TYPES = ("nf4", "fp4", "int8")
 INT8_SCALE = 7.874015718698502e-3  # 1/127 as bitsandbytes writes it
-DEFAULT_FOUR_BIT_PATH = "packed"  # QuantizedNormPlan.path for NF4 / FP4 (int8 is always "packed")
 
 
 def four_bit_code(quant_type: str, device: torch.device | str = "cpu") -> Tensor:
@@ -266,13 +265,10 @@ def _dequantized_aligned_tile(Q, SCALES, CODE, rows, k0, mask, d_in, block_shift
 
 
 @triton.jit
-def _dequantize_4bit_kernel(Q, SCALES, CODE, OUT, AFTER, d_out, d_in, block_shift, ALIGNED: tl.constexpr,
+def _dequantize_4bit_kernel(Q, SCALES, CODE, OUT, d_out, d_in, block_shift, ALIGNED: tl.constexpr,
                             DECODE: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
                             SUB_K: tl.constexpr):  # fmt: skip
-    """``OUT[rows, k0:k0+SUB_K] = W`` (bitsandbytes' 4-bit values) for one tile, as the products kernel reads it.
-
-    ``AFTER`` is never read (``after`` of ``factored_norm.factored_row_norm_triton``).
-    """
+    """``OUT[rows, k0:k0+SUB_K] = W`` (bitsandbytes' 4-bit values) for one tile, as the products kernel reads it."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     k0 = tl.program_id(1) * SUB_K
     ks = k0 + tl.arange(0, SUB_K)
@@ -480,7 +476,6 @@ class QuantizedNormPlan:
     a_count: int  # A's terms
     aligned: bool  # 4-bit chunks of SUB_K columns each inside one quantization block
     decode: str  # 4-bit codes to values: "select" (from the code's bits) or "table" (a load from the code table)
-    path: str  # "packed": the products kernel reads the packed weight; "dequantized": a dense copy, then the dense norm
     num_warps: int
     num_stages: int  # the main loop's software pipeline depth
     workspace_bytes: int  # besides the [d_out] norm it returns: A's terms, the Gram's, U and ‖W‖² per split, …
@@ -495,7 +490,6 @@ def quantized_norm_plan(
     sm_count: int,
     quant_type: str = "nf4",
     blocksize: int = 64,
-    path: str | None = None,
 ) -> QuantizedNormPlan:
     """Tiles of 64 rows by up to 64 of ``r``, 128-column chunks; split-K as ``norm_splits`` picks it."""
     tile_dtype = _tile_dtype(quant_type, tile_dtype, adapter_dtype)
@@ -516,14 +510,10 @@ def quantized_norm_plan(
     workspace += gram_plan(r, d_in, a_count).splits * (a_count * r) ** 2 * fp32 + 3 * r * r * 2 + r * r * fp32
     workspace += splits * d_out * (r + 1) * fp32  # U and ‖W‖² per split
     workspace += 2 * d_out * fp32 + d_out  # the sum's terms, the flags
-    path = path or ("packed" if quant_type == "int8" else DEFAULT_FOUR_BIT_PATH)
-    if path == "dequantized":
-        terms = 3 if adapter_dtype != tile_dtype else 1
-        dense = norm_plan(d_out, d_in, r, terms, multiprocessors=sm_count).workspace_bytes(d_out, d_in, r, terms)
-        workspace = d_out * d_in * tile_dtype.itemsize + dense
     return QuantizedNormPlan(
-        block_m, block_n, block_k, sub_k, parts, row_tiles, splits, k_per_split, a_count, aligned, "select", path, 4,
-        num_stages, workspace + d_out * fp32,
+        block_m, block_n, block_k, sub_k, parts, row_tiles, splits, k_per_split, a_count, aligned, "select", 4,
+        num_stages,
+        workspace + d_out * fp32,
     )  # fmt: skip
 
 
@@ -572,18 +562,13 @@ def dequantize_4bit_triton(
     shape: tuple[int, int],
     dtype: torch.dtype,
     decode: str = "select",
-    after: Tensor | None = None,
 ) -> Tensor:
-    """bitsandbytes' dense 4-bit weight ``[d_out, d_in]`` in ``dtype``, by the tile reader of the products kernel.
-
-    ``after``: see ``factored_norm.factored_row_norm_triton``.
-    """
+    """bitsandbytes' dense 4-bit weight ``[d_out, d_in]`` in ``dtype``, by the tile reader of the products kernel."""
     d_out, d_in = shape
     out = torch.empty(shape, dtype=dtype, device=packed.device)
     aligned = d_in % 64 == 0 and blocksize % 64 == 0
     wrap_triton(_dequantize_4bit_kernel)[(triton.cdiv(d_out, 32), triton.cdiv(d_in, 64))](
-        packed, scales, _code_table(quant_type, packed.device), out, out if after is None else after, d_out, d_in,
-        blocksize.bit_length() - 1,
+        packed, scales, _code_table(quant_type, packed.device), out, d_out, d_in, blocksize.bit_length() - 1,
         ALIGNED=aligned, DECODE=_decode(quant_type, decode), W_DTYPE=_TL_DTYPES[dtype], BLOCK_M=32, SUB_K=64,
     )  # fmt: skip
     return out
@@ -609,10 +594,6 @@ def quantized_row_norm_triton(
     4. the rows ``ill_conditioned`` flags, recomputed from dequantized rows (one
        kernel that stops at once where none is flagged; no host sync).
 
-    Where the plan's ``path`` is ``"dequantized"`` (4-bit), the weight is instead
-    written densely by ``dequantize_4bit_triton`` (bitsandbytes' exact values, a
-    transient ``[d_out, d_in]`` copy) and ``factored_row_norm_triton`` takes it.
-
     ``after`` is never read: the first kernels take it so that Inductor orders
     them after the base matmul that writes it (``factored_row_norm_triton``).
     """
@@ -624,12 +605,9 @@ def quantized_row_norm_triton(
     r = lora_A.shape[0]
     device = packed.device
     packed, scales = packed.contiguous(), scales.contiguous()  # read by flat index (no copy: both are already)
-    plan = quantized_norm_plan(d_out, d_in, r, dtype, lora_A.dtype, multiprocessors(device), quant_type, blocksize)
-    if plan.path == "dequantized":
-        weight = dequantize_4bit_triton(packed, scales, quant_type, blocksize, shape, dtype, plan.decode, after)
-        return factored_row_norm_triton(weight, lora_A, lora_B, scaling, after=after)
     tile = _tile_dtype(quant_type, dtype, lora_A.dtype)
     a_terms, a_scale = adapter_terms(lora_A, tile, after)
+    plan = quantized_norm_plan(d_out, d_in, r, dtype, lora_A.dtype, multiprocessors(device), quant_type, blocksize)
     g_terms = gram_terms(a_terms, a_scale, r, after).float()
     gram = (g_terms[2] + g_terms[1]) + g_terms[0]
     u, w_squares = quantized_products(packed, scales, quant_type, blocksize, shape, r, a_terms, a_scale, plan, tile)

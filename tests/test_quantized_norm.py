@@ -88,13 +88,8 @@ CASES = {  # quant_type, nested, blocksize, d_out, d_in, r, weight dtype, adapte
 }
 
 
-@pytest.mark.parametrize("path", ["packed", "dequantized"])
 @pytest.mark.parametrize("case", CASES)
-def test_triton_norm_is_fp32_exact(case, path, monkeypatch):
-    """Both 4-bit paths (the packed weight read in place, a dense copy then the dense norm); int8 is always packed."""
-    from dora_fused.kernels import quantized_norm as qn
-
-    monkeypatch.setattr(qn, "DEFAULT_FOUR_BIT_PATH", path)
+def test_triton_norm_is_fp32_exact(case):
     quant_type, nested, blocksize, d_out, d_in, r, dtype, adapter_dtype = CASES[case]
     packed, scales, weight = _quantized(quant_type, nested, blocksize, d_out, d_in, dtype)
     lora_A, lora_B = _adapters(d_out, d_in, r, adapter_dtype)
