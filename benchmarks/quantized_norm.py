@@ -19,8 +19,6 @@ from the fp64 norm of bitsandbytes' dequantized weight (max relative error). Row
 - ``dense_norm``: ``factored_row_norm`` of that dense weight;
 - ``dequantize+dense_norm``: both, the norm's cost on the dense path;
 - ``packed``: ``quantized_row_norm`` as it runs (the plan's own tiles);
-- ``triton_dequantize+dense_norm`` (4-bit): the dense path with the products kernel's tile
-  reader as the dequantize (``dequantize_4bit_triton``);
 - ``products[...]``: the products kernel alone at each swept tile option.
 """
 
@@ -99,11 +97,6 @@ def run(args) -> list[dict]:
             "dequantize+dense_norm": lambda: factored_row_norm(layer["dequantize"](), lora_A, lora_B, 2.0),
             "packed": packed,
         }
-        if quant_type != "int8":
-            contenders["triton_dequantize+dense_norm"] = lambda: factored_row_norm(
-                qn.dequantize_4bit_triton(layer["packed"], layer["scales"], quant_type, 64, shape, weight.dtype),
-                lora_A, lora_B, 2.0,
-            )  # fmt: skip
         for name, fn in contenders.items():
             out = fn()
             error = None if name == "dequantize" else _max_relative(out, exact)
@@ -132,9 +125,9 @@ def run(args) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    timed_parts = ("dequantize", "dense_norm", "dequantize+dense_norm", "packed", "triton_dequantize+dense_norm")
+    timed_parts = ("dequantize", "dense_norm", "dequantize+dense_norm", "packed")
     lines = ["| layer | r | adapters | " + " | ".join(timed_parts) + " | packed ÷ dense path | best products (tiles) |"]
-    lines.append("|---" * 10 + "|")
+    lines.append("|---" * 9 + "|")
     groups: dict[tuple, dict] = {}
     for row in rows:
         key = (row["quant_type"], row["d_out"], row["d_in"], row["r"], row["adapters"])

@@ -85,7 +85,6 @@ __all__ = [
     "QUANT_TYPES",
     "QuantizedNormPlan",
     "dequantize_4bit_reference",
-    "dequantize_4bit_triton",
     "dequantize_int8_reference",
     "dequantize_reference",
     "four_bit_code",
@@ -262,23 +261,6 @@ def _dequantized_aligned_tile(Q, SCALES, CODE, rows, k0, mask, d_in, block_shift
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
         value = bits.to(tl.float32, bitcast=True)
     return value.to(OUT)
-
-
-@triton.jit
-def _dequantize_4bit_kernel(Q, SCALES, CODE, OUT, d_out, d_in, block_shift, ALIGNED: tl.constexpr,
-                            DECODE: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
-                            SUB_K: tl.constexpr):  # fmt: skip
-    """``OUT[rows, k0:k0+SUB_K] = W`` (bitsandbytes' 4-bit values) for one tile, as the products kernel reads it."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    k0 = tl.program_id(1) * SUB_K
-    ks = k0 + tl.arange(0, SUB_K)
-    rmask = rows < d_out
-    mask = rmask[:, None] & (ks < d_in)[None, :]
-    if ALIGNED:
-        w = _dequantized_aligned_tile(Q, SCALES, CODE, rows, k0, rmask, d_in, block_shift, SUB_K, W_DTYPE, DECODE)
-    else:
-        w = _dequantized_tile(Q, SCALES, CODE, rows, ks, mask, d_in, block_shift, 0, W_DTYPE, DECODE)
-    tl.store(OUT + rows[:, None].to(tl.int64) * d_in + ks[None, :], w, mask=mask)
 
 
 @triton.jit
@@ -552,26 +534,6 @@ def quantized_products(
         BLOCK_K=plan.block_k, SUB_K=plan.sub_k, num_warps=plan.num_warps, num_stages=plan.num_stages,
     )  # fmt: skip
     return u, w_squares
-
-
-def dequantize_4bit_triton(
-    packed: Tensor,
-    scales: Tensor,
-    quant_type: str,
-    blocksize: int,
-    shape: tuple[int, int],
-    dtype: torch.dtype,
-    decode: str = "select",
-) -> Tensor:
-    """bitsandbytes' dense 4-bit weight ``[d_out, d_in]`` in ``dtype``, by the tile reader of the products kernel."""
-    d_out, d_in = shape
-    out = torch.empty(shape, dtype=dtype, device=packed.device)
-    aligned = d_in % 64 == 0 and blocksize % 64 == 0
-    wrap_triton(_dequantize_4bit_kernel)[(triton.cdiv(d_out, 32), triton.cdiv(d_in, 64))](
-        packed, scales, _code_table(quant_type, packed.device), out, d_out, d_in, blocksize.bit_length() - 1,
-        ALIGNED=aligned, DECODE=_decode(quant_type, decode), W_DTYPE=_TL_DTYPES[dtype], BLOCK_M=32, SUB_K=64,
-    )  # fmt: skip
-    return out
 
 
 def quantized_row_norm_triton(

@@ -168,20 +168,6 @@ def test_selected_codes_are_the_table(quant_type, blocksize, d_out, d_in):
     torch.testing.assert_close(selected[1].sum(0), weight.float().square().sum(1), rtol=1e-6, atol=0)  # ‖W‖²
 
 
-@pytest.mark.parametrize("decode", ["select", "table"])
-@pytest.mark.parametrize(
-    ("quant_type", "dtype", "blocksize", "d_out", "d_in"),
-    [("nf4", torch.bfloat16, 64, 37, 128), ("fp4", torch.float16, 128, 5, 256), ("nf4", torch.bfloat16, 32, 11, 75)],
-    ids=["nf4-aligned", "fp4-fp16-aligned", "nf4-per-element"],
-)
-def test_triton_dequantize_is_bitsandbytes(decode, quant_type, dtype, blocksize, d_out, d_in):
-    from dora_fused.kernels.quantized_norm import dequantize_4bit_triton
-
-    packed, scales, expected = _quantized(quant_type, True, blocksize, d_out, d_in, dtype)
-    actual = dequantize_4bit_triton(packed, scales, quant_type, blocksize, (d_out, d_in), dtype, decode)
-    assert actual.dtype == dtype and torch.equal(actual, expected)
-
-
 # --- GPU, full size ---------------------------------------------------------------------------------------------
 
 GPU_CASES = {  # quant_type, nested, blocksize, d_out, d_in, r, adapter dtype
