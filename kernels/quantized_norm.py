@@ -54,9 +54,15 @@ layer, ~90 µs at 3 TB/s; the matmul itself is ``2·4096·d_out·d_in`` FLOP, ~0
 TFLOP, ~0.6 ms at 800 TFLOP/s. The dequantize is ~15% of the base layer, and
 a fused GEMM still reads the codes (1/9 of the bytes), so it saves at most
 ~80 µs per layer per pass; it would be a GEMM of our own against cuBLAS.
-The norm is different: it reads ``W`` for ``d_out·d_in·r·2`` FLOP only, so its
-time is the weight's bytes, and reading 0.5 byte instead of 2 (plus the
-dequantize's 4.5) is most of its cost.
+The norm's own bytes were expected to decide its time the same way (it does
+``d_out·d_in·r·2`` FLOP, and reads 0.5 byte per 4-bit value instead of the
+dequantize's 4.5 and the dense norm's 2). For int8 they do: this norm took
+0.11-0.41× bitsandbytes' dequantize plus the dense norm. For 4-bit codes the
+per-value work (split the byte, select the code's value, scale, round, move
+the tile into the tensor cores' operand layout) costs more than the bytes it
+saves: 1.7-2.3× that dense path (Llama-8B shapes, docs/benchmarks.md), so the
+rewrite gives 4-bit bases the dense norm of bitsandbytes' dequantized weight
+and calls this op for int8 only.
 
 Layout: pure-torch references → ``@triton.jit`` kernels → plan and launcher →
 ``torch.library`` op with a fake implementation → public function.

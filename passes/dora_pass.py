@@ -21,7 +21,7 @@ from .memory import dense_norm_bytes, rewritten_norm_bytes
 from .naming import ROOT, module_path
 from .patterns import FORMS
 from .records import ModuleRecord
-from .rewrite import foldable_lora_up, fusable_lora_up, norm_position, packed_norm_applies
+from .rewrite import foldable_lora_up, fusable_lora_up, norm_position, packed_norm_format
 from .snapshot import ModuleSnapshot, graph_modules
 
 __all__ = ["DoraRewritePass", "PassOutcome"]
@@ -191,7 +191,7 @@ class DoraRewritePass:
             channel_dim=match.channel_dim,
             lora_up=fusable_lora_up(match),
             folded_lora_up=foldable_lora_up(match),
-            packed_norm=packed_norm_applies(match),
+            packed_norm=packed_norm_format(match),
         )
         impl, why = choose_ops(self.ops, facts)
         ops, frozen, why = self._insert(graph, form, match, impl, why, name, adapter, fold, folded)

@@ -22,8 +22,11 @@ each of the two ops to insert for one module. Both compute the same math:
 - ``"quantized"`` (norm only): ``torch.ops.dora_fused.quantized_row_norm``, the
   Triton norm that reads a bitsandbytes base's packed weight and dequantizes its
   tiles in registers (``kernels/quantized_norm.py``). It replaces ``"triton"``
-  wherever ``LayerFacts.packed_norm`` says it applies; elsewhere a quantized
-  base's norm reads the dequantized weight the graph computes.
+  on LLM.int8() bases (``LayerFacts.packed_norm == "int8"``): there it took
+  0.11-0.41× the time of bitsandbytes' dequantize plus the dense norm (H200,
+  Llama-8B shapes, r = 16 and 64). A 4-bit base's norm reads the dequantized
+  weight the graph computes, as every other quantized base's: the packed 4-bit
+  norm took 1.7-2.3× that dense path's time (H100, the same shapes).
 - ``"torch"``: ``dora_fused.kernels.factored_row_norm_torch`` and
   ``compose_torch`` (``compose_reference`` with a hand-written backward), plain
   torch ops that Inductor fuses with the rest of the graph (cuBLAS for the
@@ -76,7 +79,8 @@ class LayerFacts:
     channel_dim: int = -1  # where the output features are: -1 (Linear), 1 (Conv: channels first)
     lora_up: bool = False  # the "lora_up" compose applies (rewrite.fusable_lora_up): inference, 16-bit B(A·x)
     folded_lora_up: bool = False  # the "folded" compose applies (rewrite.foldable_lora_up): training, B(A·x)
-    packed_norm: bool = False  # a bitsandbytes base the quantized norm reads packed (rewrite.packed_norm_applies)
+    packed_norm: str | None = None  # a bitsandbytes base the quantized norm can read packed, its format
+    # ("int8", "nf4", "fp4"; rewrite.packed_norm_format)
 
 
 Impl = Literal["triton", "torch", "quantized"]
@@ -86,8 +90,10 @@ ComposeImpl = Literal["triton", "torch", "lora_up", "folded"]
 def choose_ops(preference: OpsImpl, layer: LayerFacts) -> tuple[tuple[Impl, ComposeImpl], str]:
     """(norm, compose) implementations for ``layer``, and why (one line, for the record)."""
     (norm, compose), why = _choose(preference, layer)
-    if layer.packed_norm and norm == "triton":
-        norm, why = "quantized", f"{why}; quantized base: the norm reads the packed weight (no dequantized copy)"
+    if layer.packed_norm == "int8" and norm == "triton":
+        norm, why = "quantized", f"{why}; int8 base: the norm reads the packed rows (no dequantized copy)"
+    elif layer.packed_norm and norm == "triton":
+        why = f"{why}; 4-bit base: the norm reads bitsandbytes' dequantized weight (faster than the packed codes)"
     if layer.channel_dim != -1 and compose == "triton":
         # the Triton compose takes output features on the last dim
         return (norm, "torch"), f"{why}; channels-first output: Inductor-fused compose"

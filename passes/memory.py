@@ -17,12 +17,13 @@ The base layer's own matmul dequantizes too (bitsandbytes at 4096 tokens: one
 ``[d_out, d_in]`` copy in the compute dtype, forward and backward); that copy is
 the base layer's, the same on both paths, and not counted here.
 
-Rewritten, for a quantized base: ``norm="quantized"`` (CUDA, bitsandbytes) reads
-the packed weight itself, so no dequantized copy exists on the norm's path:
+Rewritten, for a quantized base: ``norm="quantized"`` (CUDA, bitsandbytes int8;
+the rewrite does not choose it for 4-bit bases) reads the packed weight itself, so
+no dequantized copy exists on the norm's path:
 ``QuantizedNormPlan.workspace_bytes`` (``kernels/quantized_norm.py``: A's terms,
 the Gram's workspace, ``U`` and ``‖W‖²`` per split in fp32, the sum's terms, the
 flags, the norm). Where the norm
-reads the dequantized weight (CPU, torchao), the formulas below plus that
+reads the dequantized weight (4-bit bitsandbytes, CPU, torchao), the formulas below plus that
 ``q`` copy ``d_out·d_in·q``.
 
 Rewritten, ``norm="triton"`` (CUDA): what ``NormPlan.workspace_bytes`` counts

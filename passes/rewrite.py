@@ -36,7 +36,7 @@ __all__ = [
     "insert_norm",
     "norm_order_args",
     "norm_position",
-    "packed_norm_applies",
+    "packed_norm_format",
     "replace_root",
     "rewrite_with_compose",
     "store_norm",
@@ -136,19 +136,20 @@ def norm_position(match: DoraMatch) -> Node:
     return max(nodes, key=_positions(next(iter(nodes)).graph).__getitem__)
 
 
-def packed_norm_applies(match: DoraMatch) -> bool:
-    """Whether the quantized norm can read ``match``'s base weight packed: a bitsandbytes Linear the kernel supports.
+def packed_norm_format(match: DoraMatch) -> str | None:
+    """The format (``"int8"``, ``"nf4"``, ``"fp4"``) where the quantized norm can read ``match``'s base weight packed.
 
-    The dequantized weight must be ``[d_out, d_in]`` as the norm's rows (no grouped
-    Conv blocks), and the kernel must take its format, its dtype and the adapters'.
+    None unless a bitsandbytes Linear the kernel supports: the dequantized weight
+    must be ``[d_out, d_in]`` as the norm's rows (no grouped Conv blocks), and the
+    kernel must take its format, its dtype and the adapters'.
     """
     low_rank = match.norm
     quantized = low_rank.quantized if low_rank is not None else None
     if quantized is None or quantized.scales is None or low_rank.row_blocks != 1 or match.channel_dim != -1:
-        return False
+        return None
     quant_type = "int8" if quantized.scheme == "bnb-int8" else quantized.quant_type
     lora_A, lora_B = (example_value(n) for n in (low_rank.lora_A, low_rank.lora_B))
-    return kernels.triton_supports_quantized_norm(quant_type, quantized.dtype, lora_A, lora_B)
+    return quant_type if kernels.triton_supports_quantized_norm(quant_type, quantized.dtype, lora_A, lora_B) else None
 
 
 def norm_order_args(graph: Graph, target: object, result: object, like: Node) -> tuple[Node, ...]:

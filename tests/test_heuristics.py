@@ -27,12 +27,17 @@ def _layer(device=CUDA, **facts) -> LayerFacts:
         ("auto", _layer(CPU, lora_up=True), ("torch", "torch")),  # the fused up-projection needs the Triton norm
         ("auto", _layer(channel_dim=1), ("triton", "torch")),
         ("auto", _layer(symbolic_scaling=True), ("torch", "torch")),
+        ("auto", _layer(packed_norm="int8"), ("quantized", "torch")),  # int8: the norm reads the packed rows
+        ("triton", _layer(packed_norm="int8"), ("quantized", "triton")),
+        ("auto", _layer(packed_norm="nf4"), ("triton", "torch")),  # 4-bit: the dense norm of the dequantized W
+        ("auto", _layer(CPU, packed_norm="int8"), ("torch", "torch")),
     ],
 )
 def test_choice(preference, layer, expected):
     (ops, why) = choose_ops(preference, layer)
     assert ops == expected
     assert why and ("folded" in why) == (ops[1] == "folded")
+    assert ("base:" in why) == (layer.packed_norm is not None and ops[0] != "torch")
 
 
 def test_fp64_keeps_plain_torch():

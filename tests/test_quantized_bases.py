@@ -52,6 +52,17 @@ def test_one_graph_every_module_rewritten_and_closer_to_fp64(scheme, train):
 
 
 @needs_bnb
+@pytest.mark.parametrize(("scheme", "train"), [("bnb-nf4-dq", True), ("bnb-int8", False)])
+def test_triton_norms_per_format(scheme, train):
+    """The Triton ops (the interpreter here): int8's norm reads the packed rows, 4-bit's the dequantized weight."""
+    records = check_against_fp64(scheme, train, dora_fused.backend(ops="triton", inner="aot_eager"))
+    packed = scheme == "bnb-int8"
+    norm = "dora_fused.quantized_row_norm" if packed else "dora_fused.factored_row_norm"
+    assert all(r.ops[0] == norm for r in records), [r.ops for r in records]
+    assert all(("packed rows" if packed else "dequantized weight") in r.ops_reason for r in records)
+
+
+@needs_bnb
 @pytest.mark.parametrize("scheme", ["bnb-nf4", "bnb-fp4-dq", "bnb-int8"])
 def test_bnb_dequantize_is_bitsandbytes_own_and_leaves_the_weight_in_place(scheme):
     """The polyfill's dequantize: bitsandbytes' values exactly, the module's Parameter object untouched."""
@@ -102,15 +113,16 @@ def test_a_weight_computed_by_unknown_ops_is_left_alone():
     assert "not a parameter or a recognized dequantize" in reason, reason
 
 
-# --- GPU: the compiled model with Inductor, the norm reading the packed weight ------------------------------------
+# --- GPU: the compiled model with Inductor; int8's norm reads the packed rows, 4-bit's the dequantized weight ------
 
 
 @needs_bnb
 @pytest.mark.gpu
 @pytest.mark.parametrize(("scheme", "train"), [("bnb-nf4-dq", False), ("bnb-nf4-dq", True), ("bnb-int8", True)])
-def test_gpu_compiled_model_reads_packed_weights(scheme, train):
+def test_gpu_compiled_model_norms(scheme, train):
     records = check_against_fp64(scheme, train, "dora_fused", device="cuda", layers=2)
-    assert all("dora_fused.quantized_row_norm" in r.ops for r in records), [r.ops for r in records]
+    norm = "dora_fused.quantized_row_norm" if scheme == "bnb-int8" else "dora_fused.factored_row_norm"
+    assert all(norm in r.ops for r in records), [r.ops for r in records]
 
 
 def test_memory_estimates_count_the_dequantized_weight():
