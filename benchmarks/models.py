@@ -53,7 +53,6 @@ Method (docs/benchmarks.md, "Model-level", says more):
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import fcntl
 import fnmatch
@@ -61,18 +60,15 @@ import gc
 import json
 import logging
 import os
-import queue
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from dataclasses import dataclass
 
 import torch
 
+import turns  # benchmarks/turns.py: the worker processes' turns on the device
 from timing import PeakMemory, environment, summarize, time_calls
 
 # --- what is measured -------------------------------------------------------------------------------
@@ -524,31 +520,6 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
 
 
-# Lines a worker started with --turns writes to ask its parent for the device, and to hand it back.
-TURN_READY, TURN_DONE = "@@turn-ready", "@@turn-done"
-
-
-@contextlib.contextmanager
-def device_turn(args, case: Case):
-    """With --turns: wait for the parent's "go" before the timed part, and for its "next" after it.
-
-    The parent grants one turn at a time, and only while every other worker of the batch waits:
-    nobody compiles or runs while a worker times. Waiting for "next" keeps a worker from compiling
-    its next case while the others still time this one. Without --turns: no waiting.
-    """
-    if not args.turns:
-        yield
-        return
-    print(f"{TURN_READY} {case.name}", flush=True)
-    if sys.stdin.readline().strip() != "go":
-        raise RuntimeError("the parent ended the run")
-    try:
-        yield
-    finally:
-        print(f"{TURN_DONE} {case.name}", flush=True)
-        sys.stdin.readline()  # "next", or end of input
-
-
 def run_mode(case: Case, spec: dict, model, fn, args, device, reference, counters: Counters) -> dict:
     row = base_row(case, spec, args, args.worker)
     training = case.mode != "infer"
@@ -604,7 +575,7 @@ def run_mode(case: Case, spec: dict, model, fn, args, device, reference, counter
             with torch.no_grad():
                 fn(**infer_inputs, logits_to_keep=1)
 
-    with device_turn(args, case):  # with --parallel: no other process compiles or runs meanwhile
+    with turns.device_turn(args.turns, case.name):  # with --parallel: no other process compiles or runs meanwhile
         row["turn_start"] = time.time()
         warmup_s = []
         for _ in range(args.warmup):
@@ -810,89 +781,19 @@ def worker_command(args, contender: str, cases: list[Case]) -> list[str]:
     return command + (["--tiny"] if args.tiny else []) + (["--no-reference"] if args.no_reference else [])
 
 
-class Worker:
-    """One worker process: echoes its output, keeps its last lines, reports turn requests and its exit."""
-
-    def __init__(self, args, contender: str, cases: list[Case], events: queue.Queue) -> None:
-        self.contender, self.cases = contender, cases
-        self.tail: collections.deque[str] = collections.deque(maxlen=40)
-        self.proc = subprocess.Popen(
-            worker_command(args, contender, cases),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            start_new_session=True,
-        )
-        threading.Thread(target=self._pump, args=(events,), daemon=True).start()
-
-    def _pump(self, events: queue.Queue) -> None:
-        for line in self.proc.stdout:
-            if line.startswith(TURN_READY):
-                events.put((self, "ready"))
-            elif line.startswith(TURN_DONE):
-                events.put((self, "done"))
-            else:
-                sys.stdout.write(line)
-                self.tail.append(line.rstrip())
-        events.put((self, "exit"))
-
-    def send(self, word: str) -> None:
-        with contextlib.suppress(OSError):  # it may have died meanwhile: its exit event follows
-            self.proc.stdin.write(word + "\n")
-            self.proc.stdin.flush()
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-
-
 def run_batch(args, steps: list[tuple[str, list[Case]]], deadline: float | None) -> None:
-    """Run these workers at once; their timed parts one at a time, while nobody else compiles or runs.
-
-    A worker is "busy" (building, compiling, its first call), "ready" (asks for the device),
-    "timing" (holds it) or "waiting" (timed, waits for the others). The parent grants the device
-    to the longest-ready worker when nobody is busy or timing, and lets everybody go on ("next")
-    once all have timed. Past the deadline every worker is killed.
-    """
-    events: queue.Queue = queue.Queue()
-    state = {Worker(args, contender, cases, events): "busy" for contender, cases in steps}
-    statuses = {worker: None for worker in state}
-    ready: list[Worker] = []
-    while state:
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        try:
-            worker, event = events.get(timeout=timeout)
-        except queue.Empty:
-            for worker in state:
-                worker.kill()
-                statuses[worker] = "timeout"
-            deadline = None
-            continue
-        if event == "ready":
-            state[worker] = "ready"
-            ready.append(worker)
-        elif event == "done":
-            state[worker] = "waiting"
-        else:  # exit
-            state.pop(worker)
-            if worker in ready:
-                ready.remove(worker)
-            rc = worker.proc.wait()
-            statuses[worker] = statuses[worker] or (None if rc == 0 else f"crashed: exit code {rc}")
-        if any(s in ("busy", "timing") for s in state.values()):
-            continue
-        if ready:
-            worker = ready.pop(0)
-            state[worker] = "timing"
-            worker.send("go")
-        elif state:  # everybody has timed this round
-            for worker in state:
-                state[worker] = "busy"
-                worker.send("next")
-    for worker, status in statuses.items():
-        record_missing(args, worker.contender, worker.cases, status or "crashed: no row", list(worker.tail))
+    """Run these workers at once, their timed parts one at a time while nobody else compiles or runs
+    (benchmarks/turns.py); then a row for each case a worker left without one: why."""
+    commands = [worker_command(args, contender, cases) for contender, cases in steps]
+    outcomes = turns.run_batch(commands, deadline, echo=sys.stdout)
+    for (contender, cases), outcome in zip(steps, outcomes, strict=True):
+        if outcome.timed_out:
+            status = "timeout"
+        elif outcome.returncode != 0:
+            status = f"crashed: exit code {outcome.returncode}"
+        else:
+            status = "crashed: no row"  # a clean exit: only the cases it has no row for get this one
+        record_missing(args, contender, cases, status, outcome.tail)
 
 
 def record_missing(args, contender: str, cases: list[Case], status: str, tail: list[str]) -> None:

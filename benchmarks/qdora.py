@@ -15,11 +15,14 @@ default fp32 adapters on all of them. Matrix:
 
 Each (case, contender) runs in a subprocess of its own (both modes, prefill
 first), so one contender's allocations and compiled code never reach
-another's timings. With ``--parallel N`` up to N processes run at once so
-that their compiles overlap; the timed calls take turns (a file lock), never
-overlapping each other, though another process's first (compiling) call may
-run GPU work meanwhile (``--parallel 1`` is the clean measurement, and the
-slowest: 3-4 minutes per process, most of it Inductor's compiles).
+another's timings. ``--parallel N`` runs them in batches of N processes at
+once: their compiles overlap, their timed parts take turns
+(benchmarks/turns.py). A process times a mode (its warm-up and timed calls)
+only while every other process of the batch waits, none compiling or running;
+the train graphs compile after every process has timed prefill. So every
+``--parallel`` gives clean times and peaks; only ``first_call_s`` (the
+compiling call, wall time) grows with it, N compiles sharing the CPU cores.
+A process takes 3-4 minutes on its own, most of it Inductor's compiles.
 Times are medians of CUDA-event timed calls with 10/90% quantiles, after
 warm-up calls (the first compiles); peak memory is the most allocated above
 what was resident before the timed calls (model, optimizer state).
@@ -41,14 +44,12 @@ H100, most of it Inductor's compiles).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
+
+import turns  # benchmarks/turns.py: the worker processes' turns on the device
 
 CASES = {  # name: (scheme, rank)
     "nf4-r16": ("bnb-nf4-dq", 16),
@@ -99,6 +100,8 @@ def build_model(scheme: str, rank: int, layers: int, dora: bool, smoke: bool = F
                     module = bnb.nn.Linear4bit(
                         *dims, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4"
                     )
+                    if smoke:  # bitsandbytes' CPU inference layout needs sizes the toy model lacks (as in the tests)
+                        module.support_avx512bf16_for_cpu = False
                     module.weight = bnb.nn.Params4bit(
                         child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
                     )
@@ -113,20 +116,6 @@ def build_model(scheme: str, rank: int, layers: int, dora: bool, smoke: bool = F
     if not smoke:
         torch.cuda.empty_cache()
     return get_peft_model(model, lora)
-
-
-@contextlib.contextmanager
-def gpu_turn(path: str | None):
-    """Exclusive use of the GPU among the benchmark's processes (a file lock); nothing without ``path``."""
-    if path is None:
-        yield
-        return
-    with open(path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def run_worker(case: str, contender: str, args) -> list[dict]:
@@ -175,8 +164,11 @@ def run_worker(case: str, contender: str, args) -> list[dict]:
         step()  # compiles
         synchronize()
         first_s = time.perf_counter() - start
-        with gpu_turn(args.lock), PeakMemory() as memory:
+        # the device to this process alone (with --turns): nobody else compiles or runs meanwhile
+        with turns.device_turn(args.turns, f"{case}:{contender}:{mode}"), PeakMemory() as memory:
+            turn_start = time.time()
             times, _ = time_calls(step, args.repeats, warmup=args.warmup)
+            turn_end = time.time()
         reports = dora_fused.reports()
         records = [m for r in reports for m in r.modules]
         rows.append(
@@ -189,6 +181,8 @@ def run_worker(case: str, contender: str, args) -> list[dict]:
                 layers=args.layers,
                 tokens=args.seq,
                 first_call_s=first_s,
+                turn_start=turn_start,  # wall clock: the timed part's window, apart from every other process's
+                turn_end=turn_end,
                 peak_mb=memory.peak_mb,
                 resident_mb=memory.resident / 2**20 if memory.resident is not None else None,
                 graphs=len(reports) if contender == "dora_fused" else None,  # compiled in this mode
@@ -243,24 +237,19 @@ def _environment() -> dict:
     return info
 
 
-def _worker_command(args, case: str, contender: str, lock: str | None) -> list[str]:
-    command = [sys.executable, os.path.abspath(__file__), "--worker", f"{case}:{contender}"]
+def _worker_command(args, case: str, contender: str) -> list[str]:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", f"{case}:{contender}", "--turns"]
     command += ["--layers", str(args.layers), "--seq", str(args.seq)]
-    command += ["--repeats", str(args.repeats), "--warmup", str(args.warmup)] + ["--smoke"] * args.smoke
-    return command + (["--lock", lock] if lock else [])
+    return command + ["--repeats", str(args.repeats), "--warmup", str(args.warmup)] + ["--smoke"] * args.smoke
 
 
-def _collect(case: str, contender: str, proc: subprocess.Popen, started: float) -> list[dict]:
-    try:
-        stdout, stderr = proc.communicate(timeout=max(1.0, started - time.time()))
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        stdout, stderr = proc.communicate()
-    rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or len(rows) < len(MODES):
-        tail = (stdout + stderr).strip().splitlines()[-15:]
-        rows.append(dict(case=case, contender=contender, status=f"exit {proc.returncode}", tail=tail))
-        print("\n".join(tail), file=sys.stderr)
+def _collect(case: str, contender: str, outcome: turns.Outcome) -> list[dict]:
+    """The worker's rows (its stdout lines that start with "{"); a row with its output's tail if it failed."""
+    rows = [json.loads(line) for line in outcome.kept]
+    if outcome.returncode != 0 or len(rows) < len(MODES):
+        status = "timeout" if outcome.timed_out else f"exit {outcome.returncode}"
+        rows.append(dict(case=case, contender=contender, status=status, tail=outcome.tail[-15:]))
+        print("\n".join(outcome.tail[-15:]), file=sys.stderr)
     return rows
 
 
@@ -268,20 +257,16 @@ def run_all(args) -> None:
     cases = QUICK_CASES if args.quick else tuple(args.cases.split(","))
     contenders = tuple(args.contenders.split(","))
     results = {"meta": {**_environment(), "args": vars(args)}, "rows": []}
-    lock = os.path.join(tempfile.gettempdir(), f"dora_fused_qdora_{os.getpid()}.lock") if args.parallel > 1 else None
     pending = [(case, contender) for case in cases for contender in contenders]
-    running: list[tuple[str, str, subprocess.Popen, float]] = []
-    while pending or running:
-        while pending and len(running) < args.parallel:
-            case, contender = pending.pop(0)
-            proc = subprocess.Popen(
-                _worker_command(args, case, contender, lock), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-            running.append((case, contender, proc, time.time() + args.timeout))
-        case, contender, proc, deadline = running.pop(0)
-        start = time.time()
-        results["rows"] += _collect(case, contender, proc, deadline)
-        print(f"{case} {contender}: done after {time.time() - start:.0f} s of waiting", file=sys.stderr, flush=True)
+    size = max(1, args.parallel)
+    for first in range(0, len(pending), size):
+        batch = pending[first : first + size]
+        commands = [_worker_command(args, case, contender) for case, contender in batch]
+        outcomes = turns.run_batch(commands, time.monotonic() + args.timeout, keep=lambda line: line.startswith("{"))
+        for (case, contender), outcome in zip(batch, outcomes, strict=True):
+            results["rows"] += _collect(case, contender, outcome)
+            status = "timeout" if outcome.timed_out else f"exit {outcome.returncode}"
+            print(f"{case} {contender}: {status} after {outcome.seconds:.0f} s", file=sys.stderr, flush=True)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
@@ -298,18 +283,31 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--seq", type=int, default=4096, help="tokens")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (10; --quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls after the compiling one (2; --quick 1)")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per (case, contender) process")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=900,
+        help="seconds per batch of --parallel processes (they run together, waiting on each other's turns); "
+        "past it the batch's processes are killed",
+    )
     parser.add_argument("--quick", action="store_true", help="NF4 r=16 only, 2 layers, 3 calls")
-    parser.add_argument("--parallel", type=int, default=None, help="processes at once (4)")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=None,
+        help="processes at once (4; --smoke 2): their compiles overlap; each times while the others wait",
+    )
     parser.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: checks the harness in a minute")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--lock", help=argparse.SUPPRESS)
+    parser.add_argument("--turns", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.smoke and args.parallel is None:
+        args.parallel = 2  # two processes at once: the smoke run exercises the turns too
     for name, full, quick in (("layers", 4, 2), ("repeats", 10, 3), ("warmup", 2, 1), ("parallel", 4, 4)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
     if args.smoke:
-        args.layers, args.seq, args.repeats, args.warmup, args.parallel = 1, 16, 2, 0, 1
+        args.layers, args.seq, args.repeats, args.warmup = 1, 16, 2, 0
     return args
 
 

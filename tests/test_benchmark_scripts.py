@@ -6,15 +6,19 @@ this keeps them from rotting where none is. Each runs in this process as ``__mai
 interpreter, so no second import of torch) with the benchmarks folder on ``sys.path``, as
 ``python benchmarks/X.py`` has it. convergence.py also trains its toy model a few steps here, every
 contender in this process, and its summary's arithmetic is checked on made-up losses.
+benchmarks/turns.py (the parent/worker turns of models.py and qdora.py) runs toy worker processes.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import runpy
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +26,7 @@ import torch
 from helpers import import_benchmark
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-HELPERS = {"timing.py"}  # imported by the scripts, not run
+HELPERS = {"timing.py", "turns.py"}  # imported by the scripts, not run
 SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if p.name not in HELPERS)
 
 
@@ -43,6 +47,85 @@ def test_help(script, monkeypatch):
             if str(BENCH) in str(getattr(sys.modules[name], "__file__", None) or ""):
                 del sys.modules[name]
     assert exit_.value.code == 0
+
+
+# --- benchmarks/turns.py: worker processes compile at once and time one by one ----------------------------------
+
+# A toy worker: per round, "compiles" (busy), then "times" in a turn; prints each round's intervals as a JSON row.
+# argv: name, rounds, and where to die (busy1: exit 3 before its second turn; timing0: exit 4 inside its first).
+TURN_WORKER = """
+import json, os, sys, time
+sys.path.insert(0, {bench!r})
+from turns import device_turn
+name, rounds, die = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+busy_start = time.monotonic()
+for round_ in range(rounds):
+    time.sleep(0.05)  # compiles
+    if die == f"busy{{round_}}":
+        print("dying while busy", file=sys.stderr, flush=True)
+        sys.exit(3)
+    busy = (busy_start, time.monotonic())
+    with device_turn(True, name):
+        start = time.monotonic()
+        if die == f"timing{{round_}}":
+            os._exit(4)
+        time.sleep(0.05)  # times
+        timed = (start, time.monotonic())
+    busy_start = time.monotonic()  # after "next"
+    print(json.dumps(dict(name=name, round=round_, busy=busy, timed=timed)), flush=True)
+"""
+
+
+@pytest.fixture
+def turns(monkeypatch):
+    return import_benchmark(monkeypatch, "turns", "turns_bench")
+
+
+def _toy_worker(name: str, rounds: int = 2, die: str = "-") -> list[str]:
+    return [sys.executable, "-c", TURN_WORKER.format(bench=str(BENCH)), name, str(rounds), die]
+
+
+def _run_turns(turns, commands: list[list[str]], deadline_s: float, **kwargs) -> list:
+    """``turns.run_batch`` in a thread: a parent that hangs past its deadline fails the test, not the suite."""
+    outcomes: list = []
+    deadline = time.monotonic() + deadline_s
+
+    def run() -> None:
+        outcomes.append(turns.run_batch(commands, deadline, **kwargs))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(deadline_s + 15)
+    assert outcomes, "run_batch hung past its deadline"
+    return outcomes[0]
+
+
+def _overlap(a: list[float], b: list[float]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+def test_turns_time_one_by_one_while_nobody_else_runs(turns):
+    """No timed part overlaps another worker's timed or busy part; a round's compiles start once all have timed;
+    a worker that dies while busy or while timing holds nobody up."""
+    commands = [_toy_worker("a"), _toy_worker("b"), _toy_worker("c", die="busy1"), _toy_worker("d", die="timing0")]
+    outcomes = _run_turns(turns, commands, 20, keep=lambda line: line.startswith("{"))
+    assert [o.returncode for o in outcomes] == [0, 0, 3, 4] and not any(o.timed_out for o in outcomes)
+    rows = [json.loads(line) for o in outcomes for line in o.kept]
+    assert sorted((r["name"], r["round"]) for r in rows) == [("a", 0), ("a", 1), ("b", 0), ("b", 1), ("c", 0)]
+    assert "dying while busy" in outcomes[2].tail and not any("turn" in line for o in outcomes for line in o.tail)
+    for r, other in itertools.permutations(rows, 2):
+        if r["name"] != other["name"]:
+            assert not _overlap(r["timed"], other["timed"]) and not _overlap(r["timed"], other["busy"]), (r, other)
+    # "next" only once every worker has timed: no second-round compile before the last first-round timed part ends
+    assert min(r["busy"][0] for r in rows if r["round"] == 1) > max(r["timed"][1] for r in rows if r["round"] == 0)
+
+
+def test_turns_deadline_kills_the_batch(turns):
+    """A worker that never asks for its turn holds the others' turns up to the deadline, then all are killed."""
+    hang = [sys.executable, "-c", "import time; time.sleep(60)"]
+    outcomes = _run_turns(turns, [hang, _toy_worker("a")], 1.0)
+    assert all(o.timed_out and o.returncode < 0 for o in outcomes)  # "a" asked for its turn and never got it
+    assert all(o.seconds < 20 for o in outcomes)
 
 
 # --- benchmarks/training.py end to end at toy sizes (--tiny: aot_eager, CPU) --------------------------------------
