@@ -34,6 +34,7 @@ from dora_fused.passes.heuristics import OpsImpl
 from dora_fused.passes.snapshot import snapshot
 
 from .auditing import audit_model
+from .cudagraph_outputs import copy_out, state_outputs
 from .frozen import FoldedGraph, Variant, materialize
 from .graph_rewrite import backend_owns_graph, publish, rewrite_graph
 from .report import RewriteReport
@@ -206,8 +207,13 @@ class DoraFusedBackend:
     ) -> Callable[..., Any]:
         if self.inner == "inductor":
             # The same wrapper torch.compile builds for backend="inductor": it turns
-            # mode/options into Inductor config patches (and validates them).
-            return torch._TorchCompileInductorWrapper(mode, options, None)(gm, example_inputs)
+            # mode/options into Inductor config patches (and validates them). Under CUDA
+            # graphs, values of parameters alone that the graph returns are copied out of the
+            # pool: the caller may keep them (PEFT's norm cache; cudagraph_outputs.py).
+            inductor = torch._TorchCompileInductorWrapper(mode, options, None)
+            cudagraphs = inductor.config.get("triton.cudagraphs", torch._inductor.config.triton.cudagraphs)
+            outputs = state_outputs(gm, example_inputs) if cudagraphs else []
+            return copy_out(inductor(gm, example_inputs), outputs)
         if mode not in (None, "default") or options:
             raise ValueError(f"mode/options apply to Inductor only, not inner={self.inner!r}")
         if self.inner == "aot_eager":
