@@ -61,7 +61,12 @@ FoldKind = Literal["norm", "merged", "peft_norm"]
 FROZEN_PREFIX = "_dora_frozen_"  # graph attributes holding folded values
 
 # ops a recipe may replay: they only cast, detach or re-view module state
-_RECIPE_OPS = frozenset({"to", "float", "detach", "t", "transpose", "view"})
+_RECIPE_OPS = frozenset({"to", "float", "detach", "t", "transpose", "view", "add"})
+# A quantized base's weight, dequantized from module state: bitsandbytes' ops (pure functions of
+# the packed weight, its scales and its code table; the nested absmax adds its offset, above).
+_DEQUANTIZE_OPS = frozenset(
+    {"bitsandbytes::dequantize_4bit", "bitsandbytes::dequantize_blockwise", "bitsandbytes::int8_vectorwise_dequant"}
+)
 
 
 class Unfoldable(Exception):
@@ -141,6 +146,12 @@ def _state_ref(node: Node) -> StateRef:
     return StateRef("input", placeholders.index(node))
 
 
+def _recomputable(node: Node) -> bool:
+    """A cast, view or sum of its inputs, or a quantized base's dequantize: recomputed as traced."""
+    schema = getattr(node.target, "_schema", None)
+    return op_of(node) in _RECIPE_OPS or (schema is not None and schema.name in _DEQUANTIZE_OPS)
+
+
 def _recipe(outputs: Sequence[Node]) -> tuple[GraphModule, tuple[Node, ...]]:
     """A graph module computing ``outputs`` from the module state they derive from, and those roots (its inputs)."""
     order: list[Node] = []
@@ -156,7 +167,7 @@ def _recipe(outputs: Sequence[Node]) -> tuple[GraphModule, tuple[Node, ...]]:
                 raise Unfoldable(f"{node.name} is an input of the call, not module state")
             roots.append(node)
             return
-        if node.op not in ("call_function", "call_method") or op_of(node) not in _RECIPE_OPS:
+        if node.op not in ("call_function", "call_method") or not _recomputable(node):
             raise Unfoldable(f"{node.name} ({op_of(node) or node.target}) is not a cast or view of module state")
         for value in node.all_input_nodes:
             visit(value)

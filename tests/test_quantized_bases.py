@@ -16,8 +16,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TINY_LLAMA
-from quantized_models import HAS_BNB, HAS_TORCHAO, check_against_fp64, dequantized_weight, quantized_llama_dora
+from helpers import TINY_LLAMA, relative_error
+from quantized_models import (
+    ATOL,
+    HAS_BNB,
+    HAS_TORCHAO,
+    RATIO,
+    check_against_fp64,
+    dequantized_weight,
+    fp64_twin,
+    quantized_llama_dora,
+)
 
 import dora_fused
 from dora_fused.quantized_bases import bnb_dequantize
@@ -60,6 +69,47 @@ def test_triton_norms_per_format(scheme, train):
     norm = "dora_fused.quantized_row_norm" if packed else "dora_fused.factored_row_norm"
     assert all(r.ops[0] == norm for r in records), [r.ops for r in records]
     assert all(("packed rows" if packed else "dequantized weight") in r.ops_reason for r in records)
+
+
+@needs_bnb
+@pytest.mark.parametrize("scheme", ["bnb-nf4-dq", "bnb-fp4", "bnb-int8"])
+def test_frozen_folds_the_norm_of_a_quantized_base_and_sees_a_change(scheme):
+    """``frozen=True``: each norm computed once from the dequantized weight, as exact as PEFT eager, never stale.
+
+    A quantized base's layer keeps its quantized matmul (no merged form, whatever the budget).
+    """
+    ids = torch.randint(0, TINY_LLAMA["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
+
+    def change(model: torch.nn.Module) -> None:
+        layer = model.base_model.model.model.layers[0]
+        layer.mlp.down_proj.lora_B.default.weight.mul_(1.5)
+        layer.self_attn.q_proj.lora_magnitude_vector.default.weight.mul_(0.5)
+
+    def reference(changed: bool) -> tuple[torch.Tensor, float]:
+        """fp64 logits and the error bound, from PEFT eager on a fresh model (8-bit eager breaks its layers on CPU)."""
+        eager = quantized_llama_dora(scheme).eval()
+        if changed:
+            change(eager)
+        exact = fp64_twin(eager, scheme)(input_ids=ids).logits
+        return exact, RATIO * relative_error(eager(input_ids=ids).logits, exact) + ATOL
+
+    model = quantized_llama_dora(scheme).eval()
+    backend = dora_fused.backend(inner="aot_eager", frozen=True, merge_budget_bytes=2**40)
+    compiled = torch.compile(model, backend=backend)
+    patch = {"capture_dynamic_output_shape_ops": scheme == "bnb-int8"}  # LLM.int8()'s outlier columns
+    with torch.no_grad(), torch._dynamo.config.patch(patch):
+        exact, bound = reference(changed=False)
+        for _ in range(2):
+            out = compiled(input_ids=ids).logits
+        records = dora_fused.last_report().modules
+        assert [m.frozen for m in records] == ["norm"] * 7, [m.ops_reason for m in records]
+        assert relative_error(out, exact) <= bound
+        before = out.clone()
+        change(model)
+        exact, bound = reference(changed=True)
+        out = compiled(input_ids=ids).logits
+    assert relative_error(before, exact) > 2 * bound, "a stale output would pass: the change must move the logits more"
+    assert relative_error(out, exact) <= bound
 
 
 @needs_bnb
