@@ -11,7 +11,9 @@ pool, those tensors are overwritten by the next replay of any graph of the tree
 (PyTorch raises "accessing tensor output of CUDAGraphs that has been overwritten").
 
 A graph output computed from parameters alone (every input it depends on is an
-``nn.Parameter`` or a graph attribute) is such module state, not an activation.
+``nn.Parameter`` or a graph attribute; an op's ``after`` argument, which this
+package's ops take only to keep an order and never read, does not count) is
+such module state, not an activation.
 :func:`state_outputs` finds them; :func:`copy_out` returns the compiled callable
 with those outputs cloned after each call (outside the CUDA graph, into ordinary
 memory). Outputs that share storage with an input (a parameter, or a view of
@@ -48,9 +50,9 @@ def state_outputs(gm: GraphModule, example_inputs: Sequence[Any]) -> list[int]:
                 input_storages.add(storage)
         elif node.op == "output":
             outputs = _flatten(node.args[0])
-        elif all(n in constant for n in node.all_input_nodes):
+        elif all(n in constant for n in _value_inputs(node)):
             constant.add(node)
-            if any(n in derived for n in node.all_input_nodes):
+            if any(n in derived for n in _value_inputs(node)):
                 derived.add(node)
     computed = derived - {n for n in derived if n.op in ("placeholder", "get_attr")}
     return [
@@ -75,6 +77,20 @@ def copy_out(compiled: Callable[..., Any], indices: list[int]) -> Callable[..., 
 
     call._boxed_call = getattr(compiled, "_boxed_call", False)  # type: ignore[attr-defined]
     return call
+
+
+def _value_inputs(node: Node) -> list[Node]:
+    """The inputs ``node``'s value depends on: all but an op's ``after`` argument (an order it keeps, never read)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return node.all_input_nodes
+    order_only = [
+        value
+        for argument, value in zip(schema.arguments, node.args, strict=False)
+        if argument.name == "after" and isinstance(value, Node)
+    ]
+    order_only += [node.kwargs["after"]] if isinstance(node.kwargs.get("after"), Node) else []
+    return [n for n in node.all_input_nodes if n not in order_only]
 
 
 def _flatten(value: Any) -> list[Any]:
