@@ -29,7 +29,9 @@ Parts and cases:
     guard    the host time of the per-call parameter check of a frozen graph (``frozen.Variant.stale``),
              on a 4- and a 32-layer model at toy sizes (the check's cost depends on the count of tensors).
 
-Contenders (each in its own process, on the same model, weights and inputs):
+Contenders (each in its own process, on the same model, weights and inputs; with ``--parallel N``,
+N prefill or decode processes at once: their compiles overlap, and each times while every other
+waits, none compiling or running, ``benchmarks/turns.py``; each row records its timed windows):
     peft_eager       PEFT as is
     inductor         torch.compile(model), dora_fused not imported (PEFT's DoRA breaks the graph per layer)
     dora_fused       torch.compile(model, backend="dora_fused"): live, the norm computed per call
@@ -65,6 +67,7 @@ from pathlib import Path
 
 import torch
 
+import turns  # benchmarks/turns.py: the worker processes' turns on the device
 from timing import PeakMemory, environment, summarize, synchronize, time_calls
 
 REPO = Path(__file__).resolve().parent.parent
@@ -222,9 +225,13 @@ def run_prefill(case: str, contender: str, args: argparse.Namespace) -> dict[str
         step()
         synchronize()
         first = time.perf_counter() - start
-        with PeakMemory() as memory:
+        with turns.device_turn(args.turns, f"prefill {case} {contender}"), PeakMemory() as memory:
+            window = [time.time()]
             times, _ = time_calls(step, args.repeats, args.warmup)
-    return dict(**summarize(times), tokens=tokens, peak_mb=memory.peak_mb, first_call_s=first, **_records())
+            window.append(time.time())
+    return dict(
+        **summarize(times), tokens=tokens, peak_mb=memory.peak_mb, first_call_s=first, turns=[window], **_records()
+    )
 
 
 # --- decode ----------------------------------------------------------------------------------------
@@ -239,6 +246,7 @@ def run_decode(case: str, contender: str, args: argparse.Namespace) -> dict[str,
     prompt = 16 if args.tiny else args.prompt
     new = 6 if args.tiny else args.new_tokens
     rows = []
+    windows: list[list[float]] = []  # the timed parts' wall-clock windows, one per batch size
     for batch in args.batches:
         torch._dynamo.reset()  # each batch size compiles as in a fresh process (static shapes, its own CUDA graphs)
         gen = torch.Generator().manual_seed(2)
@@ -269,8 +277,11 @@ def run_decode(case: str, contender: str, args: argparse.Namespace) -> dict[str,
             synchronize()
             first = time.perf_counter() - start
             assert out.shape[1] == prompt + new, out.shape
-            ttft, _ = time_calls(lambda: generate(1), args.decode_repeats, 1)
-            full, _ = time_calls(lambda: generate(new), args.decode_repeats, 1)
+            with turns.device_turn(args.turns, f"decode {case} {contender} batch {batch}"):
+                windows.append([time.time()])
+                ttft, _ = time_calls(lambda: generate(1), args.decode_repeats, 1)
+                full, _ = time_calls(lambda: generate(new), args.decode_repeats, 1)
+                windows[-1].append(time.time())
         t1, tn = statistics.median(ttft), statistics.median(full)
         rows.append(
             dict(
@@ -282,7 +293,9 @@ def run_decode(case: str, contender: str, args: argparse.Namespace) -> dict[str,
                 first_call_s=first,
             )
         )
-    return dict(prompt=prompt, new_tokens=new, batches=rows, eager_prefill=args.eager_prefill, **_records())
+    return dict(
+        prompt=prompt, new_tokens=new, batches=rows, eager_prefill=args.eager_prefill, turns=windows, **_records()
+    )
 
 
 # --- server ------------------------------------------------------------------------------------------
@@ -468,6 +481,25 @@ def spawn(spec: dict[str, object], args: argparse.Namespace) -> dict[str, object
     return dict(error=(done.stderr or done.stdout)[-2000:])
 
 
+def spawn_batch(specs: list[dict[str, object]], args: argparse.Namespace) -> list[dict[str, object]]:
+    """Run these (part, case, contender) processes at once, their timed parts one at a time (``turns``).
+
+    Their compiles overlap; each times while every other waits, none compiling or running. Their
+    result rows, or each one's error (the end of its output, stderr included).
+    """
+    commands = [[sys.executable, __file__, "--worker", json.dumps(s), "--turns", *_child_args(args)] for s in specs]
+    outcomes = turns.run_batch(commands, time.monotonic() + args.timeout, keep=lambda line: line.startswith("RESULT "))
+    rows = []
+    for outcome in outcomes:
+        if outcome.kept and outcome.returncode == 0:
+            rows.append(dict(json.loads(outcome.kept[-1][7:]), wall_s=outcome.seconds))
+        elif outcome.timed_out:
+            rows.append(dict(error=f"timed out after {args.timeout} s (the batch)"))
+        else:
+            rows.append(dict(error="\n".join(outcome.tail)[-2000:]))
+    return rows
+
+
 def append(path: str | None, row: dict[str, object]) -> None:
     if path is None:
         return
@@ -593,7 +625,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--server-prompt", type=int, default=128)
     parser.add_argument("--server-new-tokens", type=int, default=16)
-    parser.add_argument("--timeout", type=int, default=480, help="seconds per contender process")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="prefill/decode processes at once: their compiles overlap, each times while the others wait",
+    )
+    parser.add_argument(
+        "--timeout", type=int, default=480, help="seconds per contender process (with --parallel: per batch)"
+    )
+    parser.add_argument("--turns", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--table", help="print the tables of a results file and exit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -610,16 +651,24 @@ def main() -> None:
         args.repeats, args.warmup, args.decode_repeats = 10, 3, 2
         args.batches, args.new_tokens, args.eager_prefill = [1], 32, True
     rows = []
-    for spec in plan(args):
-        if args.quick and not _in_quick(spec):
-            continue
-        print(f"running {spec['part']} {spec['case']} {spec['contender']} ...", flush=True)
-        if spec["part"] == "server":
-            rows.append(dict(spec, **_server_row(spec, args)))
+    specs = [s for s in plan(args) if not (args.quick and not _in_quick(s))]
+    timed = [s for s in specs if s["part"] not in ("server", "guard")]
+    size = max(1, args.parallel)
+    batches = [timed[i : i + size] for i in range(0, len(timed), size)]
+    batches += [[s] for s in specs if s["part"] in ("server", "guard")]  # on their own
+    for batch in batches:
+        for spec in batch:
+            print(f"running {spec['part']} {spec['case']} {spec['contender']} ...", flush=True)
+        if batch[0]["part"] == "server":
+            results = [_server_row(batch[0], args)]
+        elif len(batch) == 1:
+            results = [spawn(batch[0], args)]
         else:
-            rows.append(dict(spec, **spawn(spec, args)))
-        print("  " + json.dumps({k: v for k, v in rows[-1].items() if k not in spec})[:400], flush=True)
-        append(args.out, rows[-1])
+            results = spawn_batch(batch, args)
+        for spec, result in zip(batch, results, strict=True):
+            rows.append(dict(spec, **result))
+            print("  " + json.dumps({k: v for k, v in rows[-1].items() if k not in spec})[:400], flush=True)
+            append(args.out, rows[-1])
     print(json.dumps(environment()))
     print(tables(rows))
 

@@ -6,7 +6,8 @@ this keeps them from rotting where none is. Each runs in this process as ``__mai
 interpreter, so no second import of torch) with the benchmarks folder on ``sys.path``, as
 ``python benchmarks/X.py`` has it. convergence.py also trains its toy model a few steps here, every
 contender in this process, and its summary's arithmetic is checked on made-up losses.
-benchmarks/turns.py (the parent/worker turns of models.py and qdora.py) runs toy worker processes.
+benchmarks/turns.py (the parent/worker turns of models.py, qdora.py and inference.py) runs toy worker processes;
+inference.py --parallel runs at toy sizes.
 """
 
 from __future__ import annotations
@@ -306,3 +307,20 @@ def test_convergence_plot(monkeypatch, tmp_path):
     meta = dict(device="cpu", cpu="x86_64", gpu=None, steps=50, seeds=[0, 1], model=dict(layers=2, hidden=32, rank=4))
     out = module.plot(dict(meta=meta, rows=rows), str(tmp_path / "convergence.png"), window=5)
     assert Path(out).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_inference_parallel_processes_time_one_at_a_time(tmp_path):
+    """benchmarks/inference.py --parallel at toy sizes: every row measured, no two timed windows overlapping."""
+    out = tmp_path / "inference.json"
+    command = [sys.executable, str(BENCH / "inference.py"), "--tiny", "--parts", "prefill,decode", "--cases", "llama4"]
+    command += ["--contenders", "lora,frozen_norm", "--batches", "1,2", "--parallel", "2", "--out", str(out)]
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["part"], r["contender"]) for r in rows] == list(
+        itertools.product(["prefill", "decode"], ["lora", "frozen_norm"])
+    )
+    assert not [r["error"] for r in rows if "error" in r]
+    windows = sorted(w for r in rows for w in r["turns"])
+    assert len(windows) == 2 + 2 * 2  # a prefill window per process, a decode window per batch size
+    assert all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(windows))
