@@ -80,9 +80,9 @@ def copy_out(compiled: Callable[..., Any], indices: list[int]) -> Callable[..., 
 
 
 def _value_inputs(node: Node) -> list[Node]:
-    """The inputs ``node``'s value depends on: all but an op's ``after`` argument (an order it keeps, never read)."""
+    """The inputs ``node``'s value depends on: all but a ``dora_fused`` op's ``after`` (kept in order, never read)."""
     schema = getattr(node.target, "_schema", None)
-    if schema is None:
+    if schema is None or not schema.name.startswith("dora_fused::"):
         return node.all_input_nodes
     order_only = [
         value
