@@ -40,6 +40,8 @@ from .form import ComposeMatch, DoraMatch
 from .graph_view import arg, example_value, op_of, strip
 from .matching import CASTS
 from .naming import dotted
+from .outcomes import Unsupported
+from .quantized_base import match_quantized_base
 from .rewrite import erase_dead, insert_node, rewrite_with_compose
 
 __all__ = [
@@ -61,12 +63,7 @@ FoldKind = Literal["norm", "merged", "peft_norm"]
 FROZEN_PREFIX = "_dora_frozen_"  # graph attributes holding folded values
 
 # ops a recipe may replay: they only cast, detach or re-view module state
-_RECIPE_OPS = frozenset({"to", "float", "detach", "t", "transpose", "view", "add"})
-# A quantized base's weight, dequantized from module state: bitsandbytes' ops (pure functions of
-# the packed weight, its scales and its code table; the nested absmax adds its offset, above).
-_DEQUANTIZE_OPS = frozenset(
-    {"bitsandbytes::dequantize_4bit", "bitsandbytes::dequantize_blockwise", "bitsandbytes::int8_vectorwise_dequant"}
-)
+_RECIPE_OPS = frozenset({"to", "float", "detach", "t", "transpose", "view"})
 
 
 class Unfoldable(Exception):
@@ -146,10 +143,22 @@ def _state_ref(node: Node) -> StateRef:
     return StateRef("input", placeholders.index(node))
 
 
-def _recomputable(node: Node) -> bool:
-    """A cast, view or sum of its inputs, or a quantized base's dequantize: recomputed as traced."""
-    schema = getattr(node.target, "_schema", None)
-    return op_of(node) in _RECIPE_OPS or (schema is not None and schema.name in _DEQUANTIZE_OPS)
+def _dequantize_nodes(node: Node) -> frozenset[Node]:
+    """The nodes of a bitsandbytes base's dequantize that ends in ``node``, as ``quantized_base`` recognizes it.
+
+    Pure functions of module state (the packed weight, its scales, its code table; with double
+    quantization the absmax's own dequantize and offset): a recipe replays them. Empty for
+    anything else.
+    """
+    try:
+        base = match_quantized_base(node)
+    except Unsupported:
+        return frozenset()
+    if base is None or base.dequantize is not node or not base.scheme.startswith("bnb-"):
+        return frozenset()
+    if base.scheme.endswith("-dq"):  # absmax = dequantize_blockwise(...) + offset
+        return frozenset({node, base.scales, base.scales.args[0]})
+    return frozenset({node})
 
 
 def _recipe(outputs: Sequence[Node]) -> tuple[GraphModule, tuple[Node, ...]]:
@@ -157,6 +166,7 @@ def _recipe(outputs: Sequence[Node]) -> tuple[GraphModule, tuple[Node, ...]]:
     order: list[Node] = []
     roots: list[Node] = []
     seen: set[Node] = set()
+    dequantize: set[Node] = set()  # nodes of recognized dequantizes met so far
 
     def visit(node: Node) -> None:
         if node in seen:
@@ -167,8 +177,10 @@ def _recipe(outputs: Sequence[Node]) -> tuple[GraphModule, tuple[Node, ...]]:
                 raise Unfoldable(f"{node.name} is an input of the call, not module state")
             roots.append(node)
             return
-        if node.op not in ("call_function", "call_method") or not _recomputable(node):
-            raise Unfoldable(f"{node.name} ({op_of(node) or node.target}) is not a cast or view of module state")
+        if op_of(node) not in _RECIPE_OPS and node not in dequantize:
+            dequantize.update(_dequantize_nodes(node))
+            if node not in dequantize:
+                raise Unfoldable(f"{node.name} ({op_of(node) or node.target}) is not a cast or view of module state")
         for value in node.all_input_nodes:
             visit(value)
         order.append(node)
