@@ -37,7 +37,8 @@ def state_outputs(gm: GraphModule, example_inputs: Sequence[Any]) -> list[int]:
     inputs = iter(example_inputs)
     constant: set[Node] = set()  # depends on no activation
     derived: set[Node] = set()  # and on at least one parameter or attribute
-    input_storages: set[int] = set()
+    computed: set[Node] = set()  # derived, and not an input itself
+    input_storages: set[int | None] = {None}  # and None: a non-tensor output is never copied
     outputs: list[Any] = []
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr"):
@@ -45,21 +46,17 @@ def state_outputs(gm: GraphModule, example_inputs: Sequence[Any]) -> list[int]:
             if node.op == "get_attr" or isinstance(example, torch.nn.Parameter):
                 constant.add(node)
                 derived.add(node)
-            storage = _storage(node)
-            if storage is not None:
-                input_storages.add(storage)
+            input_storages.add(_storage(node))
         elif node.op == "output":
             outputs = _flatten(node.args[0])
-        elif all(n in constant for n in _value_inputs(node)):
-            constant.add(node)
-            if any(n in derived for n in _value_inputs(node)):
-                derived.add(node)
-    computed = derived - {n for n in derived if n.op in ("placeholder", "get_attr")}
-    return [
-        i
-        for i, out in enumerate(outputs)
-        if out in computed and _storage(out) is not None and _storage(out) not in input_storages
-    ]
+        else:
+            used = _value_inputs(node)
+            if all(n in constant for n in used):
+                constant.add(node)
+                if any(n in derived for n in used):
+                    derived.add(node)
+                    computed.add(node)
+    return [i for i, out in enumerate(outputs) if out in computed and _storage(out) not in input_storages]
 
 
 def copy_out(compiled: Callable[..., Any], indices: list[int]) -> Callable[..., Any]:
