@@ -469,16 +469,7 @@ def _child_args(args: argparse.Namespace) -> list[str]:
 
 def spawn(spec: dict[str, object], args: argparse.Namespace) -> dict[str, object]:
     """Run one (part, case, contender) in a process of its own; its result row, or the error."""
-    command = [sys.executable, __file__, "--worker", json.dumps(spec), *_child_args(args)]
-    start = time.perf_counter()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return dict(error=f"timed out after {args.timeout} s")
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return dict(json.loads(line[7:]), wall_s=time.perf_counter() - start)
-    return dict(error=(done.stderr or done.stdout)[-2000:])
+    return spawn_batch([spec], args)[0]
 
 
 def spawn_batch(specs: list[dict[str, object]], args: argparse.Namespace) -> list[dict[str, object]]:
@@ -494,7 +485,7 @@ def spawn_batch(specs: list[dict[str, object]], args: argparse.Namespace) -> lis
         if outcome.kept and outcome.returncode == 0:
             rows.append(dict(json.loads(outcome.kept[-1][7:]), wall_s=outcome.seconds))
         elif outcome.timed_out:
-            rows.append(dict(error=f"timed out after {args.timeout} s (the batch)"))
+            rows.append(dict(error=f"timed out after {args.timeout} s"))
         else:
             rows.append(dict(error="\n".join(outcome.tail)[-2000:]))
     return rows
@@ -659,12 +650,7 @@ def main() -> None:
     for batch in batches:
         for spec in batch:
             print(f"running {spec['part']} {spec['case']} {spec['contender']} ...", flush=True)
-        if batch[0]["part"] == "server":
-            results = [_server_row(batch[0], args)]
-        elif len(batch) == 1:
-            results = [spawn(batch[0], args)]
-        else:
-            results = spawn_batch(batch, args)
+        results = [_server_row(batch[0], args)] if batch[0]["part"] == "server" else spawn_batch(batch, args)
         for spec, result in zip(batch, results, strict=True):
             rows.append(dict(spec, **result))
             print("  " + json.dumps({k: v for k, v in rows[-1].items() if k not in spec})[:400], flush=True)
