@@ -225,10 +225,8 @@ def run_prefill(case: str, contender: str, args: argparse.Namespace) -> dict[str
         step()
         synchronize()
         first = time.perf_counter() - start
-        with turns.device_turn(args.turns, f"prefill {case} {contender}"), PeakMemory() as memory:
-            window = [time.time()]
+        with turns.device_turn(args.turns, f"prefill {case} {contender}") as window, PeakMemory() as memory:
             times, _ = time_calls(step, args.repeats, args.warmup)
-            window.append(time.time())
     return dict(
         **summarize(times), tokens=tokens, peak_mb=memory.peak_mb, first_call_s=first, turns=[window], **_records()
     )
@@ -277,11 +275,10 @@ def run_decode(case: str, contender: str, args: argparse.Namespace) -> dict[str,
             synchronize()
             first = time.perf_counter() - start
             assert out.shape[1] == prompt + new, out.shape
-            with turns.device_turn(args.turns, f"decode {case} {contender} batch {batch}"):
-                windows.append([time.time()])
+            with turns.device_turn(args.turns, f"decode {case} {contender} batch {batch}") as window:
                 ttft, _ = time_calls(lambda: generate(1), args.decode_repeats, 1)
                 full, _ = time_calls(lambda: generate(new), args.decode_repeats, 1)
-                windows[-1].append(time.time())
+            windows.append(window)
         t1, tn = statistics.median(ttft), statistics.median(full)
         rows.append(
             dict(

@@ -575,8 +575,7 @@ def run_mode(case: Case, spec: dict, model, fn, args, device, reference, counter
             with torch.no_grad():
                 fn(**infer_inputs, logits_to_keep=1)
 
-    with turns.device_turn(args.turns, case.name):  # with --parallel: no other process compiles or runs meanwhile
-        row["turn_start"] = time.time()
+    with turns.device_turn(args.turns, case.name) as window:  # with --parallel: nobody else compiles or runs
         warmup_s = []
         for _ in range(args.warmup):
             start = time.perf_counter()
@@ -590,7 +589,7 @@ def run_mode(case: Case, spec: dict, model, fn, args, device, reference, counter
         marks["timed"] = True
         with PeakMemory() as mem:
             times, splits = time_calls(call, args.repeats, laps=True)
-        row["turn_end"] = time.time()
+    row["turn_start"], row["turn_end"] = window
     stats = summarize(times)
     row.update(stats, times=times, graphs_compiled_timed=counters.since()["graphs_compiled"])
     if training:

@@ -165,10 +165,8 @@ def run_worker(case: str, contender: str, args) -> list[dict]:
         synchronize()
         first_s = time.perf_counter() - start
         # the device to this process alone (with --turns): nobody else compiles or runs meanwhile
-        with turns.device_turn(args.turns, f"{case}:{contender}:{mode}"), PeakMemory() as memory:
-            turn_start = time.time()
+        with turns.device_turn(args.turns, f"{case}:{contender}:{mode}") as window, PeakMemory() as memory:
             times, _ = time_calls(step, args.repeats, warmup=args.warmup)
-            turn_end = time.time()
         reports = dora_fused.reports()
         records = [m for r in reports for m in r.modules]
         rows.append(
@@ -181,8 +179,8 @@ def run_worker(case: str, contender: str, args) -> list[dict]:
                 layers=args.layers,
                 tokens=args.seq,
                 first_call_s=first_s,
-                turn_start=turn_start,  # wall clock: the timed part's window, apart from every other process's
-                turn_end=turn_end,
+                turn_start=window[0],  # wall clock: the timed part's window, apart from every other process's
+                turn_end=window[1],
                 peak_mb=memory.peak_mb,
                 resident_mb=memory.resident / 2**20 if memory.resident is not None else None,
                 graphs=len(reports) if contender == "dora_fused" else None,  # compiled in this mode

@@ -40,25 +40,27 @@ TURN_READY, TURN_DONE = "@@turn-ready", "@@turn-done"
 
 
 @contextlib.contextmanager
-def device_turn(enabled: bool, label: str = "") -> Iterator[None]:
+def device_turn(enabled: bool, label: str = "") -> Iterator[list[float]]:
     """Around a worker's timed part: wait for the parent's ``go`` before it, and for its ``next`` after it.
 
     The parent grants one turn at a time, and only while every other worker of the batch waits:
     nobody compiles or runs while this one times. Waiting for ``next`` keeps a worker from
     compiling its next part while the others still time this round. ``label`` (a case name) only
-    annotates the marker lines. Not ``enabled`` (a worker run on its own): no waiting.
+    annotates the marker lines. Not ``enabled`` (a worker run on its own): no waiting. Yields the
+    turn's wall-clock window (``time.time()``): ``[start]``, and ``[start, end]`` once it ends.
     """
-    if not enabled:
-        yield
-        return
-    print(f"{TURN_READY} {label}", flush=True)
-    if sys.stdin.readline().strip() != "go":
-        raise RuntimeError("the parent ended the run")
+    if enabled:
+        print(f"{TURN_READY} {label}", flush=True)
+        if sys.stdin.readline().strip() != "go":
+            raise RuntimeError("the parent ended the run")
+    window = [time.time()]
     try:
-        yield
+        yield window
     finally:
-        print(f"{TURN_DONE} {label}", flush=True)
-        sys.stdin.readline()  # "next", or end of input
+        window.append(time.time())
+        if enabled:
+            print(f"{TURN_DONE} {label}", flush=True)
+            sys.stdin.readline()  # "next", or end of input
 
 
 # --- parent side ---------------------------------------------------------------------------------------------
