@@ -71,14 +71,20 @@ def test_triton_norms_per_format(scheme, train):
     assert all(("packed rows" if packed else "dequantized weight") in r.ops_reason for r in records)
 
 
-@needs_bnb
-@pytest.mark.parametrize("scheme", ["bnb-nf4-dq", "bnb-fp4", "bnb-int8"])
-def test_frozen_folds_the_norm_of_a_quantized_base_and_sees_a_change(scheme):
+FROZEN_CASES = [
+    *(pytest.param(scheme, "cpu", marks=needs_bnb) for scheme in ("bnb-nf4-dq", "bnb-fp4", "bnb-int8")),
+    *(pytest.param(scheme, "cuda", marks=[needs_bnb, pytest.mark.gpu]) for scheme in ("bnb-nf4", "bnb-int8")),
+]
+
+
+@pytest.mark.parametrize(("scheme", "device"), FROZEN_CASES)
+def test_frozen_folds_the_norm_of_a_quantized_base_and_sees_a_change(scheme, device):
     """``frozen=True``: each norm computed once from the dequantized weight, as exact as PEFT eager, never stale.
 
-    A quantized base's layer keeps its quantized matmul (no merged form, whatever the budget).
+    A quantized base's layer keeps its quantized matmul (no merged form, whatever the budget). On
+    CUDA the model compiles with Inductor, the folded recipe replaying bitsandbytes' CUDA dequantize.
     """
-    ids = torch.randint(0, TINY_LLAMA["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, TINY_LLAMA["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1)).to(device)
 
     def change(model: torch.nn.Module) -> None:
         layer = model.base_model.model.model.layers[0]
@@ -87,14 +93,15 @@ def test_frozen_folds_the_norm_of_a_quantized_base_and_sees_a_change(scheme):
 
     def reference(changed: bool) -> tuple[torch.Tensor, float]:
         """fp64 logits and the error bound, from PEFT eager on a fresh model (8-bit eager breaks its layers on CPU)."""
-        eager = quantized_llama_dora(scheme).eval()
+        eager = quantized_llama_dora(scheme, device=device).eval()
         if changed:
             change(eager)
         exact = fp64_twin(eager, scheme)(input_ids=ids).logits
         return exact, RATIO * relative_error(eager(input_ids=ids).logits, exact) + ATOL
 
-    model = quantized_llama_dora(scheme).eval()
-    backend = dora_fused.backend(inner="aot_eager", frozen=True, merge_budget_bytes=2**40)
+    model = quantized_llama_dora(scheme, device=device).eval()
+    inner = "inductor" if device == "cuda" else "aot_eager"
+    backend = dora_fused.backend(inner=inner, frozen=True, merge_budget_bytes=2**40)
     compiled = torch.compile(model, backend=backend)
     patch = {"capture_dynamic_output_shape_ops": scheme == "bnb-int8"}  # LLM.int8()'s outlier columns
     with torch.no_grad(), torch._dynamo.config.patch(patch):
