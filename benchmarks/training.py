@@ -26,7 +26,11 @@ Contenders: ``peft_eager``; ``torch_compile`` (``torch.compile(model)``, Inducto
 (``use_dora=False``, ``torch.compile(model)``). Each runs in a process of its own, one at a time,
 with fresh Inductor and Triton caches (every compile is cold; only the dora_fused process imports
 dora_fused). A process runs the cases of one layer or model, rank and adapters: prefill, then
-train, Dynamo reset in between.
+train, Dynamo reset in between. ``--parallel N`` starts N processes at once: their builds and
+compiles overlap, and each times while every other waits, none compiling or running
+(benchmarks/turns.py; each row records its timed window, ``turn_start``/``turn_end``). Times and
+peaks are then as clean as one process at a time; the first calls are not (the compiles share the
+CPUs), so ``compile_vs_compile`` is left out of such a run's ratios.
 
 Method: the same seeded weights and inputs in every process (``init_lora_weights=False``,
 magnitudes moved off the row norms by ±50%). ``first_call_s``: the first (compiling) step's wall
@@ -34,7 +38,7 @@ time; then --warmup untimed and --reps timed steps: median ms, 10/90% quantiles 
 ``perf_counter`` on the CPU), and ``peak_mb``, the CUDA memory allocated meanwhile above what was
 before (weights, optimizer state, inputs). A process past --timeout is killed, an exception is
 caught: either gives its cases a row with the status and the error, and the matrix goes on. --out
-is rewritten after every process (timing.write_json: GPU, versions, date); the ratios come last:
+is rewritten after every batch of processes (timing.write_json: GPU, versions, date); the ratios come last:
 ``speed_vs_compile`` (torch.compile ms / dora_fused ms, target >= 1.00), ``step_vs_lora``
 (dora_fused ms / LoRA ms, training, <= 1.10), ``peak_vs_lora`` (the same for peak memory, <= 1.10)
 and ``compile_vs_compile`` (dora_fused's first call / torch.compile's, <= 1.30).
@@ -55,8 +59,6 @@ import gc
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,6 +66,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+import turns  # benchmarks/turns.py: the worker processes' turns on the device
 from models import default_dtype
 from timing import PeakMemory, summarize, synchronize, time_back_to_back, time_calls, write_json
 
@@ -302,13 +305,15 @@ def measure_work(cases: list[Case], contender: str, model, fn, args, device: tor
     for case in cases:
         reps, warmup = (2, 1) if args.tiny else (20, 5) if case.group[0] == "layer" else (10, 2)
         reps, warmup = args.reps or reps, warmup if args.warmup is None else args.warmup
-        with PeakMemory() as memory:
+        # the device to this process alone (with --turns): nobody else compiles or runs meanwhile
+        with turns.device_turn(args.turns, case.name) as window, PeakMemory() as memory:
             if case.scope == "layer_b2b":
                 times = time_back_to_back(step, 3 if args.tiny else BACK_TO_BACK_CALLS, reps, warmup)
             else:
                 times, _ = time_calls(step, reps, warmup)
         stats = summarize(times)
         row = dict(base_row(case, contender, args), status="ok", **stats, times=times, **counts)
+        row.update(turn_start=window[0], turn_end=window[1])
         row.update(peak_mb=memory.peak_mb, resident_mb=None if memory.resident is None else memory.resident / 2**20)
         row.update(first_call_s=first_call_s, compile_s=max(0.0, first_call_s - stats["ms"] / 1e3))
         row["graphs_after_first_call"] = graphs_compiled() - graphs_before - counts["graphs"]  # recompiles: 0
@@ -350,49 +355,46 @@ def run_worker(contender: str, cases: list[Case], args) -> None:
             torch.cuda.empty_cache()
 
 
-# --- the parent: one process per (group, contender), one after the other ---------------------------------
+# --- the parent: one process per (group, contender), --parallel of them at once --------------------------------
 
 
-def run_process(contender: str, cases: list[Case], args, timeout: float, run_dir: str) -> list[dict]:
-    """The worker for (contender, cases) with its own compile caches; its rows, or why it gave none."""
-    work_dir = tempfile.mkdtemp(prefix=f"{contender}-", dir=run_dir)
-    log_path = os.path.join(work_dir, "log.txt")
-    names = ",".join(c.name for c in cases)
-    command = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--worker",
-        contender,
-        "--cases",
-        names,
-        "--inner",
-        args.inner,
-    ]
-    command += ["--tokens", str(args.tokens)] + ["--tiny"] * args.tiny
+def worker_command(contender: str, cases: list[Case], args) -> list[str]:
+    """The command line of the worker process for (contender, cases)."""
+    command = [sys.executable, os.path.abspath(__file__), "--worker", contender, "--turns"]
+    command += ["--cases", ",".join(c.name for c in cases), "--inner", args.inner, "--tokens", str(args.tokens)]
+    command += ["--tiny"] * args.tiny
     for flag, value in (("--reps", args.reps), ("--warmup", args.warmup)):
         command += [] if value is None else [flag, str(value)]
+    return command
+
+
+def run_processes(processes: list[tuple[str, list[Case]]], args, timeout: float, run_dir: str) -> list[dict]:
+    """One worker per (contender, cases), all at once, each with its own compile caches; their rows.
+
+    Their timed parts take turns (benchmarks/turns.py). Past ``timeout`` every worker left is
+    killed; a worker's cases without a row get one with its status and the last lines it printed.
+    """
     caches = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **{k: os.path.join(work_dir, v) for k, v in caches.items()})
-    started = time.monotonic()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            status = None if proc.wait(timeout=timeout) == 0 else f"crashed: exit code {proc.returncode}"
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # its compile workers too
-            proc.wait()
+    work_dirs = [tempfile.mkdtemp(prefix=f"{contender}-", dir=run_dir) for contender, _ in processes]
+    outcomes = turns.run_batch(
+        [worker_command(contender, cases, args) for contender, cases in processes],
+        time.monotonic() + timeout,
+        keep=lambda line: line.startswith(ROW_MARK),
+        envs=[{k: os.path.join(d, v) for k, v in caches.items()} for d in work_dirs],
+    )
+    rows = []
+    for (contender, cases), outcome, work_dir in zip(processes, outcomes, work_dirs, strict=True):
+        shutil.rmtree(work_dir, ignore_errors=True)
+        got = [json.loads(line[len(ROW_MARK) :]) for line in outcome.kept]
+        if outcome.timed_out:
             status = f"timeout: killed after {timeout:g} s"
-    process_s = time.monotonic() - started  # the whole process: start, build, compiles, timed steps
-    for cache in caches.values():
-        shutil.rmtree(os.path.join(work_dir, cache), ignore_errors=True)
-    with open(log_path) as log:
-        lines = log.read().splitlines()
-    rows = [json.loads(line[len(ROW_MARK) :]) for line in lines if line.startswith(ROW_MARK)]
-    tail = "\n".join(line for line in lines[-20:] if not line.startswith(ROW_MARK))
-    got = {row["case"] for row in rows}
-    missing = [c for c in cases if c.name not in got]
-    rows += [dict(base_row(c, contender, args), status=status or "crashed: no row", error=tail) for c in missing]
-    return [dict(row, process_s=process_s, log=log_path) for row in rows]
+        else:
+            status = f"crashed: exit code {outcome.returncode}" if outcome.returncode else "crashed: no row"
+        named = {row["case"] for row in got}
+        tail = "\n".join(outcome.tail[-20:])
+        got += [dict(base_row(c, contender, args), status=status, error=tail) for c in cases if c.name not in named]
+        rows += [dict(row, process_s=outcome.seconds) for row in got]
+    return rows
 
 
 def ratio(a: dict | None, b: dict | None, key: str) -> float | None:
@@ -401,8 +403,11 @@ def ratio(a: dict | None, b: dict | None, key: str) -> float | None:
     return a[key] / b[key]
 
 
-def ratio_rows(rows: list[dict]) -> list[dict]:
-    """Per case: the four ratios of TARGETS (None where a contender or a value is missing)."""
+def ratio_rows(rows: list[dict], clean_compiles: bool = True) -> list[dict]:
+    """Per case: the four ratios of TARGETS (None where a contender or a value is missing).
+
+    ``clean_compiles``: whether each compile ran alone; not (``--parallel``), no ``compile_vs_compile``.
+    """
     ok = {(r["case"], r["contender"]): r for r in rows if r.get("status") == "ok"}
     out = []
     for case in dict.fromkeys(r["case"] for r in rows):
@@ -414,7 +419,7 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
                 speed_vs_compile=ratio(inductor, fused, "ms"),
                 step_vs_lora=ratio(fused, lora, "ms") if train else None,
                 peak_vs_lora=ratio(fused, lora, "peak_mb") if train else None,
-                compile_vs_compile=ratio(fused, inductor, "first_call_s"),
+                compile_vs_compile=ratio(fused, inductor, "first_call_s") if clean_compiles else None,
             )
         )
     return out
@@ -485,23 +490,24 @@ def run_all(args) -> list[dict]:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     run_dir = tempfile.mkdtemp(prefix="dora_fused_training_")
     meta = dict(argv=" ".join(sys.argv), quick=args.quick, tiny=args.tiny, inner=args.inner, tokens=args.tokens)
-    print(f"{len(groups) * len(args.contender_list)} processes; logs in {run_dir}", flush=True)
+    meta["parallel"] = args.parallel
+    processes = [(contender, cases) for cases in groups.values() for contender in args.contender_list]
+    print(f"{len(processes)} processes, {args.parallel} at a time", flush=True)
     rows: list[dict] = []
     start = time.monotonic()
-    for cases in groups.values():
-        for contender in args.contender_list:
-            left = None if args.time_budget is None else args.time_budget - (time.monotonic() - start)
-            if left is not None and left < MIN_START_S:
-                rows += [dict(base_row(c, contender, args), status="skipped: time budget") for c in cases]
-                continue
-            new = run_process(
-                contender, cases, args, args.timeout if left is None else min(args.timeout, left), run_dir
-            )
-            for row in new:
-                print(f"[{contender}] {row['case']}: {summary_line(row)}", flush=True)
-            rows += new
-            write_json(args.out, rows, **meta)
-    ratios = ratio_rows(rows)
+    for first in range(0, len(processes), args.parallel):
+        batch = processes[first : first + args.parallel]
+        left = None if args.time_budget is None else args.time_budget - (time.monotonic() - start)
+        if left is not None and left < MIN_START_S:
+            rows += [dict(base_row(c, p, args), status="skipped: time budget") for p, cases in batch for c in cases]
+            continue
+        new = run_processes(batch, args, args.timeout if left is None else min(args.timeout, left), run_dir)
+        for row in new:
+            print(f"[{row['contender']}] {row['case']}: {summary_line(row)}", flush=True)
+        rows += new
+        write_json(args.out, rows, **meta)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    ratios = ratio_rows(rows, clean_compiles=args.parallel == 1)
     info = write_json(args.out, rows, **meta, targets=TARGETS, ratios=ratios)
     print({k: v for k, v in info.items() if k not in ("ratios", "targets")})
     print(f"done in {time.monotonic() - start:.0f} s; results in {args.out}\n")
@@ -520,10 +526,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=None, help="timed steps (layers 20, models 10; --tiny 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps after the first (5, 2; --tiny 1)")
     parser.add_argument("--inner", default=None, help="backend of the compiled contenders (inductor; --tiny aot_eager)")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds per process (900; --quick 240)")
+    parser.add_argument(
+        "--parallel", type=int, default=1, help="processes at once: compiles overlap, timed parts take turns"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=None, help="seconds per batch of --parallel processes (900; --quick 240)"
+    )
     parser.add_argument("--time-budget", type=float, default=None, help="s; no process starts after (--quick 500)")
     parser.add_argument("--list", action="store_true", help="print the case names and exit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--turns", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.inner = args.inner or ("aot_eager" if args.tiny else "inductor")
     args.tokens = args.tokens or (32 if args.tiny else 4096)
@@ -535,6 +547,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown contenders {sorted(set(args.contender_list) - set(CONTENDERS))}")
     if not (args.list or args.worker or args.out):
         parser.error("--out is required")
+    if args.parallel < 1:
+        parser.error("--parallel must be at least 1")
     return args
 
 

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -71,8 +71,8 @@ class Worker:
 
     stderr goes into stdout. Every other line than the turn markers is written to ``echo`` (if
     any), kept in ``tail`` (the last ``tail_lines``) and, where ``keep(line)``, in ``kept`` (all of
-    them: a worker's result lines, say). The process leads a session of its own, so ``kill`` ends
-    whatever it started too.
+    them: a worker's result lines, say). ``env``: variables set for this process on top of the
+    parent's. The process leads a session of its own, so ``kill`` ends whatever it started too.
     """
 
     def __init__(
@@ -83,6 +83,7 @@ class Worker:
         echo: TextIO | None = None,
         keep: Callable[[str], bool] | None = None,
         tail_lines: int = 40,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.command = list(command)
         self.echo, self.keep = echo, keep
@@ -95,7 +96,7 @@ class Worker:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
             start_new_session=True,
         )
         threading.Thread(target=self._pump, args=(events,), daemon=True).start()
@@ -144,6 +145,7 @@ def run_batch(
     echo: TextIO | None = None,
     keep: Callable[[str], bool] | None = None,
     tail_lines: int = 40,
+    envs: Sequence[Mapping[str, str]] | None = None,
 ) -> list[Outcome]:
     """Run these worker commands at once; their timed parts one at a time, while nobody else compiles or runs.
 
@@ -152,10 +154,14 @@ def run_batch(
     longest-ready worker when nobody is busy or timing; everybody goes on (``next``) once all have
     timed. A worker that exits leaves the batch. Past ``deadline`` (``time.monotonic()``) every
     worker left is killed. Returns an ``Outcome`` per command, in their order; ``echo``, ``keep``
-    and ``tail_lines`` as for ``Worker``.
+    and ``tail_lines`` as for ``Worker``, ``envs`` each command's ``env``.
     """
     events: queue.Queue = queue.Queue()
-    workers = [Worker(c, events, echo=echo, keep=keep, tail_lines=tail_lines) for c in commands]
+    envs = envs or [{}] * len(commands)
+    workers = [
+        Worker(command, events, echo=echo, keep=keep, tail_lines=tail_lines, env=env)
+        for command, env in zip(commands, envs, strict=True)
+    ]
     state = dict.fromkeys(workers, "busy")
     timed_out: set[Worker] = set()
     ended: dict[Worker, float] = {}
