@@ -36,7 +36,8 @@ Method: the same seeded weights and inputs in every process (``init_lora_weights
 magnitudes moved off the row norms by ±50%). ``first_call_s``: the first (compiling) step's wall
 time; then --warmup untimed and --reps timed steps: median ms, 10/90% quantiles (CUDA events;
 ``perf_counter`` on the CPU), and ``peak_mb``, the CUDA memory allocated meanwhile above what was
-before (weights, optimizer state, inputs). A process past --timeout is killed, an exception is
+before (weights, optimizer state, inputs); ``compile_phases``, the first call's seconds per compile
+phase (Dynamo's own timers; ``dora_fused_pass``, the rewrite pass's). A process past --timeout is killed, an exception is
 caught: either gives its cases a row with the status and the error, and the matrix goes on. --out
 is rewritten after every batch of processes (timing.write_json: GPU, versions, date); the ratios come last:
 ``speed_vs_compile`` (torch.compile ms / dora_fused ms, target >= 1.00), ``step_vs_lora``
@@ -287,6 +288,39 @@ def compile_counts(contender: str, graphs_before: int) -> dict:
     return counts
 
 
+def compile_seconds() -> dict[str, float]:
+    """Dynamo's cumulative seconds per compile phase in this process, and the dora_fused pass's (``timed_pass``)."""
+    names, values = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
+    return dict(zip(names, map(float, values), strict=True), dora_fused_pass=PASS_SECONDS[0])
+
+
+def compile_phases(before: dict[str, float]) -> dict[str, float]:
+    """Seconds per compile phase since ``before`` (``compile_seconds``), the phases of 0.05 s or more."""
+    now = compile_seconds()
+    return {
+        name: round(now[name] - before.get(name, 0.0), 3) for name in now if now[name] - before.get(name, 0.0) >= 0.05
+    }
+
+
+PASS_SECONDS = [0.0]  # the dora_fused rewrite pass's wall time in this process
+
+
+def timed_pass() -> None:
+    """Count the dora_fused rewrite pass's wall time in ``PASS_SECONDS`` (worker of the dora_fused contender)."""
+    from dora_fused.passes import DoraRewritePass
+
+    call = DoraRewritePass.__call__
+
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return call(self, *args, **kwargs)
+        finally:
+            PASS_SECONDS[0] += time.perf_counter() - start
+
+    DoraRewritePass.__call__ = timed
+
+
 def measure_work(cases: list[Case], contender: str, model, fn, args, device: torch.device) -> list[dict]:
     """Compile (the first call), then time each case of one work: single steps or back to back."""
     torch._dynamo.reset()  # each work compiles as in a fresh process
@@ -294,13 +328,13 @@ def measure_work(cases: list[Case], contender: str, model, fn, args, device: tor
         import dora_fused
 
         dora_fused.clear_reports()
-    graphs_before = graphs_compiled()
+    graphs_before, seconds_before = graphs_compiled(), compile_seconds()
     step = make_step(cases[0], model, fn, args, device)
     start = time.perf_counter()
     step()
     synchronize()
     first_call_s = time.perf_counter() - start
-    counts = compile_counts(contender, graphs_before)
+    counts = dict(compile_counts(contender, graphs_before), compile_phases=compile_phases(seconds_before))
     rows = []
     for case in cases:
         reps, warmup = (2, 1) if args.tiny else (20, 5) if case.group[0] == "layer" else (10, 2)
@@ -327,7 +361,7 @@ def run_worker(contender: str, cases: list[Case], args) -> None:
     if device.type == "cpu":
         torch.set_num_threads(1)  # toy tensors gain nothing from threads, and stall on a busy machine
     if contender == "dora_fused":
-        import dora_fused  # noqa: F401  (the only process that imports it)
+        timed_pass()  # imports dora_fused: the only process that does
     model = fn = adapted = failure = None
     try:
         model = build(cases[0], contender, args, device)
