@@ -40,7 +40,7 @@ from dora_fused import kernels
 from .form import DoraMatch
 from .graph_view import arg, example_value, op_of, single_user, strip
 from .matching import CASTS, LowRankSum, NotDora, Unsupported, commuted, match_low_rank_sum, norm_input
-from .rewrite import TARGETS, erase_dead, insert_node, norm_order_args
+from .rewrite import TARGETS, erase_dead, insert_node, norm_order_args, recompute_in_backward
 
 __all__ = ["HandWrittenMatch", "match_hand_written", "rewrite_hand_written"]
 
@@ -193,6 +193,7 @@ def rewrite_hand_written(graph: Graph, match: HandWrittenMatch, impl: tuple[str,
         down = insert_node(graph, "call_function", project, (match.x, down_weight), root)
         lora = insert_node(graph, "call_function", project, (down, up_weight), root)
         out = insert_node(graph, "call_function", kernels.compose_torch, (base, lora, m, norm, None, s, dtype), root)
+        recompute_in_backward(out, root)
         if match.bias is not None:
             out = insert_node(graph, "call_function", torch.add, (out, match.bias), root)
     root.replace_all_uses_with(out)

@@ -9,15 +9,25 @@ the root it replaces (to equal or better precision); it introduces no aliasing
 and no mutation; every inserted node gets ``example_value`` meta computed by
 running its target on fake tensors; only nodes of the match left without users are
 erased.
+
+In training, a compose's output is recomputed for the backward rather than saved
+(``recompute_in_backward``): the compose keeps the base output ``result`` for the
+magnitude's gradient, and recomputes ``out`` from it, ``h``, ``B`` and ``g`` (a
+``[tokens, r] x [r, d_out]`` product and one pointwise pass) where a later op's
+backward needs ``out`` (the MLP's ``silu(gate)·up`` needs both), so such a layer
+keeps one ``[tokens, d_out]`` tensor, as LoRA does, instead of two. The recomputed
+values are the forward's, op for op.
 """
 
 from __future__ import annotations
 
+import itertools
 import operator
 from dataclasses import replace
 
 import torch
 from torch.fx import Graph, Node
+from torch.utils.checkpoint import CheckpointPolicy
 
 from dora_fused import kernels  # registers torch.ops.dora_fused.*
 
@@ -37,6 +47,7 @@ __all__ = [
     "norm_order_args",
     "norm_position",
     "packed_norm_format",
+    "recompute_in_backward",
     "replace_root",
     "rewrite_with_compose",
     "store_norm",
@@ -299,6 +310,31 @@ def insert_compose(graph: Graph, match: ComposeMatch, norm: Node, impl: str, lik
     return insert_node(graph, "call_function", target, (*args, output_dtype(match.root)), like), name
 
 
+# Activation-checkpoint region ids of our composes: above any a user's checkpoint calls would number
+_REGION_IDS = itertools.count(1 << 30)
+
+
+def recompute_in_backward(node: Node, like: Node) -> None:
+    """Have AOTAutograd's partitioner recompute ``node``'s forward ops for the backward instead of saving them.
+
+    The tag of ``torch.utils.checkpoint``'s selective checkpointing: the ops traced from
+    ``node`` carry ``recompute = PREFER_RECOMPUTE`` (node meta travels into the joint graph),
+    so no tensor they make is saved; what they read (``result``, ``h``, ``B``, the
+    magnitude and the norm) is, as before. Only where the output needs a gradient; a
+    ``like`` (the root) inside a user's checkpoint region keeps that region's tags instead.
+    """
+    value = example_value(node)
+    if not isinstance(value, torch.Tensor) or not value.requires_grad:
+        return
+    if "recompute" in like.meta:
+        node.meta["recompute"] = like.meta["recompute"]
+        if "ac_graph_id" in like.meta:
+            node.meta["ac_graph_id"] = like.meta["ac_graph_id"]
+        return
+    node.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
+    node.meta["ac_graph_id"] = next(_REGION_IDS)
+
+
 def replace_root(graph: Graph, match: ComposeMatch, composed: Node) -> None:
     """Move the root's users to ``composed`` and erase what the match left unused (and its LoRA output)."""
     match.root.replace_all_uses_with(composed)
@@ -335,6 +371,7 @@ def rewrite_with_compose(
             lora = insert_node(graph, "call_function", operator.mul, (match.lora, match.lora_factor), match.lora)
             composed_match = replace(match, lora=lora)
         composed, compose_name = insert_compose(graph, composed_match, norm, impl[1], match.root)
+        recompute_in_backward(composed, match.root)
     replace_root(graph, composed_match, composed)
     if match.norm is not None and impl[0] == "quantized":  # the dequantize, where nothing else reads it now
         erase_dead(graph, list(match.norm.quantized.nodes))
