@@ -30,16 +30,19 @@ train, Dynamo reset in between. ``--parallel N`` starts N processes at once: the
 compiles overlap, and each times while every other waits, none compiling or running
 (benchmarks/turns.py; each row records its timed window, ``turn_start``/``turn_end``). Times and
 peaks are then as clean as one process at a time; the first calls are not (the compiles share the
-CPUs), so ``compile_vs_compile`` is left out of such a run's ratios.
+CPUs), so ``compile_vs_compile`` is left out of such a run's ratios. The first calls run at once
+too, so N processes' peaks must fit in the GPU's memory together (at hidden 4096, 8 did not on an
+80 GB H100: torch.compile's process ran out of memory).
 
 Method: the same seeded weights and inputs in every process (``init_lora_weights=False``,
 magnitudes moved off the row norms by ±50%). ``first_call_s``: the first (compiling) step's wall
 time; then --warmup untimed and --reps timed steps: median ms, 10/90% quantiles (CUDA events;
 ``perf_counter`` on the CPU), and ``peak_mb``, the CUDA memory allocated meanwhile above what was
 before (weights, optimizer state, inputs); ``compile_phases``, the first call's seconds per compile
-phase (Dynamo's own timers; ``dora_fused_pass``, the rewrite pass's). A process past --timeout is killed, an exception is
-caught: either gives its cases a row with the status and the error, and the matrix goes on. --out
-is rewritten after every batch of processes (timing.write_json: GPU, versions, date); the ratios come last:
+phase (Dynamo's own timers; ``dora_fused_pass``, the rewrite pass's). A process past --timeout is
+killed, an exception is caught: either gives its cases a row with the status and the error, and
+the matrix goes on. --out is rewritten after every batch of processes (timing.write_json: GPU,
+versions, date); the ratios come last:
 ``speed_vs_compile`` (torch.compile ms / dora_fused ms, target >= 1.00), ``step_vs_lora``
 (dora_fused ms / LoRA ms, training, <= 1.10), ``peak_vs_lora`` (the same for peak memory, <= 1.10)
 and ``compile_vs_compile`` (dora_fused's first call / torch.compile's, <= 1.30).
@@ -335,6 +338,8 @@ def measure_work(cases: list[Case], contender: str, model, fn, args, device: tor
     synchronize()
     first_call_s = time.perf_counter() - start
     counts = dict(compile_counts(contender, graphs_before), compile_phases=compile_phases(seconds_before))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # a process waiting for its turn holds no cached blocks (--parallel)
     rows = []
     for case in cases:
         reps, warmup = (2, 1) if args.tiny else (20, 5) if case.group[0] == "layer" else (10, 2)
