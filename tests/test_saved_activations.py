@@ -27,10 +27,10 @@ CONFIG = dict(
 )  # fmt: skip
 
 
-def _layer(use_dora: bool, device: str) -> torch.nn.Module:
+def _layer(use_dora: bool, device: str, r: int = 8) -> torch.nn.Module:
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(**CONFIG)).to(device, torch.bfloat16)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", use_dora=use_dora, init_lora_weights=False)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", use_dora=use_dora, init_lora_weights=False)
     return get_peft_model(base, config).base_model.model.model.layers[0]
 
 
@@ -72,12 +72,22 @@ def test_the_mlp_keeps_as_many_wide_activations_as_lora(inner, device):
     assert sum(dora.values()) == sum(lora.values()), (dora, lora)
 
 
+def test_above_the_rank_bound_the_output_is_saved():
+    """Where recomputing would repeat a large up-projection (r > RECOMPUTE_MAX_RANK), gate's and up's outputs stay."""
+    r = rewrite.RECOMPUTE_MAX_RANK + 1
+    lora, _ = _step(_layer(False, "cpu", r), "aot_eager", "cpu")
+    dora, _ = _step(_layer(True, "cpu", r), dora_fused.backend(inner="aot_eager"), "cpu")
+    assert sum(dora.values()) == sum(lora.values()) + 2, (dora, lora)
+
+
 def test_recomputing_the_output_changes_no_gradient(monkeypatch):
     """The recomputed output is the forward's, op for op: the adapters' gradients are bit for bit those of saving it."""
     kept, recomputed_grads = _step(_layer(True, "cpu"), dora_fused.backend(inner="aot_eager"), "cpu")
-    monkeypatch.setattr(rewrite, "recompute_in_backward", lambda node, like: None)
+    assert [m.status for m in dora_fused.last_report().modules] == ["rewritten"] * 7
+    monkeypatch.setattr(rewrite, "recompute_in_backward", lambda *args: None)
     torch._dynamo.reset()
     saved, saved_grads = _step(_layer(True, "cpu"), dora_fused.backend(inner="aot_eager"), "cpu")
+    assert [m.status for m in dora_fused.last_report().modules] == ["rewritten"] * 7
     assert sum(saved.values()) == sum(kept.values()) + 2, (saved, kept)  # gate's and up's outputs besides
     assert len(saved_grads) == len(recomputed_grads) == 21
     for a, b in zip(saved_grads, recomputed_grads, strict=True):
