@@ -317,8 +317,7 @@ def insert_compose(graph: Graph, match: ComposeMatch, norm: Node, impl: str, lik
 _REGION_IDS = itertools.count(1 << 30)
 # The highest rank at which a compose that forms h·Bᵀ is recomputed for the backward. Recomputing costs
 # 2·tokens·r·d_out more flops (fp32 ones with PEFT's default fp32 adapters) and a pass over the
-# [tokens, d_out] product; saving costs one [tokens, d_out] tensor. Measured on an H100 at r = 16 (4 Llama-8B
-# layers): 12% less training peak memory. At r = 384 the fp32 products alone would add an estimated 5% to the step.
+# [tokens, d_out] product; saving costs one [tokens, d_out] tensor (docs/design.md weighs the two).
 RECOMPUTE_MAX_RANK = 64
 
 
