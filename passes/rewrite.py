@@ -78,6 +78,8 @@ TARGETS = {
     },
 }
 _LORA_UP_DTYPES = (torch.bfloat16, torch.float16)
+# The composes that take h and B and form the LoRA up-projection h·Bᵀ themselves
+_UP_PROJECTING_COMPOSES = {TARGETS["compose"][impl][0] for impl in ("lora_up", "folded", "folded_with_base")}
 
 OpsChoice = tuple[str, str]  # (norm implementation, compose implementation)
 
@@ -334,12 +336,12 @@ def recompute_in_backward(node: Node, like: Node, rank: int | None = None) -> No
     value = example_value(node)
     if not isinstance(value, torch.Tensor) or not value.requires_grad:
         return
-    if rank is not None and rank > RECOMPUTE_MAX_RANK and "recompute" not in like.meta:
-        return
     if "recompute" in like.meta:
         node.meta["recompute"] = like.meta["recompute"]
         if "ac_graph_id" in like.meta:
             node.meta["ac_graph_id"] = like.meta["ac_graph_id"]
+        return
+    if rank is not None and rank > RECOMPUTE_MAX_RANK:
         return
     node.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
     node.meta["ac_graph_id"] = next(_REGION_IDS)
@@ -381,7 +383,8 @@ def rewrite_with_compose(
             lora = insert_node(graph, "call_function", operator.mul, (match.lora, match.lora_factor), match.lora)
             composed_match = replace(match, lora=lora)
         composed, compose_name = insert_compose(graph, composed_match, norm, impl[1], match.root)
-        rank = example_value(composed_match.lora.args[0]).shape[-1] if "folded" in compose_name else None
+        forms_up_projection = composed.target in _UP_PROJECTING_COMPOSES
+        rank = example_value(composed_match.lora.args[0]).shape[-1] if forms_up_projection else None
         recompute_in_backward(composed, match.root, rank)
     replace_root(graph, composed_match, composed)
     if match.norm is not None and impl[0] == "quantized":  # the dequantize, where nothing else reads it now
