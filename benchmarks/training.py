@@ -430,7 +430,7 @@ def run_processes(processes: list[tuple[str, list[Case]]], args, timeout: float,
         else:
             status = f"crashed: exit code {outcome.returncode}" if outcome.returncode else "crashed: no row"
         named = {row["case"] for row in got}
-        tail = "\n".join(outcome.tail[-20:])
+        tail = "\n".join([line for line in outcome.tail if not line.startswith(ROW_MARK)][-20:])
         got += [dict(base_row(c, contender, args), status=status, error=tail) for c in cases if c.name not in named]
         rows += [dict(row, process_s=outcome.seconds) for row in got]
     return rows
