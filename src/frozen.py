@@ -22,6 +22,11 @@ wraps the compiled graph:
   addresses, so CUDA graphs stay valid, and the call sees them at once. Where
   Inductor's freezing baked the parameters into the compiled code, the graph is
   compiled again with the current parameters.
+- **PEFT's cache tensors** are checked for identity (PEFT refilling its cache puts
+  new tensors there) and not for writes: the graphs of one model (the prefill's
+  shape and the decode step's) read the same cache tensors, and each one's
+  refresh writes them, with the value of the current parameters. Checking their
+  versions would have each graph recompute them after the other's refresh.
 
 Counted in ``torch._dynamo.utils.counters["dora_fused"]``: ``refresh``,
 ``recompile``, ``variant``.
@@ -133,6 +138,12 @@ class Variant:
         self.weak = weak  # attribute tensors by weak reference: Inductor may discard them
         refs = {ref for v in self.values for ref in _depends_on(v)} | {StateRef("attr", t) for t in watched}
         self.input_refs = sorted(int(r.key) for r in refs if r.kind == "input")
+        roots = {int(r.key) for v in self.values for r in v.roots if r.kind == "input"}
+        cache_only = {int(v.storage.key) for v in self.values if not v.owned and v.storage.kind == "input"} - roots
+        # the positions in ``input_refs`` whose writes are checked: all but PEFT's cache tensors
+        versioned = [i for i, key in enumerate(self.input_refs) if key not in cache_only]
+        self._versioned = None if len(versioned) == len(self.input_refs) else operator.itemgetter(*versioned)
+        self._versioned_keys = {self.input_refs[i] for i in versioned}
         self.attr_refs = sorted(str(r.key) for r in refs if r.kind == "attr")
         self._pick = operator.itemgetter(*self.input_refs) if self.input_refs else None
         # the parameters of the values this variant holds itself (not PEFT's cache, which each module has its own)
@@ -154,12 +165,19 @@ class Variant:
         picked = self._pick_key(args)
         return (id(picked),) if self._one_key else tuple(map(id, picked))
 
+    def _written(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The inputs whose writes are checked (every one but PEFT's cache tensors)."""
+        if self._versioned is None:
+            return inputs
+        picked = self._versioned(inputs)
+        return picked if len(self._versioned_keys) > 1 else (picked,)
+
     def _attrs(self) -> list[torch.Tensor | None]:
         return [ref() for ref in self._attr_tensors] if self.weak else self._attr_tensors
 
     def remember(self, args: Sequence[Any]) -> None:
         self.inputs: tuple[torch.Tensor, ...] | None = self.inputs_of(args)
-        self.input_versions = _versions(self.inputs)
+        self.input_versions = _versions(self._written(self.inputs))
         self.input_pointers = _pointers(self.inputs)
         self._inference = any(t.is_inference() for t in self.inputs)  # no version counter: read one by one
         attrs = [_attr(self.gm, target) for target in self.attr_refs]
@@ -193,7 +211,8 @@ class Variant:
             current = self.inputs_of(args)
             if self.inputs is None or not all(map(operator.is_, current, self.inputs)):
                 return True
-            versions = _versions(current) if self._inference else list(map(_version, current))
+            written = self._written(current)
+            versions = _versions(written) if self._inference else list(map(_version, written))
             if versions != self.input_versions:
                 return True
             if list(map(_data_ptr, current)) != self.input_pointers:
@@ -212,9 +231,12 @@ class Variant:
         """The keys of the input and attribute references whose tensor, version or data pointer differs."""
         current = self.inputs_of(args)
         then = self.inputs if self.inputs is not None else (None,) * len(current)
-        saved = zip(self.input_refs, current, then, self.input_versions, self.input_pointers, strict=True)
+        versions = dict(zip(sorted(self._versioned_keys), self.input_versions, strict=True))
+        saved = zip(self.input_refs, current, then, self.input_pointers, strict=True)
         changed: set[object] = {
-            key for key, now, old, v, p in saved if now is not old or _versions([now])[0] != v or now.data_ptr() != p
+            key
+            for key, now, old, p in saved
+            if now is not old or now.data_ptr() != p or (key in versions and _versions([now])[0] != versions[key])
         }
         attrs = zip(self.attr_refs, self._attrs(), self.attr_versions, self.attr_pointers, strict=True)
         changed |= {

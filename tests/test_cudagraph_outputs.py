@@ -90,19 +90,53 @@ def test_copy_out_clones_only_the_given_outputs():
     assert copy_out(compiled, []) is compiled
 
 
+def _dora_caches(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The tensors PEFT's DoRA layers keep in their norm cache."""
+    return [
+        value
+        for module in model.modules()
+        for value in getattr(module, "_dora_cache", {}).values()
+        if isinstance(value, torch.Tensor)
+    ]
+
+
 def test_reduce_overhead_with_peft_cache_matches_eager_and_sees_a_change(monkeypatch):
-    """CPU: the wrapped Inductor call (CUDA graphs do not apply off CUDA) returns PEFT's values and refreshes them."""
+    """CPU: the wrapped Inductor call (CUDA graphs do not apply off CUDA) returns PEFT's values and refreshes them.
+
+    The graph that reads PEFT's cache takes each cached tensor as a static input, as AOTAutograd reads
+    it off the traced placeholder: CUDA graphs then read it where it lies instead of copying it in at
+    each replay. Dynamo marks the tensors that modules hold this way (PEFT's cache is a dict on a
+    module), so the cached norm and ``B·A`` cost no copy per decoded token.
+    """
     from peft.tuners.lora import dora
 
     monkeypatch.setattr(dora, "ENABLE_DORA_CACHING", True)
     model = small_dora_mlp().eval()
     reference = copy.deepcopy(model)
+    static: list[set[int]] = []  # per compiled graph: the data pointers of inputs traced as static addresses
+    compile_inner = dora_fused.DoraFusedBackend._compile_inner
+
+    def recording(self, gm, example_inputs, mode, options):
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        static.append(
+            {
+                x.data_ptr()
+                for n, x in zip(placeholders, example_inputs, strict=True)
+                if n.meta.get("tensor_dict", {}).get("_dynamo_static_input_type")
+            }
+        )
+        return compile_inner(self, gm, example_inputs, mode, options)
+
+    monkeypatch.setattr(dora_fused.DoraFusedBackend, "_compile_inner", recording)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="dora_fused", mode="reduce-overhead")
     with torch.no_grad():
         for seed in range(3):
             x = torch.randn(5, 12, generator=torch.Generator().manual_seed(seed))
             assert_close(compiled(x), reference(x), **FP32_TOL, what=f"call {seed}")
+        cached = {t.data_ptr() for t in _dora_caches(model)}
+        assert len(static) == 2 and len(cached) == 4  # the graph that fills the cache, then the one reading it
+        assert cached <= static[1], "a cached norm or B·A is not a static input of the graph that reads it"
         for target in (model, reference):
             target.base_model.model[0].lora_B.default.weight.mul_(1.5)
         reference.train()  # PEFT's way to empty its cache

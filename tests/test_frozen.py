@@ -271,6 +271,36 @@ def test_peft_cached_norm_is_refreshed_when_the_adapter_changes(monkeypatch):
     assert _counters().get("variant", 0) == variants
 
 
+def test_graphs_sharing_peft_cache_do_not_recompute_it_for_each_other(monkeypatch):
+    """Two graphs (two input shapes, as a prefill and a decode step) read the same PEFT cache tensors.
+
+    Called in turn with nothing changed, neither recomputes the norm (the other's refresh is no
+    change); after an in-place change of the adapter each serves the new value.
+    """
+    from peft.tuners.lora import dora
+
+    monkeypatch.setattr(dora, "ENABLE_DORA_CACHING", True)
+    model = small_dora_mlp().eval()
+    compiled = torch.compile(model, backend=dora_fused.backend(inner="aot_eager"), dynamic=False)
+    inputs = [torch.randn(5, 12), torch.randn(3, 12)]
+    with torch.no_grad():
+        for x in inputs * 2:  # fills PEFT's cache, then compiles a graph per shape that reads it
+            compiled(x)
+        refreshes = _counters().get("refresh", 0)
+        for x in inputs * 3:
+            compiled(x)
+        assert _counters().get("refresh", 0) == refreshes, "a graph recomputed the cached norm with nothing changed"
+        model.base_model.model[0].lora_B.default.weight.mul_(1.5)
+        got = [compiled(x) for x in inputs * 2]
+        assert _counters().get("refresh", 0) - refreshes <= 2  # once per graph at most
+    reference = small_dora_mlp().eval()  # no cache: the truth after the change
+    with torch.no_grad():
+        reference.base_model.model[0].lora_B.default.weight.mul_(1.5)
+        for x, out in zip(inputs * 2, got, strict=True):
+            assert_close(out, reference(x), **FP32_TOL, what=f"shape {tuple(x.shape)} after the change")
+    assert {m.form for m in dora_fused.last_report().modules} == {"peft_cached_norm"}
+
+
 @pytest.mark.parametrize("cached", [False, True], ids=["frozen", "peft-cached-norm"])
 def test_under_inference_mode_a_change_is_seen_at_once(cached, monkeypatch):
     """Compiled and called under ``torch.inference_mode()`` (PEFT's cached norm is then an inference tensor)."""
