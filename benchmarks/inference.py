@@ -22,7 +22,11 @@ Parts and cases:
              greedy, prompt 512, 128 new tokens, batch 1 and 8 (``llama4``, ``llama32``). The prefill goes
              through the compiled call too (``prefill_chunk_size`` = the prompt; ``--eager-prefill``: as
              transformers runs it by default, eagerly). Time to first token: ``generate`` of one token;
-             decode tokens/s: ``batch × (new - 1) / (t(new) - t(1))``.
+             decode tokens/s: ``batch × (new - 1) / (t(new) - t(1))``. ``--profile``: per token, host wall
+             against GPU busy time, kernels, graph launches, the host's top functions (``decode_profile.py``).
+             ``--skip-guards``: the timed calls under ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``
+             (Dynamo checks only the guards that tell its compiled graphs apart), as a server with fixed
+             shapes may run once warm; the frozen graphs' own parameter check still runs on every call.
     server   ``examples/serve_litserve.py`` on 127.0.0.1 (``llama4`` saved to a temporary folder), loaded by
              ``--clients`` concurrent clients sending ``--requests`` requests in all (prompt 128, 16 new
              tokens, no logits in the answer): requests/s, p50/p99 latency.
@@ -68,6 +72,7 @@ from pathlib import Path
 import torch
 
 import turns  # benchmarks/turns.py: the worker processes' turns on the device
+from decode_profile import profile_decode
 from timing import PeakMemory, environment, summarize, synchronize, time_calls
 
 REPO = Path(__file__).resolve().parent.parent
@@ -275,9 +280,14 @@ def run_decode(case: str, contender: str, args: argparse.Namespace) -> dict[str,
             synchronize()
             first = time.perf_counter() - start
             assert out.shape[1] == prompt + new, out.shape
-            with turns.device_turn(args.turns, f"decode {case} {contender} batch {batch}") as window:
+            if args.skip_guards:  # every graph compiled first (PEFT's cache: the prefill that reads it is the third)
+                generate(new)
+                synchronize()
+            stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=args.skip_guards)
+            with turns.device_turn(args.turns, f"decode {case} {contender} batch {batch}") as window, stance:
                 ttft, _ = time_calls(lambda: generate(1), args.decode_repeats, 1)
                 full, _ = time_calls(lambda: generate(new), args.decode_repeats, 1)
+                profile = profile_decode(generate, new) if args.profile else None
             windows.append(window)
         t1, tn = statistics.median(ttft), statistics.median(full)
         rows.append(
@@ -288,10 +298,17 @@ def run_decode(case: str, contender: str, args: argparse.Namespace) -> dict[str,
                 decode_tokens_per_s=batch * (new - 1) / (tn - t1) * 1e3 if tn > t1 else None,
                 tokens_per_s=batch * new / tn * 1e3,
                 first_call_s=first,
+                **({"profile": profile} if profile else {}),
             )
         )
     return dict(
-        prompt=prompt, new_tokens=new, batches=rows, eager_prefill=args.eager_prefill, turns=windows, **_records()
+        prompt=prompt,
+        new_tokens=new,
+        batches=rows,
+        eager_prefill=args.eager_prefill,
+        skip_guards=args.skip_guards,
+        turns=windows,
+        **_records(),
     )
 
 
@@ -461,6 +478,8 @@ def _child_args(args: argparse.Namespace) -> list[str]:
     flags += ["--new-tokens", str(args.new_tokens), "--batches", ",".join(map(str, args.batches))]
     flags += ["--tiny"] if args.tiny else []
     flags += ["--eager-prefill"] if args.eager_prefill else []
+    flags += ["--profile"] if args.profile else []
+    flags += ["--skip-guards"] if args.skip_guards else []
     return flags
 
 
@@ -609,6 +628,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 8])
     parser.add_argument("--eager-prefill", action="store_true", help="decode: the prefill as generate runs it")
+    parser.add_argument(
+        "--skip-guards",
+        action="store_true",
+        help="decode: time under torch.compiler.set_stance(skip_guard_eval_unsafe=True), Dynamo's guards skipped",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="decode: per token, host against GPU time (decode_profile.py)"
+    )
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--server-prompt", type=int, default=128)
