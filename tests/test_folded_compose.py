@@ -171,3 +171,64 @@ def test_with_base_matches_the_unfolded_dropout_compose(dtype, adapter_dtype, de
         assert a.grad.dtype == a.dtype, name
         bound = 8.0 * torch.finfo(a.dtype).eps * e.grad.abs().max().item()
         assert_close(a.grad.double(), e.grad, rtol=0, atol=bound, what=f"d_{name}")
+
+
+# --- a bf16 gradient against fp32 adapters: no fp32 copy of the gradient ------------------------
+
+
+@pytest.mark.parametrize("shape", [(37, 53, 5), (128, 16, 48), (1, 300, 3)], ids=["odd", "wide-k", "one-row"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_terms_product_is_an_fp32_product_of_the_promoted_gradient(shape, device):
+    """``x·y`` from ``y``'s three bf16 terms is within fp32's accumulation error of the exact product.
+
+    ``y`` spans 2^-60 to 2^60 (its small terms far below its large ones, none lost), ``x`` is bf16,
+    with near-cancelling rows; the bound is the one an fp32 product of the promoted ``x`` meets.
+    """
+    from dora_fused.kernels.products import product, terms_product
+
+    m, k, n = shape
+    gen = torch.Generator().manual_seed(31)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    x[0] = x[-1] if m > 1 else x[0]  # two equal rows
+    y = torch.randn(k, n, generator=gen) * torch.exp2(torch.randint(-60, 61, (k, n), generator=gen).float())
+    y[:, 0] = 1.0 + torch.randn(k, generator=gen) * 2.0**-20  # values whose low bits matter
+    x, y = x.to(device), y.to(device)
+    exact = x.double() @ y.double()
+    bound = 2 * k * torch.finfo(torch.float32).eps * (x.double().abs() @ y.double().abs())
+    for got in (terms_product(x, y), product(x, y)):
+        assert got.dtype == torch.float32
+        assert ((got.double() - exact).abs() <= bound).all()
+    promoted = x.float() @ y
+    assert ((promoted.double() - exact).abs() <= bound).all()  # the same bound holds for what it replaces
+    # the three terms carry every bit: times the identity, y comes back exactly (1 + 2^-9 + 2^-18 needs all three)
+    y[0, 0] = 1.0 + 2.0**-9 + 2.0**-18
+    assert torch.equal(terms_product(torch.eye(k, dtype=torch.bfloat16, device=device), y), y)
+
+
+@pytest.mark.gpu
+def test_backward_of_a_bf16_gradient_against_fp32_adapters_keeps_no_fp32_copy_of_it():
+    """The folded compose's backward under Inductor, bf16 base and fp32 adapters: beyond ``d_result`` its
+    transient peak stays below an fp32 ``[tokens, d_out]`` buffer (the copy of ``dy`` it formed before), and
+    its gradients match fp64."""
+    gen = torch.Generator().manual_seed(32)
+    tokens, d_out, r = 4096, 4096, 16
+    args = _inputs(gen, (tokens,), d_out, r, torch.bfloat16, torch.float32, torch.float32, False, "cuda")
+    torch._dynamo.reset()
+    compose = torch.compile(lora_up_folded_compose_torch, backend="inductor", fullgraph=True)
+    out = compose(*args, 0.5, torch.bfloat16)
+    dy = torch.randn(out.shape, generator=gen).to("cuda", torch.bfloat16)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out.backward(dy)
+    torch.cuda.synchronize()
+    transient = torch.cuda.max_memory_allocated() - before
+    grads = [t.grad for t in args[:4]]
+    # what the backward must allocate: d_result (bf16 [tokens, d_out]) and small gradients
+    assert transient < tokens * d_out * 2 + tokens * d_out * 4 // 2, transient
+    exact = [t.detach().double().requires_grad_() for t in args[:4]]
+    lora64 = torch.nn.functional.linear(exact[1], exact[2])
+    compose_reference(exact[0], lora64, exact[3], args[4].double(), None, 0.5, torch.float64).backward(dy.double())
+    for name, got, e in zip(("result", "h", "B", "m"), grads, exact, strict=True):
+        bound = 8 * torch.finfo(got.dtype).eps * e.grad.abs().max().item()
+        assert_close(got.double(), e.grad, rtol=0, atol=bound, what=f"d_{name}")
