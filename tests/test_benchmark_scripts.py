@@ -27,7 +27,7 @@ import torch
 from helpers import import_benchmark
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-HELPERS = {"timing.py", "turns.py"}  # imported by the scripts, not run
+HELPERS = {"decode_profile.py", "timing.py", "turns.py"}  # imported by the scripts, not run
 SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if p.name not in HELPERS)
 
 
