@@ -142,7 +142,8 @@ class Variant:
         cache_only = {int(v.storage.key) for v in self.values if not v.owned and v.storage.kind == "input"} - roots
         # the positions in ``input_refs`` whose writes are checked: all but PEFT's cache tensors
         versioned = [i for i, key in enumerate(self.input_refs) if key not in cache_only]
-        self._versioned = None if len(versioned) == len(self.input_refs) else operator.itemgetter(*versioned)
+        self._versioned = None if len(versioned) == len(self.input_refs) else versioned
+        self._pick_versioned = operator.itemgetter(*versioned) if 0 < len(versioned) < len(self.input_refs) else None
         self._versioned_keys = {self.input_refs[i] for i in versioned}
         self.attr_refs = sorted(str(r.key) for r in refs if r.kind == "attr")
         self._pick = operator.itemgetter(*self.input_refs) if self.input_refs else None
@@ -169,7 +170,9 @@ class Variant:
         """The inputs whose writes are checked (every one but PEFT's cache tensors)."""
         if self._versioned is None:
             return inputs
-        picked = self._versioned(inputs)
+        if self._pick_versioned is None:  # PEFT's cache tensors only (the parameters are graph attributes)
+            return ()
+        picked = self._pick_versioned(inputs)
         return picked if len(self._versioned_keys) > 1 else (picked,)
 
     def _attrs(self) -> list[torch.Tensor | None]:

@@ -423,3 +423,32 @@ def test_gpu_frozen_is_as_exact_as_peft_and_never_stale(adapters):
     assert relative_error(before, exact) > 2 * bound, "a stale output would pass: the swap must move the logits more"
     assert relative_error(out, exact) <= bound, relative_error(out, exact)
     assert _counters()["refresh"] >= 1
+
+
+def test_a_graph_whose_only_inputs_checked_are_peft_cache_tensors_checks_their_identity():
+    """A variant whose inputs are PEFT's cache tensors alone (its parameters graph attributes) still checks them."""
+    from dora_fused.frozen import Variant
+    from dora_fused.passes.folding import FoldedValue, StateRef
+
+    cache = torch.ones(3)
+    gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
+    gm.register_buffer("weight", torch.ones(3, 2))
+    value = FoldedValue(
+        kind="peft_norm",
+        module="layer",
+        adapter="default",
+        roots=(StateRef("attr", "weight"),),
+        recipe=gm,  # not run: nothing here is stale until a check says so
+        scaling=1.0,
+        storage=StateRef("input", 0),
+        shape=(3,),
+        dtype=torch.float32,
+        owned=False,
+    )
+    variant = Variant(lambda *a: None, gm, [value], [cache])
+    assert not variant.stale([cache])
+    cache.mul_(2)  # a write into PEFT's cache (another graph's refresh): not a change
+    assert not variant.stale([cache])
+    assert variant.stale([cache.clone()])  # PEFT refilled its cache: a new tensor
+    gm.weight.add_(1)  # the parameter it came from was written
+    assert variant.stale([cache])
