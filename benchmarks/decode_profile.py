@@ -7,7 +7,7 @@ figures are the differences divided by ``n - 1``, so the prefill drops out:
 - ``wall_ms``: host wall time per token (``perf_counter`` around each ``generate``);
 - ``gpu_ms``: the summed duration of the GPU kernels and copies per token (busy time, overlaps
   counted once per kernel);
-- ``kernels``, ``graph_launches``: GPU kernels and ``cudaGraphLaunch`` calls per token;
+- ``kernels``, ``graph_launches``: GPU kernels (and copies) and ``cudaGraphLaunch`` calls per token;
 - ``cudagraphs``: Inductor's CUDA-graph counters for the whole process (``cudagraph_skips``: graphs
   run without CUDA graphs; ``cudagraph_recorded_non_static_inputs``: inputs copied in at each replay);
 - ``frozen``: the frozen runtime's counters for the whole process (``refresh``: folded values
