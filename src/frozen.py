@@ -76,6 +76,13 @@ def _pointers(tensors: Sequence[torch.Tensor | None]) -> list[int]:
     return [-1 if t is None else t.data_ptr() for t in tensors]
 
 
+def _tuple_getter(positions: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
+    """``seq -> tuple(seq[i] for i in positions)``, by ``itemgetter`` (a C call) wherever it returns a tuple."""
+    if len(positions) > 1:
+        return operator.itemgetter(*positions)
+    return lambda seq: tuple(seq[i] for i in positions)
+
+
 def _attr(gm: GraphModule, target: str) -> torch.Tensor:
     value: Any = gm
     for part in target.split("."):
@@ -142,9 +149,8 @@ class Variant:
         cache_only = {int(v.storage.key) for v in self.values if not v.owned and v.storage.kind == "input"} - roots
         # the positions in ``input_refs`` whose writes are checked: all but PEFT's cache tensors
         versioned = [i for i, key in enumerate(self.input_refs) if key not in cache_only]
-        self._versioned = None if len(versioned) == len(self.input_refs) else versioned
-        self._pick_versioned = operator.itemgetter(*versioned) if 0 < len(versioned) < len(self.input_refs) else None
-        self._versioned_keys = {self.input_refs[i] for i in versioned}
+        self._written = tuple if len(versioned) == len(self.input_refs) else _tuple_getter(versioned)
+        self._versioned_keys = [self.input_refs[i] for i in versioned]
         self.attr_refs = sorted(str(r.key) for r in refs if r.kind == "attr")
         self._pick = operator.itemgetter(*self.input_refs) if self.input_refs else None
         # the parameters of the values this variant holds itself (not PEFT's cache, which each module has its own)
@@ -165,15 +171,6 @@ class Variant:
             return ()
         picked = self._pick_key(args)
         return (id(picked),) if self._one_key else tuple(map(id, picked))
-
-    def _written(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """The inputs whose writes are checked (every one but PEFT's cache tensors)."""
-        if self._versioned is None:
-            return inputs
-        if self._pick_versioned is None:  # PEFT's cache tensors only (the parameters are graph attributes)
-            return ()
-        picked = self._pick_versioned(inputs)
-        return picked if len(self._versioned_keys) > 1 else (picked,)
 
     def _attrs(self) -> list[torch.Tensor | None]:
         return [ref() for ref in self._attr_tensors] if self.weak else self._attr_tensors
@@ -234,7 +231,7 @@ class Variant:
         """The keys of the input and attribute references whose tensor, version or data pointer differs."""
         current = self.inputs_of(args)
         then = self.inputs if self.inputs is not None else (None,) * len(current)
-        versions = dict(zip(sorted(self._versioned_keys), self.input_versions, strict=True))
+        versions = dict(zip(self._versioned_keys, self.input_versions, strict=True))
         saved = zip(self.input_refs, current, then, self.input_pointers, strict=True)
         changed: set[object] = {
             key
