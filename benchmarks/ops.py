@@ -8,7 +8,8 @@ Questions (``--parts``):
 3. ``small``: below which layer size, if any, does the Triton norm stop paying off against the
    plain-torch one (``ops="auto"`` in ``passes/heuristics.py``)?
 4. ``lora_up``: is the LoRA up-projection with the compose in its epilogue faster than
-   cuBLAS's ``h·Bᵀ`` followed by Inductor's compose, and which tiles suit it (``lora_up_config``)?
+   cuBLAS's ``h·Bᵀ`` followed by Inductor's compose, and which tiles suit it (``lora_up_config``),
+   for bf16 adapters and for fp32 ones (an IEEE fp32 product, ranks ≤ ``FP32_MAX_RANK``)?
 5. ``refinement``: what does the ill-conditioned-row check cost the Triton norm, with no row
    flagged and with ``--flagged`` rows made to cancel (their dense recomputation included)?
 6. ``sweep``, ``gram``, ``parts`` (tuning): which tile configuration suits the fused norm kernel
@@ -38,7 +39,7 @@ from torch._library.triton import set_wrap_triton_enabled
 from dora_fused.kernels import compose_reference, dense_row_norm_reference, factored_row_norm_torch
 from dora_fused.kernels.factored_norm import factored_row_norm_reference, factored_row_norm_triton
 from dora_fused.kernels.ill_conditioned_rows import refine_ill_conditioned_rows_triton
-from dora_fused.kernels.lora_up_compose import lora_up_compose_triton, lora_up_config
+from dora_fused.kernels.lora_up_compose import FP32_MAX_RANK, lora_up_compose_triton, lora_up_config
 from dora_fused.kernels.products import product
 
 from timing import peak_mb, summarize, time_back_to_back, time_cuda_graph, write_json
@@ -92,37 +93,57 @@ def bench_compose(tokens: int, copy_gbs: float) -> list[dict]:
     return rows
 
 
-def bench_lora_up(tokens: int, ranks: list[int]) -> list[dict]:
-    """``out = g·(result + s·h·Bᵀ)``: unfused (cuBLAS, then Inductor's compose) vs the fused kernel's tiles."""
-    rows = []
-    configs = {"default": None}
-    for name, (bt, bn, warps, stages) in {
+LORA_UP_TILES = {  # name: (BLOCK_T, BLOCK_N, num_warps, num_stages)
+    torch.bfloat16: {
         "T128 N256 w8 s3": (128, 256, 8, 3),
         "T64 N128 w4 s4": (64, 128, 4, 4),
         "T128 N128 w4 s4": (128, 128, 4, 4),
         "T64 N256 w8 s3": (64, 256, 8, 3),
-    }.items():
-        configs[name] = dict(BLOCK_T=bt, BLOCK_N=bn, GROUP_T=8, num_warps=warps, num_stages=stages)
+    },
+    torch.float32: {
+        "T64 N128 w8 s2": (64, 128, 8, 2),
+        "T64 N128 w4 s2": (64, 128, 4, 2),
+        "T64 N64 w4 s2": (64, 64, 4, 2),
+        "T128 N128 w8 s2": (128, 128, 8, 2),
+        "T32 N128 w4 s3": (32, 128, 4, 3),
+    },
+}
+
+
+def bench_lora_up(tokens: int, ranks: list[int]) -> list[dict]:
+    """``out = g·(result + s·h·Bᵀ)``, bf16 ``result``: unfused (cuBLAS, then Inductor's compose) vs the kernel's tiles.
+
+    bf16 adapters at every rank; fp32 adapters at the ranks up to ``FP32_MAX_RANK``.
+    """
+    rows = []
     compose = torch.compile(compose_reference)
-    for r in ranks:
-        for d_out in (4096, 8192, 14336):
-            gen = torch.Generator(device="cuda").manual_seed(d_out + r)
-            res = torch.randn(tokens, d_out, device="cuda", generator=gen).bfloat16()
-            h = torch.randn(tokens, r, device="cuda", generator=gen).bfloat16()
-            b = (torch.randn(d_out, r, device="cuda", generator=gen) / r**0.5).bfloat16()
-            m = (torch.rand(d_out, device="cuda", generator=gen) + 1).bfloat16()
-            n = torch.rand(d_out, device="cuda", generator=gen) + 1
-            exact = (m.double() / n.double()) * (res.double() + 0.5 * (h.double() @ b.double().T))
-            cases = {"unfused": lambda: compose(res, h @ b.T, m, n, None, 0.5, torch.bfloat16)}
-            for name, cfg in configs.items():
-                cfg = None if cfg is None else {**cfg, "BLOCK_R": lora_up_config(r)["BLOCK_R"]}
-                cases[name] = lambda cfg=cfg: lora_up_compose_triton(res, h, b, m, n, None, 0.5, torch.bfloat16, cfg)
-            for case, fn in cases.items():
-                err = ((fn().double() - exact).abs().max() / exact.abs().max()).item()
-                t = timed(fn)
-                gbs = 2 * tokens * d_out * 2 / (t["ms"] * 1e-3) / 1e9  # result read + output written
-                rows.append(dict(op="lora_up", case=case, d_out=d_out, r=r, **t, gbs=gbs, err=err))
-                print(rows[-1], flush=True)
+    for adapters, tiles in LORA_UP_TILES.items():
+        configs = {"default": None}
+        for name, (bt, bn, warps, stages) in tiles.items():
+            configs[name] = dict(BLOCK_T=bt, BLOCK_N=bn, GROUP_T=8, num_warps=warps, num_stages=stages)
+        for r in ranks if adapters != torch.float32 else [r for r in ranks if r <= FP32_MAX_RANK]:
+            for d_out in (4096, 8192, 14336):
+                gen = torch.Generator(device="cuda").manual_seed(d_out + r)
+                res = torch.randn(tokens, d_out, device="cuda", generator=gen).bfloat16()
+                h = torch.randn(tokens, r, device="cuda", generator=gen).to(adapters)
+                b = (torch.randn(d_out, r, device="cuda", generator=gen) / r**0.5).to(adapters)
+                m = (torch.rand(d_out, device="cuda", generator=gen) + 1).bfloat16()
+                n = torch.rand(d_out, device="cuda", generator=gen) + 1
+                exact = (m.double() / n.double()) * (res.double() + 0.5 * (h.double() @ b.double().T))
+                cases = {"unfused": lambda: compose(res, h @ b.T, m, n, None, 0.5, torch.bfloat16)}
+                for name, cfg in configs.items():
+                    cfg = None if cfg is None else {**cfg, "BLOCK_R": lora_up_config(r, adapters)["BLOCK_R"]}
+                    cases[name] = lambda cfg=cfg: lora_up_compose_triton(
+                        res, h, b, m, n, None, 0.5, torch.bfloat16, cfg
+                    )
+                for case, fn in cases.items():
+                    err = ((fn().double() - exact).abs().max() / exact.abs().max()).item()
+                    t = timed(fn)
+                    gbs = 2 * tokens * d_out * 2 / (t["ms"] * 1e-3) / 1e9  # result read + output written
+                    adapter_name = "fp32" if adapters == torch.float32 else "bf16"
+                    row = dict(op="lora_up", case=case, adapters=adapter_name, d_out=d_out, r=r, **t, gbs=gbs, err=err)
+                    rows.append(row)
+                    print(rows[-1], flush=True)
     return rows
 
 
@@ -470,7 +491,8 @@ def _line(r: dict) -> str:
         )
     if r["op"] == "lora_up":
         return (
-            f"lora_up {r['case']:20s} d_out={r['d_out']:5d} r={r['r']:3d}: {1000 * r['ms']:.1f} us "
+            f"lora_up {r['case']:20s} {r.get('adapters', 'bf16')} d_out={r['d_out']:5d} r={r['r']:3d}: "
+            f"{1000 * r['ms']:.1f} us "
             f"{r['gbs']:.0f} GB/s err {r['err']:.1e}"
         )
     if r["op"] == "small":

@@ -103,11 +103,17 @@ def dot_terms(x0, x1, x2, y0, y1, y2, acc, X_TERMS: tl.constexpr, Y_TERMS: tl.co
 
 
 @triton.jit
-def scale_and_bias(MAG, NORM, BIAS, cols, cmask, HAS_BIAS: tl.constexpr):
-    """``(g, b)`` for the features ``cols``: ``g = m / n`` correctly rounded in fp32, ``b`` (zeros without bias)."""
-    m = tl.load(MAG + cols, mask=cmask, other=1.0).to(tl.float32)
-    n = tl.load(NORM + cols, mask=cmask, other=1.0).to(tl.float32)
-    g = tl.math.div_rn(m, n)
+def scale_and_bias(MAG, NORM, BIAS, cols, cmask, HAS_BIAS: tl.constexpr, G_GIVEN: tl.constexpr = False):
+    """``(g, b)`` for the features ``cols``: ``g = m / n`` correctly rounded in fp32, ``b`` (zeros without bias).
+
+    ``G_GIVEN``: ``MAG`` holds ``g`` itself (fp32) and ``NORM`` is not read.
+    """
+    if G_GIVEN:
+        g = tl.load(MAG + cols, mask=cmask, other=1.0).to(tl.float32)
+    else:
+        m = tl.load(MAG + cols, mask=cmask, other=1.0).to(tl.float32)
+        n = tl.load(NORM + cols, mask=cmask, other=1.0).to(tl.float32)
+        g = tl.math.div_rn(m, n)
     if HAS_BIAS:
         b = tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)
     else:

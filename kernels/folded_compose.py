@@ -2,10 +2,14 @@
 
 PEFT's DoRA Linear computes ``lora = h·Bᵀ`` (``h = A·x``, ``[tokens, r]``), then
 ``out = g ⊙ (result - b + s·lora) + b`` with ``g = m / n``. This op takes ``h``
-and ``B`` in place of ``lora`` and computes exactly that forward (the
-up-projection, then ``compose_reference``'s fp32 sum, rounded once). Its
-backward uses that ``g`` and ``s`` scale the output features, so they scale the
-rows of ``B`` just as well (``lora·s·g = h·B'ᵀ``, ``B' = (s·g) ⊙_rows B``)::
+and ``B`` in place of ``lora`` and computes that forward as one op,
+``lora_up_compose.lora_up_scaled_sum``: on CUDA one Triton kernel with the
+up-projection in fp32 registers (no ``[tokens, d_out]`` ``lora`` in memory),
+elsewhere the up-projection then ``compose_reference``'s fp32 sum, rounded once.
+Where the backward recomputes the output (``passes/rewrite.py``), it calls the
+same op again. The backward uses that ``g`` and ``s`` scale the output features,
+so they scale the rows of ``B`` just as well (``lora·s·g = h·B'ᵀ``,
+``B' = (s·g) ⊙_rows B``)::
 
     d_result = g ⊙ dy                     dh = dy·B'             P  = dyᵀ·h   [d_out, r]
     dB       = (s·g) ⊙_rows P             d_b = (1 - g) ⊙ Σ_T dy
@@ -36,7 +40,8 @@ import torch
 from torch import Tensor
 
 from .common import accumulation_dtype
-from .compose import scaled_sum, scaled_sum_with_base
+from .compose import scaled_sum_with_base
+from .lora_up_compose import lora_up_scaled_sum
 from .products import product
 
 __all__ = ["lora_up_folded_compose_torch", "lora_up_folded_compose_with_base_torch"]
@@ -51,7 +56,7 @@ class _FoldedLoraUpCompose(torch.autograd.Function):
 
     @staticmethod
     def forward(result, hidden, lora_B, g, bias, scaling, out_dtype):
-        return scaled_sum(result, torch.nn.functional.linear(hidden, lora_B), g, bias, scaling, out_dtype)
+        return lora_up_scaled_sum(result, hidden, lora_B, g, bias, scaling, out_dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:

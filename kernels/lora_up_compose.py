@@ -1,4 +1,4 @@
-"""LoRA up-projection with the DoRA compose in its epilogue: one kernel for inference.
+"""LoRA up-projection with the DoRA compose in its epilogue: one kernel, for inference and training's forward.
 
 PEFT's DoRA Linear ends with two passes over ``[tokens, d_out]``: the LoRA
 up-projection writes ``lora = h·Bᵀ`` (``h = A·x``, ``[tokens, r]``), then the
@@ -6,16 +6,22 @@ compose reads it back beside the base output. This op computes, per output tile:
 
     out = g ⊙ (result - b + s·(h·Bᵀ)) + b,      g = m / n  per output feature
 
-with ``h·Bᵀ`` accumulated in fp32 on tensor cores and kept in registers, so
-``lora`` never reaches memory: one read of ``result``, one write of ``out``.
-It is also one rounding fewer than the unfused path (``lora`` is not rounded to
-the adapter dtype before the compose): never less precise.
+with ``h·Bᵀ`` accumulated in fp32 and kept in registers, so ``lora`` never
+reaches memory: one read of ``result``, one write of ``out``. 16-bit adapters
+multiply on tensor cores; fp32 adapters (PEFT's default on a bf16 base) in
+IEEE fp32, as cuBLAS's fp32 GEMM does, up to rank ``FP32_MAX_RANK``. It is also
+one rounding fewer than the unfused path (``lora`` is not rounded to the
+adapter dtype before the compose): never less precise.
 
-No autograd: the rewrite uses it only where the DoRA output needs no gradient
-(``torch.no_grad``/inference); training keeps the compose with its backward.
+Two ops, no autograd of their own:
+- ``lora_up_compose`` takes ``m`` and ``n`` (``g = m / n`` formed in the kernel):
+  the rewrite uses it where the DoRA output needs no gradient (inference);
+- ``lora_up_scaled_sum`` takes ``g`` itself: the forward of the training compose
+  (``folded_compose``), whose backward is its own, and which the backward
+  recomputes by calling it again, bit for bit.
 
-Layout: pure-torch reference → Triton kernel → launcher → ``torch.library`` op
-(Triton on CUDA for 16-bit ``result``, ``h`` and ``B``; the reference elsewhere).
+Layout: pure-torch reference → Triton kernel → launcher → ``torch.library`` ops
+(Triton on CUDA where ``triton_supports_lora_up_compose``; the reference elsewhere).
 """
 
 from __future__ import annotations
@@ -27,12 +33,16 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from .common import as_rows, feature_vectors, scale_and_bias
-from .compose import compose_reference
+from .compose import compose_reference, scaled_sum
 
 __all__ = [
+    "FP32_MAX_RANK",
     "lora_up_compose",
     "lora_up_compose_reference",
     "lora_up_compose_triton",
+    "lora_up_scaled_sum",
+    "lora_up_scaled_sum_reference",
+    "lora_up_scaled_sum_triton",
     "triton_supports_lora_up_compose",
 ]
 
@@ -56,9 +66,22 @@ def lora_up_compose_reference(
     )
 
 
+def lora_up_scaled_sum_reference(
+    result: Tensor,
+    hidden: Tensor,
+    lora_B: Tensor,
+    g: Tensor,
+    bias: Tensor | None,
+    scaling: float,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """``scaled_sum(result, linear(hidden, B), g, ...)``: ``g·(result - b + s·h·Bᵀ) + b``, rounded once."""
+    return scaled_sum(result, torch.nn.functional.linear(hidden, lora_B), g, bias, scaling, out_dtype)
+
+
 # ----------------------------------------------------------------------------
 # Triton kernel. result/out are row-major [T, N]; hidden [T, R]; B [N, R];
-# per-feature vectors [N].
+# per-feature vectors [N] (MAG holds g where G_GIVEN).
 
 
 @triton.jit
@@ -79,6 +102,8 @@ def _lora_up_compose_kernel(
     stride_bn,
     stride_br,
     HAS_BIAS: tl.constexpr,
+    G_GIVEN: tl.constexpr,
+    IEEE: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -86,8 +111,10 @@ def _lora_up_compose_kernel(
 ):
     """``out[t, j] = g_j·(result[t, j] - b_j + s·Σ_k hidden[t, k]·B[j, k]) + b_j`` for one tile.
 
-    Programs walk ``GROUP_T`` token tiles down one column band before the next,
-    so the band of ``B`` and the rows of ``hidden`` are reused from L2.
+    ``g = m / n`` from ``MAG`` and ``NORM``, or ``MAG`` itself where ``G_GIVEN``. ``IEEE``:
+    fp32 operands multiplied in IEEE fp32 (not TF32). Programs walk ``GROUP_T`` token tiles
+    down one column band before the next, so the band of ``B`` and the rows of ``hidden``
+    are reused from L2.
     """
     pid = tl.program_id(0)
     tiles_t = tl.cdiv(T, BLOCK_T)
@@ -114,10 +141,13 @@ def _lora_up_compose_kernel(
         b_t = tl.load(
             B + cols[None, :] * stride_bn + ks[:, None] * stride_br, mask=kmask[:, None] & cmask[None, :], other=0.0
         )
-        acc = tl.dot(h, b_t, acc)
+        if IEEE:
+            acc = tl.dot(h, b_t, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(h, b_t, acc)
 
     s = tl.cast(scaling, tl.float32)  # Inductor passes Python floats as fp64
-    g, b = scale_and_bias(MAG, NORM, BIAS, cols, cmask, HAS_BIAS)
+    g, b = scale_and_bias(MAG, NORM, BIAS, cols, cmask, HAS_BIAS, G_GIVEN)
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     mask = rmask[:, None] & cmask[None, :]
     res = tl.load(RESULT + offs, mask=mask, other=0.0).to(tl.float32)
@@ -132,30 +162,75 @@ def _lora_up_compose_kernel(
 # Launcher (also runs eagerly on CPU tensors under TRITON_INTERPRET=1)
 
 _TRITON_DTYPES = (torch.bfloat16, torch.float16)
+# The highest rank at which fp32 adapters are multiplied in the kernel (IEEE fp32, no tensor cores): the
+# product's FMAs grow with the rank, the [tokens, d_out] round trip it saves does not.
+FP32_MAX_RANK = 64
 
 
 def triton_supports_lora_up_compose(result: Tensor, hidden: Tensor, lora_B: Tensor) -> bool:
-    """16-bit ``result`` and 16-bit ``hidden`` and ``B`` of one dtype (tensor-core operands).
+    """16-bit ``result``; ``hidden`` and ``B`` of one dtype: 16-bit (tensor cores), or fp32 up to ``FP32_MAX_RANK``."""
+    if result.dtype not in _TRITON_DTYPES or hidden.dtype != lora_B.dtype:
+        return False
+    if hidden.dtype == torch.float32:
+        return hidden.shape[-1] <= FP32_MAX_RANK
+    return hidden.dtype in _TRITON_DTYPES
 
-    fp32 adapters (PEFT's default on a bf16 base) stay on the unfused path: their
-    up-projection is an fp32 product, which this kernel's tensor-core dot is not.
-    """
-    return result.dtype in _TRITON_DTYPES and hidden.dtype in _TRITON_DTYPES and hidden.dtype == lora_B.dtype
 
+def lora_up_config(r: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+    """Tile sizes of ``_lora_up_compose_kernel`` for rank ``r`` and adapters of ``dtype``.
 
-def lora_up_config(r: int) -> dict[str, int]:
-    """Tile sizes of ``_lora_up_compose_kernel`` for rank ``r``.
-
-    From an H100 sweep at 4096 tokens, d_out 4096-14336 (``benchmarks/ops.py --parts
+    16-bit, from an H100 sweep at 4096 tokens, d_out 4096-14336 (``benchmarks/ops.py --parts
     lora_up``, docs/benchmarks.md): at r = 16 small tiles keep the pass at the copy
-    bandwidth; at r = 384 wide ones halve the reloads of ``h``. Independent of the
-    token count, which is symbolic when Inductor traces the launcher under dynamic
-    shapes.
+    bandwidth; at r = 384 wide ones halve the reloads of ``h``. fp32 (r ≤ ``FP32_MAX_RANK``):
+    the 16-bit small-rank tiles with ``BLOCK_R`` ≤ 32, the fp32 ``h`` and ``B`` tiles
+    staged twice. Independent of the token count, which is symbolic when Inductor
+    traces the launcher under dynamic shapes.
     """
     block_r = min(64, max(16, triton.next_power_of_2(r)))
+    if dtype == torch.float32:
+        return dict(BLOCK_T=64, BLOCK_N=128, BLOCK_R=min(32, block_r), GROUP_T=8, num_warps=8, num_stages=2)
     if r <= 64:
         return dict(BLOCK_T=64, BLOCK_N=128, BLOCK_R=block_r, GROUP_T=8, num_warps=4, num_stages=4)
     return dict(BLOCK_T=128, BLOCK_N=256, BLOCK_R=block_r, GROUP_T=8, num_warps=8, num_stages=3)
+
+
+def _launch(
+    result: Tensor,
+    hidden: Tensor,
+    lora_B: Tensor,
+    vectors: tuple[Tensor, Tensor, Tensor],
+    bias: Tensor | None,
+    scaling: float,
+    out_dtype: torch.dtype,
+    g_given: bool,
+    config: dict[str, int] | None,
+) -> Tensor:
+    """One launch of ``_lora_up_compose_kernel`` (``vectors``: its ``MAG``, ``NORM``, ``BIAS``)."""
+    res, h = as_rows(result), hidden.reshape(-1, hidden.shape[-1])
+    (t, n), r = res.shape, h.shape[1]
+    out = torch.empty(result.shape, dtype=out_dtype, device=result.device)
+    cfg = config if config is not None else lora_up_config(r, h.dtype)
+    grid = (triton.cdiv(t, cfg["BLOCK_T"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    wrap_triton(_lora_up_compose_kernel)[grid](
+        res,
+        h,
+        lora_B,
+        *vectors,
+        out,
+        t,
+        n,
+        r,
+        scaling,
+        h.stride(0),
+        h.stride(1),
+        lora_B.stride(0),
+        lora_B.stride(1),
+        HAS_BIAS=bias is not None,
+        G_GIVEN=g_given,
+        IEEE=h.dtype == torch.float32,
+        **cfg,
+    )
+    return out
 
 
 def lora_up_compose_triton(
@@ -170,33 +245,34 @@ def lora_up_compose_triton(
     config: dict[str, int] | None = None,
 ) -> Tensor:
     """The fused up-projection and compose as one Triton kernel; ``config`` overrides ``lora_up_config``."""
-    res, h = as_rows(result), hidden.reshape(-1, hidden.shape[-1])
-    (t, n), r = res.shape, h.shape[1]
-    out = torch.empty(result.shape, dtype=out_dtype, device=result.device)
-    cfg = config if config is not None else lora_up_config(r)
-    grid = (triton.cdiv(t, cfg["BLOCK_T"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    wrap_triton(_lora_up_compose_kernel)[grid](
-        res,
-        h,
-        lora_B,
-        *feature_vectors(magnitude, weight_norm, bias),
-        out,
-        t,
-        n,
-        r,
-        scaling,
-        h.stride(0),
-        h.stride(1),
-        lora_B.stride(0),
-        lora_B.stride(1),
-        HAS_BIAS=bias is not None,
-        **cfg,
-    )
-    return out
+    vectors = feature_vectors(magnitude, weight_norm, bias)
+    return _launch(result, hidden, lora_B, vectors, bias, scaling, out_dtype, False, config)
+
+
+def lora_up_scaled_sum_triton(
+    result: Tensor,
+    hidden: Tensor,
+    lora_B: Tensor,
+    g: Tensor,
+    bias: Tensor | None,
+    scaling: float,
+    out_dtype: torch.dtype,
+    config: dict[str, int] | None = None,
+) -> Tensor:
+    """The same kernel with ``g`` given (fp32 ``[d_out]``); ``config`` overrides ``lora_up_config``."""
+    g = g.contiguous()
+    vectors = (g, g, bias.contiguous() if bias is not None else g)  # NORM is not read
+    return _launch(result, hidden, lora_B, vectors, bias, scaling, out_dtype, True, config)
 
 
 # ----------------------------------------------------------------------------
-# Op: Triton on CUDA, the reference elsewhere (Inductor traces into both branches)
+# Ops: Triton on CUDA, the reference elsewhere (Inductor traces into both branches)
+
+
+def _check_shapes(result: Tensor, hidden: Tensor, lora_B: Tensor, vector: Tensor) -> None:
+    torch._check(lora_B.dim() == 2 and hidden.shape[-1] == lora_B.shape[1], lambda: "lora_up_compose: h·Bᵀ shapes")
+    torch._check(result.shape[-1] == lora_B.shape[0] and result.shape[:-1] == hidden.shape[:-1])
+    torch._check(vector.dim() == 1 and vector.shape[0] == result.shape[-1])
 
 
 @triton_op("dora_fused::lora_up_compose", mutates_args=())
@@ -210,12 +286,27 @@ def _lora_up_compose_op(
     scaling: float,
     out_dtype: torch.dtype,
 ) -> Tensor:
-    torch._check(lora_B.dim() == 2 and hidden.shape[-1] == lora_B.shape[1], lambda: "lora_up_compose: h·Bᵀ shapes")
-    torch._check(result.shape[-1] == lora_B.shape[0] and result.shape[:-1] == hidden.shape[:-1])
-    torch._check(magnitude.dim() == 1 and weight_norm.dim() == 1 and magnitude.shape[0] == result.shape[-1])
+    _check_shapes(result, hidden, lora_B, magnitude)
+    torch._check(weight_norm.dim() == 1)
     if result.is_cuda and triton_supports_lora_up_compose(result, hidden, lora_B):
         return lora_up_compose_triton(result, hidden, lora_B, magnitude, weight_norm, bias, scaling, out_dtype)
     return lora_up_compose_reference(result, hidden, lora_B, magnitude, weight_norm, bias, scaling, out_dtype)
+
+
+@triton_op("dora_fused::lora_up_scaled_sum", mutates_args=())
+def _lora_up_scaled_sum_op(
+    result: Tensor,
+    hidden: Tensor,
+    lora_B: Tensor,
+    g: Tensor,
+    bias: Tensor | None,
+    scaling: float,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    _check_shapes(result, hidden, lora_B, g)
+    if result.is_cuda and g.dtype == torch.float32 and triton_supports_lora_up_compose(result, hidden, lora_B):
+        return lora_up_scaled_sum_triton(result, hidden, lora_B, g, bias, scaling, out_dtype)
+    return lora_up_scaled_sum_reference(result, hidden, lora_B, g, bias, scaling, out_dtype)
 
 
 def lora_up_compose(
@@ -236,3 +327,19 @@ def lora_up_compose(
     return torch.ops.dora_fused.lora_up_compose(
         result, hidden, lora_B, magnitude, weight_norm, bias, float(scaling), out_dtype
     )
+
+
+def lora_up_scaled_sum(
+    result: Tensor,
+    hidden: Tensor,
+    lora_B: Tensor,
+    g: Tensor,
+    bias: Tensor | None,
+    scaling: float,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """``g ⊙ (result - b + s·hidden·Bᵀ) + b`` for a given ``g`` (``[d_out]``, no gradient), computed in ``g``'s dtype.
+
+    Shapes as in ``lora_up_compose``. The forward of the training compose (``folded_compose``).
+    """
+    return torch.ops.dora_fused.lora_up_scaled_sum(result, hidden, lora_B, g, bias, float(scaling), out_dtype)

@@ -119,15 +119,15 @@ def _gram_case(dtype: torch.dtype, r: int, count: int) -> int:
     )
 
 
-def _lora_up_case(dtype: torch.dtype, r: int) -> int:
-    options = lora_up_config(r)
+def _lora_up_case(dtype: torch.dtype, adapters: torch.dtype, r: int) -> int:
+    options = lora_up_config(r, adapters)
     launch = dict(num_warps=options.pop("num_warps"), num_stages=options.pop("num_stages", 3))
-    t = _DTYPES[dtype]
-    pointers = dict(RESULT=t, HIDDEN=t, B=t, MAG=t, NORM="fp32", BIAS=t, OUT=t)
+    t, a = _DTYPES[dtype], _DTYPES[adapters]
+    pointers = dict(RESULT=t, HIDDEN=a, B=a, MAG=t, NORM="fp32", BIAS=t, OUT=t)
     return sm90_shared_bytes(
         _lora_up_compose_kernel,
         pointers=pointers,
-        constexprs=dict(options, HAS_BIAS=True),
+        constexprs=dict(options, HAS_BIAS=True, G_GIVEN=False, IEEE=adapters == torch.float32),
         unit=("stride_hr", "stride_br"),
         floats=("scaling",),
         **launch,
@@ -183,7 +183,9 @@ def cases() -> dict[str, int]:
         for r, count in ((16, 1), (16, 3), (384, 1), (384, 3)):
             out[f"gram {_DTYPES[dtype]} r={r} terms={count}"] = _gram_case(dtype, r, count)
         for r in (16, 384):
-            out[f"lora_up {_DTYPES[dtype]} r={r}"] = _lora_up_case(dtype, r)
+            out[f"lora_up {_DTYPES[dtype]} r={r}"] = _lora_up_case(dtype, dtype, r)
+        for r in (8, 64):
+            out[f"lora_up {_DTYPES[dtype]} adapters fp32 r={r}"] = _lora_up_case(dtype, torch.float32, r)
     for quant_type, weight in (("nf4", torch.bfloat16), ("fp4", torch.float16), ("int8", torch.bfloat16)):
         for adapters in (weight, torch.float32):
             for r in (8, 16, 64, 384):

@@ -24,7 +24,15 @@ from dora_fused.kernels.compose import (
 )
 from dora_fused.kernels.factored_norm import dense_row_norm_reference, factored_row_norm_triton
 from dora_fused.kernels.gram import GramPlan, gram_fp32, gram_plan, gram_triton
-from dora_fused.kernels.lora_up_compose import lora_up_compose_reference, lora_up_compose_triton
+from dora_fused.kernels.lora_up_compose import (
+    FP32_MAX_RANK,
+    lora_up_compose_reference,
+    lora_up_compose_triton,
+    lora_up_scaled_sum,
+    lora_up_scaled_sum_reference,
+    lora_up_scaled_sum_triton,
+    triton_supports_lora_up_compose,
+)
 from dora_fused.kernels.norm_plan import norm_plan, norm_splits
 
 DEVICES = [
@@ -266,6 +274,60 @@ def test_lora_up_compose_kernel_matches_fp64(device, dtype, tokens, d_out, r, wi
     # never less precise than the unfused path (LoRA output rounded to the adapter dtype, then composed)
     unfused = lora_up_compose_reference(result, hidden, lora_B, m, n, bias, s, dtype)
     assert (out.double() - exact).abs().max() <= (unfused.double() - exact).abs().max() + ulp.max()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens,d_out,r", [((1,), 1, 1), ((3, 37), 129, 5), ((300,), 20, 40), ((70,), 45, 64)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_lora_up_scaled_sum_kernel_matches_fp64(device, adapter_dtype, tokens, d_out, r, with_bias):
+    """Training's forward: ``g`` given, PEFT's default fp32 adapters (IEEE fp32 product) or bf16 ones, bf16 base."""
+    gen = _gen(device, "scaled_sum", adapter_dtype, tokens, d_out, r, with_bias)
+    result = (torch.randn(*tokens, d_out, device=device, generator=gen) * 3).bfloat16()
+    hidden = torch.randn(*tokens, r, device=device, generator=gen).to(adapter_dtype)
+    lora_B = (torch.randn(d_out, r, device=device, generator=gen) / r**0.5).to(adapter_dtype)
+    g = torch.rand(d_out, device=device, generator=gen) + 0.5
+    bias = torch.randn(d_out, device=device, generator=gen).bfloat16() if with_bias else None
+    s = 0.75
+
+    out = lora_up_scaled_sum_triton(result, hidden, lora_B, g, bias, s, torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and out.shape == result.shape
+    b64 = bias.double() if with_bias else 0.0
+    exact = g.double() * (result.double() - b64 + s * (hidden.double() @ lora_B.double().T)) + b64
+    ulp = torch.finfo(torch.bfloat16).eps * exact.abs()
+    # r products (exact in fp32 for bf16 operands, rounded for fp32 ones) accumulated in fp32
+    accumulation = (r + 1) * 2**-24 * g.double() * s * (hidden.double().abs() @ lora_B.double().abs().T)
+    fp32_math = 2**-22 * exact.abs()
+    assert (
+        (out.double() - exact).abs() <= _ulp_slack(torch.bfloat16, device) * ulp + fp32_math + accumulation + 1e-30
+    ).all()
+    unfused = lora_up_scaled_sum_reference(result, hidden, lora_B, g, bias, s, torch.bfloat16)
+    assert (out.double() - exact).abs().max() <= (unfused.double() - exact).abs().max() + ulp.max()
+
+
+def test_lora_up_scaled_sum_off_cuda_is_the_reference_bit_for_bit():
+    """The op's CPU branch is the unfused up-projection then the fp32 sum: what the training compose ran before."""
+    gen = torch.Generator().manual_seed(3)
+    result = torch.randn(2, 9, 33, generator=gen).bfloat16()
+    hidden, lora_B = torch.randn(2, 9, 6, generator=gen), torch.randn(33, 6, generator=gen)
+    g, bias = torch.rand(33, generator=gen) + 0.5, torch.randn(33, generator=gen).bfloat16()
+    got = lora_up_scaled_sum(result, hidden, lora_B, g, bias, 0.5, torch.bfloat16)
+    assert torch.equal(got, lora_up_scaled_sum_reference(result, hidden, lora_B, g, bias, 0.5, torch.bfloat16))
+
+
+def test_lora_up_kernel_takes_fp32_adapters_up_to_its_rank_bound():
+    """16-bit adapters at any rank; fp32 ones (an IEEE fp32 product) up to FP32_MAX_RANK; no mixed pair, no fp64."""
+    result = torch.ones(4, 8, dtype=torch.bfloat16)
+
+    def supports(dtype, r, b_dtype=None):
+        return triton_supports_lora_up_compose(
+            result, torch.ones(4, r, dtype=dtype), torch.ones(8, r, dtype=b_dtype or dtype)
+        )
+
+    assert supports(torch.bfloat16, 384) and supports(torch.float16, 16)
+    assert supports(torch.float32, FP32_MAX_RANK) and not supports(torch.float32, FP32_MAX_RANK + 1)
+    assert not supports(torch.float32, 8, torch.bfloat16) and not supports(torch.float64, 8)
+    assert not triton_supports_lora_up_compose(result.float(), torch.ones(4, 8), torch.ones(8, 8))
 
 
 def test_triton_dtype_support():
