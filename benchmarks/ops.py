@@ -9,7 +9,7 @@ Questions (``--parts``):
    plain-torch one (``ops="auto"`` in ``passes/heuristics.py``)?
 4. ``lora_up``: is the LoRA up-projection with the compose in its epilogue faster than
    cuBLAS's ``h·Bᵀ`` followed by Inductor's compose, and which tiles suit it (``lora_up_config``),
-   for bf16 adapters and for fp32 ones (an IEEE fp32 product, ranks ≤ ``FP32_MAX_RANK``)?
+   for bf16 adapters and for fp32 ones (an IEEE fp32 product, or their bf16 terms on tensor cores)?
 5. ``refinement``: what does the ill-conditioned-row check cost the Triton norm, with no row
    flagged and with ``--flagged`` rows made to cancel (their dense recomputation included)?
 6. ``sweep``, ``gram``, ``parts`` (tuning): which tile configuration suits the fused norm kernel
@@ -39,7 +39,7 @@ from torch._library.triton import set_wrap_triton_enabled
 from dora_fused.kernels import compose_reference, dense_row_norm_reference, factored_row_norm_torch
 from dora_fused.kernels.factored_norm import factored_row_norm_reference, factored_row_norm_triton
 from dora_fused.kernels.ill_conditioned_rows import refine_ill_conditioned_rows_triton
-from dora_fused.kernels.lora_up_compose import FP32_MAX_RANK, lora_up_compose_triton, lora_up_config
+from dora_fused.kernels.lora_up_compose import FP32_TERMS, IEEE_FP32, lora_up_compose_triton, lora_up_config
 from dora_fused.kernels.products import product
 
 from timing import peak_mb, summarize, time_back_to_back, time_cuda_graph, write_json
@@ -93,36 +93,40 @@ def bench_compose(tokens: int, copy_gbs: float) -> list[dict]:
     return rows
 
 
-LORA_UP_TILES = {  # name: (BLOCK_T, BLOCK_N, num_warps, num_stages)
+def _tiles(bt: int, bn: int, warps: int, stages: int, **more: int) -> dict[str, int]:
+    return dict(BLOCK_T=bt, BLOCK_N=bn, GROUP_T=8, num_warps=warps, num_stages=stages, **more)
+
+
+LORA_UP_TILES = {  # adapters: {name: the kernel's options besides BLOCK_R}
     torch.bfloat16: {
-        "T128 N256 w8 s3": (128, 256, 8, 3),
-        "T64 N128 w4 s4": (64, 128, 4, 4),
-        "T128 N128 w4 s4": (128, 128, 4, 4),
-        "T64 N256 w8 s3": (64, 256, 8, 3),
+        "T128 N256 w8 s3": _tiles(128, 256, 8, 3),
+        "T64 N128 w4 s4": _tiles(64, 128, 4, 4),
+        "T128 N128 w4 s4": _tiles(128, 128, 4, 4),
+        "T64 N256 w8 s3": _tiles(64, 256, 8, 3),
     },
     torch.float32: {
-        "T64 N128 w8 s2": (64, 128, 8, 2),
-        "T64 N128 w4 s2": (64, 128, 4, 2),
-        "T64 N64 w4 s2": (64, 64, 4, 2),
-        "T128 N128 w8 s2": (128, 128, 8, 2),
-        "T32 N128 w4 s3": (32, 128, 4, 3),
+        "ieee T64 N64 w4 s2": _tiles(64, 64, 4, 2, PRODUCT=IEEE_FP32),
+        "ieee T128 N128 w8 s2": _tiles(128, 128, 8, 2, PRODUCT=IEEE_FP32),
+        "terms T64 N128 w4 s3": _tiles(64, 128, 4, 3, PRODUCT=FP32_TERMS),
+        "terms T128 N128 w8 s3": _tiles(128, 128, 8, 3, PRODUCT=FP32_TERMS),
+        "terms T128 N256 w8 s3": _tiles(128, 256, 8, 3, PRODUCT=FP32_TERMS),
     },
 }
 
 
-def bench_lora_up(tokens: int, ranks: list[int]) -> list[dict]:
-    """``out = g·(result + s·h·Bᵀ)``, bf16 ``result``: unfused (cuBLAS, then Inductor's compose) vs the kernel's tiles.
+def bench_lora_up(tokens: int, ranks: list[int], adapter_dtypes: list[torch.dtype]) -> list[dict]:
+    """``out = g·(result + s·h·Bᵀ)``, bf16 ``result``: unfused (cuBLAS, then Inductor's compose) vs the kernel.
 
-    bf16 adapters at every rank; fp32 adapters at the ranks up to ``FP32_MAX_RANK``.
+    bf16 and fp32 adapters (PEFT's default; the kernel's IEEE fp32 product or its bf16 terms on
+    tensor cores) at every rank. Timed with a bf16 output; ``err`` (max error relative to the
+    largest output, against fp64) from an fp32 output, where the product's own precision shows.
     """
     rows = []
     compose = torch.compile(compose_reference)
-    for adapters, tiles in LORA_UP_TILES.items():
-        configs = {"default": None}
-        for name, (bt, bn, warps, stages) in tiles.items():
-            configs[name] = dict(BLOCK_T=bt, BLOCK_N=bn, GROUP_T=8, num_warps=warps, num_stages=stages)
-        for r in ranks if adapters != torch.float32 else [r for r in ranks if r <= FP32_MAX_RANK]:
-            for d_out in (4096, 8192, 14336):
+    for adapters in adapter_dtypes:
+        configs = {"default": None, **LORA_UP_TILES[adapters]}
+        for r in ranks:
+            for d_out in (4096, 14336):
                 gen = torch.Generator(device="cuda").manual_seed(d_out + r)
                 res = torch.randn(tokens, d_out, device="cuda", generator=gen).bfloat16()
                 h = torch.randn(tokens, r, device="cuda", generator=gen).to(adapters)
@@ -130,16 +134,16 @@ def bench_lora_up(tokens: int, ranks: list[int]) -> list[dict]:
                 m = (torch.rand(d_out, device="cuda", generator=gen) + 1).bfloat16()
                 n = torch.rand(d_out, device="cuda", generator=gen) + 1
                 exact = (m.double() / n.double()) * (res.double() + 0.5 * (h.double() @ b.double().T))
-                cases = {"unfused": lambda: compose(res, h @ b.T, m, n, None, 0.5, torch.bfloat16)}
+                cases = {"unfused": lambda out=torch.bfloat16: compose(res, h @ b.T, m, n, None, 0.5, out)}
                 for name, cfg in configs.items():
                     cfg = None if cfg is None else {**cfg, "BLOCK_R": lora_up_config(r, adapters)["BLOCK_R"]}
-                    cases[name] = lambda cfg=cfg: lora_up_compose_triton(
-                        res, h, b, m, n, None, 0.5, torch.bfloat16, cfg
+                    cases[name] = lambda out=torch.bfloat16, cfg=cfg: lora_up_compose_triton(
+                        res, h, b, m, n, None, 0.5, out, cfg
                     )
                 for case, fn in cases.items():
-                    err = ((fn().double() - exact).abs().max() / exact.abs().max()).item()
+                    err = ((fn(torch.float32).double() - exact).abs().max() / exact.abs().max()).item()
                     t = timed(fn)
-                    gbs = 2 * tokens * d_out * 2 / (t["ms"] * 1e-3) / 1e9  # result read + output written
+                    gbs = 2 * tokens * d_out * 2 / (t["ms"] * 1e-3) / 1e9  # bf16 result read + output written
                     adapter_name = "fp32" if adapters == torch.float32 else "bf16"
                     row = dict(op="lora_up", case=case, adapters=adapter_name, d_out=d_out, r=r, **t, gbs=gbs, err=err)
                     rows.append(row)
@@ -446,6 +450,7 @@ def main() -> None:
         default="compose,norm,small,lora_up",
         help="any of compose,norm,small,lora_up,refinement,sweep,gram,parts",
     )
+    parser.add_argument("--lora-up-adapters", default="bf16,fp32", help="lora_up: adapter dtypes, of bf16,fp32")
     parser.add_argument("--flagged", type=int, default=16, help="refinement: rows made to cancel")
     parser.add_argument("--calls", type=int, default=50, help="refinement: calls back to back per timing")
     parser.add_argument("--reps", type=int, default=20, help="refinement: timings per case")
@@ -469,7 +474,8 @@ def main() -> None:
     if "small" in parts:
         rows += bench_small(512)
     if "lora_up" in parts:
-        rows += bench_lora_up(args.tokens, ranks)
+        names = {"bf16": torch.bfloat16, "fp32": torch.float32}
+        rows += bench_lora_up(args.tokens, ranks, [names[a] for a in args.lora_up_adapters.split(",")])
     if "refinement" in parts:
         rows += bench_refinement(ranks, args.flagged, args.calls, args.reps)
     print(write_json(args.json, rows, copy_gbs=copy_gbs, tokens=args.tokens))

@@ -32,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .common import as_rows, feature_vectors, scale_and_bias
+from .common import as_rows, bf16_terms, dot_terms, feature_vectors, scale_and_bias
 from .compose import compose_reference, scaled_sum
 
 __all__ = [
@@ -103,7 +103,7 @@ def _lora_up_compose_kernel(
     stride_br,
     HAS_BIAS: tl.constexpr,
     G_GIVEN: tl.constexpr,
-    IEEE: tl.constexpr,
+    PRODUCT: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -111,8 +111,10 @@ def _lora_up_compose_kernel(
 ):
     """``out[t, j] = g_j·(result[t, j] - b_j + s·Σ_k hidden[t, k]·B[j, k]) + b_j`` for one tile.
 
-    ``g = m / n`` from ``MAG`` and ``NORM``, or ``MAG`` itself where ``G_GIVEN``. ``IEEE``:
-    fp32 operands multiplied in IEEE fp32 (not TF32). Programs walk ``GROUP_T`` token tiles
+    ``g = m / n`` from ``MAG`` and ``NORM``, or ``MAG`` itself where ``G_GIVEN``. ``PRODUCT``:
+    ``TENSOR_CORES`` (16-bit operands), ``IEEE_FP32`` (fp32 operands on FMA units, not TF32) or
+    ``FP32_TERMS`` (fp32 operands as three bf16 terms each, ``dot_terms`` on tensor cores, each
+    block's sum started from zero and added in fp32). Programs walk ``GROUP_T`` token tiles
     down one column band before the next, so the band of ``B`` and the rows of ``hidden``
     are reused from L2.
     """
@@ -141,8 +143,12 @@ def _lora_up_compose_kernel(
         b_t = tl.load(
             B + cols[None, :] * stride_bn + ks[:, None] * stride_br, mask=kmask[:, None] & cmask[None, :], other=0.0
         )
-        if IEEE:
+        if PRODUCT == 1:  # IEEE_FP32
             acc = tl.dot(h, b_t, acc, input_precision="ieee")
+        elif PRODUCT == 2:  # FP32_TERMS
+            h0, h1, h2 = bf16_terms(h, 3)
+            b0, b1, b2 = bf16_terms(b_t, 3)
+            acc += dot_terms(h0, h1, h2, b0, b1, b2, tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32), 3, 3)
         else:
             acc = tl.dot(h, b_t, acc)
 
@@ -162,6 +168,7 @@ def _lora_up_compose_kernel(
 # Launcher (also runs eagerly on CPU tensors under TRITON_INTERPRET=1)
 
 _TRITON_DTYPES = (torch.bfloat16, torch.float16)
+TENSOR_CORES, IEEE_FP32, FP32_TERMS = 0, 1, 2  # the kernel's PRODUCT
 # The highest rank at which fp32 adapters are multiplied in the kernel (IEEE fp32, no tensor cores): the
 # product's FMAs grow with the rank, the [tokens, d_out] round trip it saves does not.
 FP32_MAX_RANK = 64
@@ -177,21 +184,24 @@ def triton_supports_lora_up_compose(result: Tensor, hidden: Tensor, lora_B: Tens
 
 
 def lora_up_config(r: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
-    """Tile sizes of ``_lora_up_compose_kernel`` for rank ``r`` and adapters of ``dtype``.
+    """Tile sizes and product of ``_lora_up_compose_kernel`` for rank ``r`` and adapters of ``dtype``.
 
     16-bit, from an H100 sweep at 4096 tokens, d_out 4096-14336 (``benchmarks/ops.py --parts
     lora_up``, docs/benchmarks.md): at r = 16 small tiles keep the pass at the copy
     bandwidth; at r = 384 wide ones halve the reloads of ``h``. fp32 (r ≤ ``FP32_MAX_RANK``):
-    the 16-bit small-rank tiles with ``BLOCK_R`` ≤ 32, the fp32 ``h`` and ``B`` tiles
-    staged twice. Independent of the token count, which is symbolic when Inductor
-    traces the launcher under dynamic shapes.
+    the IEEE fp32 product, in the 16-bit small-rank tiles with ``BLOCK_R`` ≤ 32, the fp32
+    ``h`` and ``B`` tiles staged twice. Independent of the token count, which is symbolic
+    when Inductor traces the launcher under dynamic shapes.
     """
     block_r = min(64, max(16, triton.next_power_of_2(r)))
     if dtype == torch.float32:
-        return dict(BLOCK_T=64, BLOCK_N=128, BLOCK_R=min(32, block_r), GROUP_T=8, num_warps=8, num_stages=2)
+        tiles = dict(BLOCK_T=64, BLOCK_N=128, BLOCK_R=min(32, block_r), GROUP_T=8, num_warps=8, num_stages=2)
+        return tiles | dict(PRODUCT=IEEE_FP32)
     if r <= 64:
-        return dict(BLOCK_T=64, BLOCK_N=128, BLOCK_R=block_r, GROUP_T=8, num_warps=4, num_stages=4)
-    return dict(BLOCK_T=128, BLOCK_N=256, BLOCK_R=block_r, GROUP_T=8, num_warps=8, num_stages=3)
+        tiles = dict(BLOCK_T=64, BLOCK_N=128, BLOCK_R=block_r, GROUP_T=8, num_warps=4, num_stages=4)
+    else:
+        tiles = dict(BLOCK_T=128, BLOCK_N=256, BLOCK_R=block_r, GROUP_T=8, num_warps=8, num_stages=3)
+    return tiles | dict(PRODUCT=TENSOR_CORES)
 
 
 def _launch(
@@ -209,7 +219,9 @@ def _launch(
     res, h = as_rows(result), hidden.reshape(-1, hidden.shape[-1])
     (t, n), r = res.shape, h.shape[1]
     out = torch.empty(result.shape, dtype=out_dtype, device=result.device)
-    cfg = config if config is not None else lora_up_config(r, h.dtype)
+    cfg = lora_up_config(r, h.dtype) | (config or {})
+    if h.dtype == torch.float32 and cfg["PRODUCT"] == TENSOR_CORES:
+        raise ValueError("fp32 adapters need PRODUCT=IEEE_FP32 or FP32_TERMS (a plain tensor-core dot is TF32)")
     grid = (triton.cdiv(t, cfg["BLOCK_T"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     wrap_triton(_lora_up_compose_kernel)[grid](
         res,
@@ -227,7 +239,6 @@ def _launch(
         lora_B.stride(1),
         HAS_BIAS=bias is not None,
         G_GIVEN=g_given,
-        IEEE=h.dtype == torch.float32,
         **cfg,
     )
     return out
@@ -244,7 +255,7 @@ def lora_up_compose_triton(
     out_dtype: torch.dtype,
     config: dict[str, int] | None = None,
 ) -> Tensor:
-    """The fused up-projection and compose as one Triton kernel; ``config`` overrides ``lora_up_config``."""
+    """The fused up-projection and compose as one Triton kernel; ``config`` overrides keys of ``lora_up_config``."""
     vectors = feature_vectors(magnitude, weight_norm, bias)
     return _launch(result, hidden, lora_B, vectors, bias, scaling, out_dtype, False, config)
 
@@ -259,7 +270,7 @@ def lora_up_scaled_sum_triton(
     out_dtype: torch.dtype,
     config: dict[str, int] | None = None,
 ) -> Tensor:
-    """The same kernel with ``g`` given (fp32 ``[d_out]``); ``config`` overrides ``lora_up_config``."""
+    """The same kernel with ``g`` given (fp32 ``[d_out]``); ``config`` overrides keys of ``lora_up_config``."""
     g = g.contiguous()
     vectors = (g, g, bias.contiguous() if bias is not None else g)  # NORM is not read
     return _launch(result, hidden, lora_B, vectors, bias, scaling, out_dtype, True, config)

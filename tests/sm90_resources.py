@@ -28,7 +28,7 @@ from triton.compiler import ASTSource
 from dora_fused.kernels import factored_norm as fn  # the modules (kernels/__init__ exports functions)
 from dora_fused.kernels import gram
 from dora_fused.kernels import quantized_norm as qn
-from dora_fused.kernels.lora_up_compose import _lora_up_compose_kernel, lora_up_config
+from dora_fused.kernels.lora_up_compose import FP32_TERMS, _lora_up_compose_kernel, lora_up_config
 from dora_fused.kernels.norm_plan import norm_plan
 
 H100_SHARED_BYTES = 232448  # the most dynamic shared memory one block may use on an H100 / H200 (227 KB)
@@ -119,15 +119,15 @@ def _gram_case(dtype: torch.dtype, r: int, count: int) -> int:
     )
 
 
-def _lora_up_case(dtype: torch.dtype, adapters: torch.dtype, r: int) -> int:
-    options = lora_up_config(r, adapters)
+def _lora_up_case(dtype: torch.dtype, adapters: torch.dtype, r: int, **overrides: int) -> int:
+    options = lora_up_config(r, adapters) | overrides
     launch = dict(num_warps=options.pop("num_warps"), num_stages=options.pop("num_stages", 3))
     t, a = _DTYPES[dtype], _DTYPES[adapters]
     pointers = dict(RESULT=t, HIDDEN=a, B=a, MAG=t, NORM="fp32", BIAS=t, OUT=t)
     return sm90_shared_bytes(
         _lora_up_compose_kernel,
         pointers=pointers,
-        constexprs=dict(options, HAS_BIAS=True, G_GIVEN=False, IEEE=adapters == torch.float32),
+        constexprs=dict(options, HAS_BIAS=True, G_GIVEN=False),
         unit=("stride_hr", "stride_br"),
         floats=("scaling",),
         **launch,
@@ -186,6 +186,8 @@ def cases() -> dict[str, int]:
             out[f"lora_up {_DTYPES[dtype]} r={r}"] = _lora_up_case(dtype, dtype, r)
         for r in (8, 64):
             out[f"lora_up {_DTYPES[dtype]} adapters fp32 r={r}"] = _lora_up_case(dtype, torch.float32, r)
+            terms = _lora_up_case(dtype, torch.float32, r, PRODUCT=FP32_TERMS)
+            out[f"lora_up {_DTYPES[dtype]} adapters fp32 as terms r={r}"] = terms
     for quant_type, weight in (("nf4", torch.bfloat16), ("fp4", torch.float16), ("int8", torch.bfloat16)):
         for adapters in (weight, torch.float32):
             for r in (8, 16, 64, 384):

@@ -26,6 +26,7 @@ from dora_fused.kernels.factored_norm import dense_row_norm_reference, factored_
 from dora_fused.kernels.gram import GramPlan, gram_fp32, gram_plan, gram_triton
 from dora_fused.kernels.lora_up_compose import (
     FP32_MAX_RANK,
+    FP32_TERMS,
     lora_up_compose_reference,
     lora_up_compose_triton,
     lora_up_scaled_sum,
@@ -277,11 +278,19 @@ def test_lora_up_compose_kernel_matches_fp64(device, dtype, tokens, d_out, r, wi
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "adapter_dtype,config",
+    [(torch.bfloat16, None), (torch.float32, None), (torch.float32, dict(PRODUCT=FP32_TERMS))],
+    ids=["bf16", "fp32", "fp32-terms"],
+)
 @pytest.mark.parametrize("tokens,d_out,r", [((1,), 1, 1), ((3, 37), 129, 5), ((300,), 20, 40), ((70,), 45, 64)])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_lora_up_scaled_sum_kernel_matches_fp64(device, adapter_dtype, tokens, d_out, r, with_bias):
-    """Training's forward: ``g`` given, PEFT's default fp32 adapters (IEEE fp32 product) or bf16 ones, bf16 base."""
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_lora_up_scaled_sum_kernel_matches_fp64(device, adapter_dtype, config, tokens, d_out, r, with_bias, out_dtype):
+    """Training's forward: ``g`` given, bf16 base; bf16 adapters, or PEFT's default fp32 ones (IEEE fp32, or terms).
+
+    An fp32 output shows the product's own precision (a TF32 or bf16 product would fail it).
+    """
     gen = _gen(device, "scaled_sum", adapter_dtype, tokens, d_out, r, with_bias)
     result = (torch.randn(*tokens, d_out, device=device, generator=gen) * 3).bfloat16()
     hidden = torch.randn(*tokens, r, device=device, generator=gen).to(adapter_dtype)
@@ -290,18 +299,19 @@ def test_lora_up_scaled_sum_kernel_matches_fp64(device, adapter_dtype, tokens, d
     bias = torch.randn(d_out, device=device, generator=gen).bfloat16() if with_bias else None
     s = 0.75
 
-    out = lora_up_scaled_sum_triton(result, hidden, lora_B, g, bias, s, torch.bfloat16)
-    assert out.dtype == torch.bfloat16 and out.shape == result.shape
+    out = lora_up_scaled_sum_triton(result, hidden, lora_B, g, bias, s, out_dtype, config)
+    assert out.dtype == out_dtype and out.shape == result.shape
     b64 = bias.double() if with_bias else 0.0
     exact = g.double() * (result.double() - b64 + s * (hidden.double() @ lora_B.double().T)) + b64
-    ulp = torch.finfo(torch.bfloat16).eps * exact.abs()
-    # r products (exact in fp32 for bf16 operands, rounded for fp32 ones) accumulated in fp32
-    accumulation = (r + 1) * 2**-24 * g.double() * s * (hidden.double().abs() @ lora_B.double().abs().T)
+    ulp = torch.finfo(out_dtype).eps * exact.abs()
+    # r products (exact in fp32 for bf16 operands, rounded for fp32 ones; as terms, the dropped term products
+    # of order 3 and 4 are under 2^-23 of each) accumulated in fp32
+    accumulation = (r + 4) * 2**-24 * g.double() * s * (hidden.double().abs() @ lora_B.double().abs().T)
     fp32_math = 2**-22 * exact.abs()
     assert (
-        (out.double() - exact).abs() <= _ulp_slack(torch.bfloat16, device) * ulp + fp32_math + accumulation + 1e-30
+        (out.double() - exact).abs() <= _ulp_slack(out_dtype, device) * ulp + fp32_math + accumulation + 1e-30
     ).all()
-    unfused = lora_up_scaled_sum_reference(result, hidden, lora_B, g, bias, s, torch.bfloat16)
+    unfused = lora_up_scaled_sum_reference(result, hidden, lora_B, g, bias, s, out_dtype)
     assert (out.double() - exact).abs().max() <= (unfused.double() - exact).abs().max() + ulp.max()
 
 
