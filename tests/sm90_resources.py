@@ -28,7 +28,7 @@ from triton.compiler import ASTSource
 from dora_fused.kernels import factored_norm as fn  # the modules (kernels/__init__ exports functions)
 from dora_fused.kernels import gram
 from dora_fused.kernels import quantized_norm as qn
-from dora_fused.kernels.lora_up_compose import FP32_TERMS, _lora_up_compose_kernel, lora_up_config
+from dora_fused.kernels.lora_up_compose import IEEE_FP32, _lora_up_compose_kernel, lora_up_config
 from dora_fused.kernels.norm_plan import norm_plan
 
 H100_SHARED_BYTES = 232448  # the most dynamic shared memory one block may use on an H100 / H200 (227 KB)
@@ -184,10 +184,10 @@ def cases() -> dict[str, int]:
             out[f"gram {_DTYPES[dtype]} r={r} terms={count}"] = _gram_case(dtype, r, count)
         for r in (16, 384):
             out[f"lora_up {_DTYPES[dtype]} r={r}"] = _lora_up_case(dtype, dtype, r)
-        for r in (8, 64):
+        for r in (8, 64, 384):
             out[f"lora_up {_DTYPES[dtype]} adapters fp32 r={r}"] = _lora_up_case(dtype, torch.float32, r)
-            terms = _lora_up_case(dtype, torch.float32, r, PRODUCT=FP32_TERMS)
-            out[f"lora_up {_DTYPES[dtype]} adapters fp32 as terms r={r}"] = terms
+            ieee = _lora_up_case(dtype, torch.float32, r, PRODUCT=IEEE_FP32)
+            out[f"lora_up {_DTYPES[dtype]} adapters fp32 in IEEE fp32 r={r}"] = ieee
     for quant_type, weight in (("nf4", torch.bfloat16), ("fp4", torch.float16), ("int8", torch.bfloat16)):
         for adapters in (weight, torch.float32):
             for r in (8, 16, 64, 384):

@@ -25,8 +25,7 @@ from dora_fused.kernels.compose import (
 from dora_fused.kernels.factored_norm import dense_row_norm_reference, factored_row_norm_triton
 from dora_fused.kernels.gram import GramPlan, gram_fp32, gram_plan, gram_triton
 from dora_fused.kernels.lora_up_compose import (
-    FP32_MAX_RANK,
-    FP32_TERMS,
+    IEEE_FP32,
     lora_up_compose_reference,
     lora_up_compose_triton,
     lora_up_scaled_sum,
@@ -280,14 +279,14 @@ def test_lora_up_compose_kernel_matches_fp64(device, dtype, tokens, d_out, r, wi
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "adapter_dtype,config",
-    [(torch.bfloat16, None), (torch.float32, None), (torch.float32, dict(PRODUCT=FP32_TERMS))],
-    ids=["bf16", "fp32", "fp32-terms"],
+    [(torch.bfloat16, None), (torch.float32, None), (torch.float32, dict(PRODUCT=IEEE_FP32))],
+    ids=["bf16", "fp32", "fp32-ieee"],
 )
 @pytest.mark.parametrize("tokens,d_out,r", [((1,), 1, 1), ((3, 37), 129, 5), ((300,), 20, 40), ((70,), 45, 64)])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 def test_lora_up_scaled_sum_kernel_matches_fp64(device, adapter_dtype, config, tokens, d_out, r, with_bias, out_dtype):
-    """Training's forward: ``g`` given, bf16 base; bf16 adapters, or PEFT's default fp32 ones (IEEE fp32, or terms).
+    """Training's forward: ``g`` given, bf16 base; bf16 adapters, or PEFT's default fp32 ones (as terms, or IEEE fp32).
 
     An fp32 output shows the product's own precision (a TF32 or bf16 product would fail it).
     """
@@ -325,8 +324,8 @@ def test_lora_up_scaled_sum_off_cuda_is_the_reference_bit_for_bit():
     assert torch.equal(got, lora_up_scaled_sum_reference(result, hidden, lora_B, g, bias, 0.5, torch.bfloat16))
 
 
-def test_lora_up_kernel_takes_fp32_adapters_up_to_its_rank_bound():
-    """16-bit adapters at any rank; fp32 ones (an IEEE fp32 product) up to FP32_MAX_RANK; no mixed pair, no fp64."""
+def test_lora_up_kernel_takes_16_and_32_bit_adapters():
+    """16-bit and fp32 adapters at any rank, with a 16-bit base output; no mixed pair, no fp64."""
     result = torch.ones(4, 8, dtype=torch.bfloat16)
 
     def supports(dtype, r, b_dtype=None):
@@ -335,7 +334,7 @@ def test_lora_up_kernel_takes_fp32_adapters_up_to_its_rank_bound():
         )
 
     assert supports(torch.bfloat16, 384) and supports(torch.float16, 16)
-    assert supports(torch.float32, FP32_MAX_RANK) and not supports(torch.float32, FP32_MAX_RANK + 1)
+    assert supports(torch.float32, 8) and supports(torch.float32, 384)
     assert not supports(torch.float32, 8, torch.bfloat16) and not supports(torch.float64, 8)
     assert not triton_supports_lora_up_compose(result.float(), torch.ones(4, 8), torch.ones(8, 8))
 
