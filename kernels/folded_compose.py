@@ -75,8 +75,9 @@ class _FoldedLoraUpCompose(torch.autograd.Function):
         # converted as it is, the conversion is one node with the forward's, and the partitioner saved that
         # fp32 [tokens, d_out] tensor instead (seen on an H100, bf16, torch 2.11)
         dy_rows = grad_out.reshape(-1, grad_out.shape[-1])
+        dy = dy_rows.to(hidden.dtype)  # no copy where the dtypes agree
         d_result = (g * grad_out).to(result.dtype) if needs[0] else None
-        d_hidden, d_lora_B, d_g_lora = _up_projection_grads(dy_rows, hidden, lora_B, g, s, needs[1:4])
+        d_hidden, d_lora_B, d_g_lora = _up_projection_grads(dy, hidden, lora_B, g, s, needs[1:4])
         d_g = d_bias = None
         if needs[3]:
             base = result.reshape(dy_rows.shape).to(acc)
@@ -90,18 +91,15 @@ class _FoldedLoraUpCompose(torch.autograd.Function):
 def _up_projection_grads(
     dy: Tensor, hidden: Tensor, lora_B: Tensor, g: Tensor, s: float, needs: tuple[bool, bool, bool]
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """``(dh, dB, s·Σ_r P ⊙ B)`` of the term ``g·s ⊙ h·Bᵀ`` for ``dy [tokens, d_out]`` in its own dtype.
+    """``(dh, dB, s·Σ_r P ⊙ B)`` of the term ``g·s ⊙ h·Bᵀ`` for ``dy [tokens, d_out]`` in ``h``'s dtype.
 
-    ``needs``: whether ``h``, ``B`` and ``g`` need gradients; ``None`` where not. Where ``dy``
-    and the adapters differ in dtype (a bf16 gradient, fp32 adapters), both products read
-    ``dy`` as it is (``products.product``): no fp32 copy of the ``[tokens, d_out]`` gradient.
+    ``needs``: whether ``h``, ``B`` and ``g`` need gradients; ``None`` where not.
     """
     acc = g.dtype
     d_hidden = d_lora_B = d_g = None
     if needs[0]:
         folded_B = ((s * g)[:, None] * lora_B.to(acc)).to(lora_B.dtype)
-        same = dy.dtype == folded_B.dtype
-        d_hidden = (dy @ folded_B if same else product(dy, folded_B, acc).to(hidden.dtype)).reshape(hidden.shape)
+        d_hidden = (dy @ folded_B).reshape(hidden.shape)
     if needs[1] or needs[2]:
         products = product(dy.T, hidden.reshape(-1, hidden.shape[-1]), acc)  # P = dyᵀ·h, [d_out, r]
         if needs[1]:
@@ -133,7 +131,9 @@ class _FoldedLoraUpComposeWithBase(torch.autograd.Function):
         dy_rows = grad_out.reshape(-1, grad_out.shape[-1])  # 2-D views: see _FoldedLoraUpCompose.backward
         d_result = grad_out.to(ctx.result_dtype) if needs[0] else None
         d_base = ((g - 1.0) * grad_out).to(base.dtype) if needs[1] else None
-        d_hidden, d_lora_B, d_g_lora = _up_projection_grads(dy_rows, hidden, lora_B, g, ctx.scaling, needs[2:5])
+        d_hidden, d_lora_B, d_g_lora = _up_projection_grads(
+            dy_rows.to(hidden.dtype), hidden, lora_B, g, ctx.scaling, needs[2:5]
+        )
         d_g = (dy_rows * base.reshape(dy_rows.shape).to(g.dtype)).sum(0) + d_g_lora if needs[4] else None
         return d_result, d_base, d_hidden, d_lora_B, d_g, None, None
 

@@ -188,7 +188,7 @@ def lora_up_config(r: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, int
     bandwidth; at r = 384 wide ones halve the reloads of ``h``. fp32: the terms product in
     the 16-bit small-rank tiles with ``BLOCK_R`` ≤ 32, at every rank (the same sweep with
     fp32 adapters, r = 16, 64, 384: 1.5-2.6× faster than cuBLAS's fp32 GEMM then Inductor's
-    compose; the IEEE fp32 product was 1.3× faster at r = 16 and up to 3× slower at 384).
+    compose; the IEEE fp32 product was 1.4-1.5× faster at r = 16, 2-3× slower at r = 384).
     Independent of the token count, which is symbolic when Inductor traces the launcher
     under dynamic shapes.
     """
