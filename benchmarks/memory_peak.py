@@ -5,6 +5,9 @@ inputs and compile are those of benchmarks/models.py. One process per contender 
 to compare): two untimed steps, then one step with CUDA's allocator history recorded. The
 history is replayed to find the moment of the step's peak; the allocations alive then are
 grouped by the innermost frame in generated (Inductor) or project code, with that line's text.
+For a buffer allocated in Inductor's generated code, the group also names what writes it: the
+first later line that names the buffer (an extern call such as ``extern_kernels.mm``, or a
+Triton kernel's launch, with the ATen ops Inductor made that kernel from).
 
     python benchmarks/memory_peak.py --case llama8b-r384-bf16-train --contender dora_fused --layers 2
     python benchmarks/memory_peak.py --case llama8b-r384-bf16-train --contender inductor --layers 2
@@ -19,6 +22,7 @@ import argparse
 import collections
 import linecache
 import os
+import re
 import sys
 
 import torch
@@ -52,13 +56,56 @@ def replay_peak(trace: list[dict]) -> tuple[int, list[dict]]:
     return peak, list(live.values())
 
 
+def _original_aten(lines: list[str], at: int, kernel: str | None) -> str:
+    """The ``Original ATen`` ops Inductor noted for the call at ``lines[at]`` ('' if none).
+
+    Inductor writes them in a comment just above the call, or above the kernel's definition.
+    """
+    for comment in reversed(lines[max(0, at - 3) : at]):
+        if "Original ATen:" in comment:
+            return comment.split("Original ATen:", 1)[1].strip()
+    if kernel is None:
+        return ""
+    definition = re.compile(rf"^{re.escape(kernel)} = async_compile\.\w+\(")
+    start = next((index for index, text in enumerate(lines) if definition.match(text)), None)
+    if start is None:
+        return ""
+    for comment in reversed(lines[max(0, start - 12) : start]):
+        if "Original ATen:" in comment:
+            return comment.split("Original ATen:", 1)[1].strip()
+    return ""
+
+
+def producer(filename: str, line: int) -> str:
+    """What writes the buffer allocated at ``filename:line`` (1-based) of generated code ('' if not an allocation).
+
+    The first later line that names the buffer (an extern call, or a kernel's launch), with the
+    ATen ops Inductor noted for it.
+    """
+    allocation = re.match(r"\s*(\w+) = empty_strided", linecache.getline(filename, line))
+    if allocation is None:
+        return ""
+    lines = linecache.getlines(filename)
+    name = re.compile(rf"\b{allocation.group(1)}\b")
+    at = next((index for index in range(line, len(lines)) if name.search(lines[index])), None)
+    if at is None:
+        return ""
+    call = lines[at].strip()
+    launch = re.match(r"(\w+)(?:\.run)?\(", call)  # a Triton kernel's launch, or a C++ kernel's call
+    aten = _original_aten(lines, at, launch.group(1) if launch else None)
+    return f"{call[:160]} [{aten}]" if aten else call[:160]
+
+
 def origin(frames: list[dict]) -> str:
-    """The innermost frame in generated code or in this project, with its source line."""
+    """The innermost frame in generated code or in this project, with its source line (and, in generated
+    code, what writes the buffer allocated there: ``producer``)."""
     for frame in frames:
         name = frame.get("filename", "")
         if "torchinductor" in name or "/dora_fused/" in name or "/kernels/" in name or "/passes/" in name:
-            text = linecache.getline(name, frame.get("line", 0)).strip()
-            return f"{os.path.basename(name)}:{frame.get('line')} {frame.get('name')}: {text}"
+            line = frame.get("line", 0)
+            text = linecache.getline(name, line).strip()
+            written = f" <- {producer(name, line)}" if "torchinductor" in name else ""
+            return f"{os.path.basename(name)}:{line} {frame.get('name')}: {text}{written}"
     first = frames[0] if frames else {}
     return f"{os.path.basename(first.get('filename', '?'))}:{first.get('line')} {first.get('name')}"
 
@@ -111,7 +158,7 @@ def main() -> None:
     print(f"(max_memory_allocated says {measured / 2**30:.3f} GB)")
     print("   MB  count  where (innermost generated or project frame)")
     for total, count, where in rows[: args.top]:
-        print(f"{total / 2**20:7.1f} {count:5d}  {where[:220]}")
+        print(f"{total / 2**20:7.1f} {count:5d}  {where[:400]}")
     groups = [dict(bytes=t, count=c, where=w) for t, c, w in rows]
     write_json(args.json, groups, peak=peak, measured=measured, case=args.case, contender=args.contender)
 

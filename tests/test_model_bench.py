@@ -191,3 +191,37 @@ def test_memory_peak_replay_finds_what_is_alive_at_the_peak(monkeypatch):
     assert sorted(e["addr"] for e in alive) == [1, 2]
     peak, alive = module.replay_peak(trace[2:])
     assert peak == 140 and sorted(e["addr"] for e in alive) == [2, 3, 4]
+
+
+GENERATED = """\
+# kernel path: /tmp/torchinductor_x/ab/cab.py
+# Topologically Sorted Source Nodes: [lora], Original ATen: [aten._to_copy, aten.mul]
+triton_poi_fused__to_copy_mul_0 = async_compile.triton('triton_poi_fused__to_copy_mul_0', \'\'\'
+\'\'\')
+def call(args):
+    buf0 = empty_strided_cuda((4096, 14336), (14336, 1), torch.float32)
+    # Topologically Sorted Source Nodes: [y], Original ATen: [aten.mm]
+    extern_kernels.mm(arg0_1, arg1_1, out=buf0)
+    buf1 = empty_strided_cuda((4096, 14336), (14336, 1), torch.float32)
+    buf10 = buf0; del buf0  # reuse
+    stream0 = get_raw_stream(0)
+    triton_poi_fused__to_copy_mul_0.run(buf10, buf1, 58720256, stream=stream0)
+    return (buf1, )
+"""
+
+
+def test_memory_peak_names_what_writes_each_generated_buffer(monkeypatch, tmp_path):
+    """An allocation in generated code is followed to its first use, with the ATen ops Inductor noted there."""
+    module = import_benchmark(monkeypatch, "memory_peak", "memory_peak")
+    path = tmp_path / "torchinductor_x" / "cab.py"
+    path.parent.mkdir()
+    path.write_text(GENERATED)
+    lines = GENERATED.splitlines()
+    line_of = {text.split(" = ")[0].strip(): i for i, text in enumerate(lines, 1) if "= empty_strided" in text}
+    assert module.producer(str(path), line_of["buf0"]) == "extern_kernels.mm(arg0_1, arg1_1, out=buf0) [[aten.mm]]"
+    written = module.producer(str(path), line_of["buf1"])  # not buf10: whole names only
+    assert written.startswith("triton_poi_fused__to_copy_mul_0.run(buf10, buf1,")
+    assert written.endswith("[[aten._to_copy, aten.mul]]")  # from the comment above the kernel's definition
+    assert module.producer(str(path), line_of["buf1"] + 1) == ""  # not an allocation
+    frames = [dict(filename=str(path), line=line_of["buf0"], name="call")]
+    assert module.origin(frames).endswith("<- extern_kernels.mm(arg0_1, arg1_1, out=buf0) [[aten.mm]]")
