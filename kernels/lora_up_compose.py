@@ -186,9 +186,8 @@ def lora_up_config(r: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, int
     16-bit, from an H100 sweep at 4096 tokens, d_out 4096-14336 (``benchmarks/ops.py --parts
     lora_up``, docs/benchmarks.md): at r = 16 small tiles keep the pass at the copy
     bandwidth; at r = 384 wide ones halve the reloads of ``h``. fp32: the terms product in
-    the 16-bit small-rank tiles with ``BLOCK_R`` ≤ 32, at every rank (the same sweep with
-    fp32 adapters, r = 16, 64, 384: 1.5-2.6× faster than cuBLAS's fp32 GEMM then Inductor's
-    compose; the IEEE fp32 product was 1.4-1.5× faster at r = 16, 2-3× slower at r = 384).
+    the 16-bit small-rank tiles with ``BLOCK_R`` ≤ 32, at every rank, the fastest option of
+    the same sweep with fp32 adapters (the IEEE product's FMAs grow with the rank).
     Independent of the token count, which is symbolic when Inductor traces the launcher
     under dynamic shapes.
     """
