@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import linecache
 import os
 import re
@@ -56,26 +57,28 @@ def replay_peak(trace: list[dict]) -> tuple[int, list[dict]]:
     return peak, list(live.values())
 
 
-def _original_aten(lines: list[str], at: int, kernel: str | None) -> str:
-    """The ``Original ATen`` ops Inductor noted for the call at ``lines[at]`` ('' if none).
-
-    Inductor writes them in a comment just above the call, or above the kernel's definition.
-    """
-    for comment in reversed(lines[max(0, at - 3) : at]):
-        if "Original ATen:" in comment:
-            return comment.split("Original ATen:", 1)[1].strip()
-    if kernel is None:
-        return ""
-    definition = re.compile(rf"^{re.escape(kernel)} = async_compile\.\w+\(")
-    start = next((index for index, text in enumerate(lines) if definition.match(text)), None)
-    if start is None:
-        return ""
-    for comment in reversed(lines[max(0, start - 12) : start]):
+def _noted_aten(comments: list[str]) -> str:
+    """The ops of the last ``Original ATen:`` comment among ``comments`` ('' if none)."""
+    for comment in reversed(comments):
         if "Original ATen:" in comment:
             return comment.split("Original ATen:", 1)[1].strip()
     return ""
 
 
+def _original_aten(lines: list[str], at: int, kernel: str | None) -> str:
+    """The ``Original ATen`` ops Inductor noted for the call at ``lines[at]`` ('' if none).
+
+    Inductor writes them in a comment just above the call, or above the kernel's definition.
+    """
+    noted = _noted_aten(lines[max(0, at - 3) : at])
+    if noted or kernel is None:
+        return noted
+    definition = re.compile(rf"^{re.escape(kernel)} = async_compile\.\w+\(")
+    start = next((index for index, text in enumerate(lines) if definition.match(text)), None)
+    return "" if start is None else _noted_aten(lines[max(0, start - 12) : start])
+
+
+@functools.cache  # one answer per allocation site: every block allocated there asks again
 def producer(filename: str, line: int) -> str:
     """What writes the buffer allocated at ``filename:line`` (1-based) of generated code ('' if not an allocation).
 
